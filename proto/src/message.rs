@@ -1,0 +1,647 @@
+//! The messages of the protocol and their payload encodings.
+//!
+//! All integers are big endian. Strings carry a u16 byte length, lists a u16 item count;
+//! both have a named maximum in [`crate::limits`].
+
+use std::fmt;
+
+use crate::codec::{DecodeError, Put, Reader, finish_frame, start_frame};
+use crate::limits::{
+    MAX_CPUS, MAX_DISK_NAME_LEN, MAX_DISKS, MAX_INVENTORY_DISKS, MAX_IPS, MAX_STRING_LEN,
+    MAX_WRITE_DATA,
+};
+
+/// The kind byte of a frame. Unknown kinds are carried through as [`Frame::Unknown`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FrameKind(pub u8);
+
+impl FrameKind {
+    pub const HELLO: Self = Self(1);
+    pub const WELCOME: Self = Self(2);
+    pub const JOIN_STREAM: Self = Self(3);
+    pub const WRITE: Self = Self(4);
+    pub const BARRIER: Self = Self(5);
+    pub const DURABLE: Self = Self(6);
+    pub const HEARTBEAT: Self = Self(7);
+    pub const ERROR: Self = Self(8);
+    pub const GOODBYE: Self = Self(9);
+
+    fn name(self) -> Option<&'static str> {
+        Some(match self {
+            Self::HELLO => "Hello",
+            Self::WELCOME => "Welcome",
+            Self::JOIN_STREAM => "JoinStream",
+            Self::WRITE => "Write",
+            Self::BARRIER => "Barrier",
+            Self::DURABLE => "Durable",
+            Self::HEARTBEAT => "Heartbeat",
+            Self::ERROR => "Error",
+            Self::GOODBYE => "Goodbye",
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for FrameKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.name() {
+            Some(name) => f.write_str(name),
+            None => write!(f, "unknown kind {}", self.0),
+        }
+    }
+}
+
+impl fmt::Debug for FrameKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// One protocol message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Hello(Hello),
+    Welcome(Welcome),
+    JoinStream(JoinStream),
+    Write(Write),
+    Barrier(Barrier),
+    Durable(Durable),
+    Heartbeat(Heartbeat),
+    Error(ErrorFrame),
+    Goodbye(Goodbye),
+    /// A frame of a kind this version does not know, kept whole so that it can be logged
+    /// or forwarded rather than mistaken for something else.
+    Unknown {
+        kind: FrameKind,
+        payload: Vec<u8>,
+    },
+}
+
+/// First frame of a session, agent → receiver. Identity is *not* in here: it comes from
+/// the client certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// The agent's software version, for logs and status.
+    pub agent_version: String,
+    pub inventory: Inventory,
+    /// The disks this agent replicates; a disk's position here is its `disk` index in
+    /// every later frame of the session. At most [`MAX_DISKS`].
+    pub disks: Vec<DiskSpec>,
+}
+
+/// What the agent found on its source server.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Inventory {
+    pub host_name: String,
+    /// machine-id or DMI product UUID.
+    pub host_id: String,
+    pub cpus: Vec<Cpu>,
+    pub ram_bytes: u64,
+    /// Operating system and kernel, e.g. "Debian GNU/Linux 12 (bookworm), Linux 6.1.0".
+    pub os: String,
+    /// Every disk of the server (device names on Linux), replicated or not.
+    pub disks: Vec<DiskSpec>,
+    pub private_ips: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cpu {
+    pub model: String,
+    pub cores: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub name: String,
+    pub size: u64,
+}
+
+/// Receiver → agent answer to [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    pub session_id: [u8; 16],
+    pub settings: Settings,
+    /// One entry per disk of the Hello, in the same order.
+    pub disks: Vec<DiskResume>,
+}
+
+/// Settings the receiver imposes on a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Bytes per second for the whole agent; 0 means unlimited.
+    pub bandwidth_limit: u64,
+    pub max_streams: u8,
+    /// Granularity of digests and dirty tracking.
+    pub block_size: u32,
+    /// Writes must start and end on multiples of this (the disk's end excepted).
+    pub alignment: u32,
+    /// The agent sends a Barrier after at most this many bytes of writes.
+    pub barrier_interval: u64,
+    pub heartbeat_interval_ms: u32,
+}
+
+/// Where a disk stands at the receiver when a session starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskResume {
+    pub name: String,
+    pub size: u64,
+    /// Bytes of the initial sync durably in place: the agent resumes reading here.
+    pub sync_watermark: u64,
+    pub state: DiskState,
+}
+
+/// Replication state of a disk, as shown in status and metrics.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DiskState(pub u8);
+
+impl DiskState {
+    pub const INITIATING: Self = Self(0);
+    pub const INITIAL_SYNC: Self = Self(1);
+    pub const CONTINUOUS: Self = Self(2);
+    pub const RESCAN: Self = Self(3);
+    pub const BACKLOG: Self = Self(4);
+    pub const STALLED: Self = Self(5);
+    pub const DISCONNECTED: Self = Self(6);
+    pub const PAUSED: Self = Self(7);
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::INITIATING => "INITIATING",
+            Self::INITIAL_SYNC => "INITIAL_SYNC",
+            Self::CONTINUOUS => "CONTINUOUS",
+            Self::RESCAN => "RESCAN",
+            Self::BACKLOG => "BACKLOG",
+            Self::STALLED => "STALLED",
+            Self::DISCONNECTED => "DISCONNECTED",
+            Self::PAUSED => "PAUSED",
+            _ => "UNKNOWN",
+        }
+    }
+}
+
+impl fmt::Display for DiskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.name() {
+            "UNKNOWN" => write!(f, "UNKNOWN({})", self.0),
+            name => f.write_str(name),
+        }
+    }
+}
+
+impl fmt::Debug for DiskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Opens an additional stream of an existing session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinStream {
+    pub session_id: [u8; 16],
+    pub stream_index: u8,
+}
+
+/// Flags of a [`Write`]. Unknown bits are kept.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct WriteFlags(pub u16);
+
+impl WriteFlags {
+    /// The range reads as zeros; the frame carries no data.
+    pub const ZERO_FILL: Self = Self(1);
+    /// The write is part of the disk's initial sync (not a captured change).
+    pub const INITIAL_SYNC: Self = Self(1 << 1);
+    /// The data is compressed (reserved; a receiver that cannot decompress refuses it).
+    pub const COMPRESSED: Self = Self(1 << 2);
+
+    pub fn contains(self, other: Self) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+impl std::ops::BitOr for WriteFlags {
+    type Output = Self;
+    fn bitor(self, rhs: Self) -> Self {
+        Self(self.0 | rhs.0)
+    }
+}
+
+impl fmt::Debug for WriteFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WriteFlags({:#06x})", self.0)
+    }
+}
+
+/// Data for `header.len` bytes of a disk at `header.offset`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Write {
+    pub header: WriteHeader,
+    /// Exactly `header.len` bytes, or empty when the flags have [`WriteFlags::ZERO_FILL`].
+    pub data: Vec<u8>,
+}
+
+/// The fixed fields of a [`Write`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteHeader {
+    /// Index of the disk in the session's Hello.
+    pub disk: u16,
+    pub flags: WriteFlags,
+    pub offset: u64,
+    pub len: u32,
+    pub epoch: u64,
+}
+
+impl WriteHeader {
+    /// First byte after the write; `decode` has already checked that this cannot overflow.
+    pub fn end(&self) -> u64 {
+        self.offset.saturating_add(u64::from(self.len))
+    }
+}
+
+/// Closes an epoch: every write sent before it on this stream belongs to `epoch` or
+/// earlier. The receiver answers with [`Durable`] once all of them are on stable storage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Barrier {
+    pub epoch: u64,
+    /// Initial-sync progress the agent claims for this barrier: every byte of each listed
+    /// disk below `watermark` was sent before this barrier. The receiver records it only
+    /// once the barrier is durable.
+    pub sync_progress: Vec<SyncProgress>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncProgress {
+    pub disk: u16,
+    pub watermark: u64,
+}
+
+/// Everything up to and including `epoch` is on the receiver's stable storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Durable {
+    pub epoch: u64,
+}
+
+/// Agent → receiver, every few seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Heartbeat {
+    /// CPU used by the agent process since the last heartbeat, in thousandths of a core.
+    pub cpu_permille: u32,
+    pub rss_bytes: u64,
+    /// Bytes dirty at the agent and not yet durable at the receiver.
+    pub backlog_bytes: u64,
+}
+
+/// A fatal error, sent before closing a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorFrame {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Machine-readable class of an [`ErrorFrame`]. Unknown codes are kept.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ErrorCode(pub u16);
+
+impl ErrorCode {
+    /// The peer sent something that violates the protocol.
+    pub const PROTOCOL: Self = Self(1);
+    /// The identity in the certificate may not do what was asked.
+    pub const NOT_AUTHORIZED: Self = Self(2);
+    /// A write or query addresses bytes outside the disk.
+    pub const OUT_OF_RANGE: Self = Self(3);
+    /// The receiver's staging storage failed; retry later.
+    pub const STORAGE: Self = Self(4);
+    /// The request is valid but this receiver does not support it.
+    pub const UNSUPPORTED: Self = Self(5);
+    /// A limit of the product was exceeded (disks, streams, sizes).
+    pub const LIMIT: Self = Self(6);
+    /// The receiver is shutting down; reconnect later.
+    pub const SHUTTING_DOWN: Self = Self(7);
+
+    /// Whether an agent should retry the session after this error, rather than give up and
+    /// ask an operator.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, Self::STORAGE | Self::SHUTTING_DOWN)
+    }
+}
+
+impl fmt::Debug for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match *self {
+            Self::PROTOCOL => "PROTOCOL",
+            Self::NOT_AUTHORIZED => "NOT_AUTHORIZED",
+            Self::OUT_OF_RANGE => "OUT_OF_RANGE",
+            Self::STORAGE => "STORAGE",
+            Self::UNSUPPORTED => "UNSUPPORTED",
+            Self::LIMIT => "LIMIT",
+            Self::SHUTTING_DOWN => "SHUTTING_DOWN",
+            Self(code) => return write!(f, "ErrorCode({code})"),
+        };
+        f.write_str(name)
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Orderly end of a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Goodbye {
+    pub message: String,
+}
+
+impl Frame {
+    pub fn kind(&self) -> FrameKind {
+        match self {
+            Self::Hello(_) => FrameKind::HELLO,
+            Self::Welcome(_) => FrameKind::WELCOME,
+            Self::JoinStream(_) => FrameKind::JOIN_STREAM,
+            Self::Write(_) => FrameKind::WRITE,
+            Self::Barrier(_) => FrameKind::BARRIER,
+            Self::Durable(_) => FrameKind::DURABLE,
+            Self::Heartbeat(_) => FrameKind::HEARTBEAT,
+            Self::Error(_) => FrameKind::ERROR,
+            Self::Goodbye(_) => FrameKind::GOODBYE,
+            Self::Unknown { kind, .. } => *kind,
+        }
+    }
+
+    /// Appends the encoded frame to `out`.
+    ///
+    /// # Panics
+    /// If a list or a write exceeds its wire limit. Our own code builds every frame
+    /// within the limits (an inventory is capped when collected, writes are split at
+    /// [`MAX_WRITE_DATA`]), so this is a bug, not an input error.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = start_frame(out, self.kind());
+        match self {
+            Self::Hello(m) => m.encode(out),
+            Self::Welcome(m) => m.encode(out),
+            Self::JoinStream(m) => {
+                out.extend_from_slice(&m.session_id);
+                out.put_u8(m.stream_index);
+            }
+            Self::Write(m) => {
+                put_write_fixed(out, &m.header);
+                out.extend_from_slice(&m.data);
+            }
+            Self::Barrier(m) => {
+                out.put_u64(m.epoch);
+                out.put_count(m.sync_progress.len(), MAX_DISKS);
+                for p in &m.sync_progress {
+                    out.put_u16(p.disk);
+                    out.put_u64(p.watermark);
+                }
+            }
+            Self::Durable(m) => out.put_u64(m.epoch),
+            Self::Heartbeat(m) => {
+                out.put_u32(m.cpu_permille);
+                out.put_u64(m.rss_bytes);
+                out.put_u64(m.backlog_bytes);
+            }
+            Self::Error(m) => {
+                out.put_u16(m.code.0);
+                out.put_str(&m.message, MAX_STRING_LEN);
+            }
+            Self::Goodbye(m) => out.put_str(&m.message, MAX_STRING_LEN),
+            Self::Unknown { payload, .. } => out.extend_from_slice(payload),
+        }
+        finish_frame(out, start);
+    }
+
+    /// Encodes the frame into a fresh buffer.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode(&mut out);
+        out
+    }
+
+    pub(crate) fn decode_payload(kind: FrameKind, payload: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(kind, payload);
+        let frame = match kind {
+            FrameKind::HELLO => Self::Hello(Hello::decode(&mut r)?),
+            FrameKind::WELCOME => Self::Welcome(Welcome::decode(&mut r)?),
+            FrameKind::JOIN_STREAM => Self::JoinStream(JoinStream {
+                session_id: r.bytes16("session_id")?,
+                stream_index: r.u8("stream_index")?,
+            }),
+            FrameKind::WRITE => Self::Write(decode_write(&mut r)?),
+            FrameKind::BARRIER => Self::Barrier(Barrier {
+                epoch: r.u64("epoch")?,
+                sync_progress: r.list("sync_progress", MAX_DISKS, |r| {
+                    Ok(SyncProgress {
+                        disk: r.u16("sync_progress.disk")?,
+                        watermark: r.u64("sync_progress.watermark")?,
+                    })
+                })?,
+            }),
+            FrameKind::DURABLE => Self::Durable(Durable {
+                epoch: r.u64("epoch")?,
+            }),
+            FrameKind::HEARTBEAT => Self::Heartbeat(Heartbeat {
+                cpu_permille: r.u32("cpu_permille")?,
+                rss_bytes: r.u64("rss_bytes")?,
+                backlog_bytes: r.u64("backlog_bytes")?,
+            }),
+            FrameKind::ERROR => Self::Error(ErrorFrame {
+                code: ErrorCode(r.u16("code")?),
+                message: r.string("message", MAX_STRING_LEN)?,
+            }),
+            FrameKind::GOODBYE => Self::Goodbye(Goodbye {
+                message: r.string("message", MAX_STRING_LEN)?,
+            }),
+            _ => {
+                let payload = r.remaining().to_vec();
+                return Ok(Self::Unknown { kind, payload });
+            }
+        };
+        r.finish()?;
+        Ok(frame)
+    }
+}
+
+/// Encodes a complete Write frame whose data is `data`, without first copying the data
+/// into a [`Write`]. The agent uses this on its hot path.
+///
+/// # Panics
+/// If `data` is longer than [`MAX_WRITE_DATA`], or non-empty with `ZERO_FILL` set.
+pub fn encode_write(out: &mut Vec<u8>, header: &WriteHeader, data: &[u8]) {
+    let zero = header.flags.contains(WriteFlags::ZERO_FILL);
+    assert!(
+        if zero {
+            data.is_empty()
+        } else {
+            data.len() == header.len as usize
+        },
+        "write data does not match its header"
+    );
+    let start = start_frame(out, FrameKind::WRITE);
+    put_write_fixed(out, header);
+    out.extend_from_slice(data);
+    finish_frame(out, start);
+}
+
+fn put_write_fixed(out: &mut Vec<u8>, h: &WriteHeader) {
+    assert!(
+        h.len <= MAX_WRITE_DATA,
+        "write of {} bytes exceeds MAX_WRITE_DATA",
+        h.len
+    );
+    out.put_u16(h.disk);
+    out.put_u16(h.flags.0);
+    out.put_u64(h.offset);
+    out.put_u32(h.len);
+    out.put_u64(h.epoch);
+}
+
+fn decode_write(r: &mut Reader<'_>) -> Result<Write, DecodeError> {
+    let header = WriteHeader {
+        disk: r.u16("disk")?,
+        flags: WriteFlags(r.u16("flags")?),
+        offset: r.u64("offset")?,
+        len: r.u32("len")?,
+        epoch: r.u64("epoch")?,
+    };
+    let (zero, compressed) = (
+        header.flags.contains(WriteFlags::ZERO_FILL),
+        header.flags.contains(WriteFlags::COMPRESSED),
+    );
+    if header.len > MAX_WRITE_DATA {
+        return Err(DecodeError::FieldTooLong {
+            kind: r.kind(),
+            field: "len",
+            len: header.len as usize,
+            max: MAX_WRITE_DATA as usize,
+        });
+    }
+    if header.len == 0 {
+        return Err(r.invalid("len", "a write must cover at least one byte"));
+    }
+    if header.offset.checked_add(u64::from(header.len)).is_none() {
+        return Err(r.invalid("offset", "offset + len overflows"));
+    }
+    if zero && compressed {
+        return Err(r.invalid("flags", "a zero-fill write carries no data to decompress"));
+    }
+    let data_len = match (zero, compressed) {
+        (true, _) => 0,
+        // Compressed data is shorter than `len` and bounded by the frame limit.
+        (false, true) => r.remaining().len(),
+        (false, false) => header.len as usize,
+    };
+    let data = r.take(data_len, "data")?.to_vec();
+    Ok(Write { header, data })
+}
+
+impl Hello {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.put_str(&self.agent_version, MAX_STRING_LEN);
+        let inv = &self.inventory;
+        out.put_str(&inv.host_name, MAX_STRING_LEN);
+        out.put_str(&inv.host_id, MAX_STRING_LEN);
+        out.put_count(inv.cpus.len(), MAX_CPUS);
+        for cpu in &inv.cpus {
+            out.put_str(&cpu.model, MAX_STRING_LEN);
+            out.put_u32(cpu.cores);
+        }
+        out.put_u64(inv.ram_bytes);
+        out.put_str(&inv.os, MAX_STRING_LEN);
+        put_disks(out, &inv.disks, MAX_INVENTORY_DISKS);
+        out.put_count(inv.private_ips.len(), MAX_IPS);
+        for ip in &inv.private_ips {
+            out.put_str(ip, MAX_STRING_LEN);
+        }
+        put_disks(out, &self.disks, MAX_DISKS);
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let agent_version = r.string("agent_version", MAX_STRING_LEN)?;
+        let inventory = Inventory {
+            host_name: r.string("host_name", MAX_STRING_LEN)?,
+            host_id: r.string("host_id", MAX_STRING_LEN)?,
+            cpus: r.list("cpus", MAX_CPUS, |r| {
+                Ok(Cpu {
+                    model: r.string("cpu.model", MAX_STRING_LEN)?,
+                    cores: r.u32("cpu.cores")?,
+                })
+            })?,
+            ram_bytes: r.u64("ram_bytes")?,
+            os: r.string("os", MAX_STRING_LEN)?,
+            disks: get_disks(r, "inventory.disks", MAX_INVENTORY_DISKS)?,
+            private_ips: r.list("private_ips", MAX_IPS, |r| {
+                r.string("private_ip", MAX_STRING_LEN)
+            })?,
+        };
+        let disks = get_disks(r, "disks", MAX_DISKS)?;
+        Ok(Self {
+            agent_version,
+            inventory,
+            disks,
+        })
+    }
+}
+
+fn put_disks(out: &mut Vec<u8>, disks: &[DiskSpec], max: usize) {
+    out.put_count(disks.len(), max);
+    for d in disks {
+        out.put_str(&d.name, MAX_DISK_NAME_LEN);
+        out.put_u64(d.size);
+    }
+}
+
+fn get_disks(
+    r: &mut Reader<'_>,
+    field: &'static str,
+    max: usize,
+) -> Result<Vec<DiskSpec>, DecodeError> {
+    r.list(field, max, |r| {
+        Ok(DiskSpec {
+            name: r.string("disk.name", MAX_DISK_NAME_LEN)?,
+            size: r.u64("disk.size")?,
+        })
+    })
+}
+
+impl Welcome {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.session_id);
+        let s = &self.settings;
+        out.put_u64(s.bandwidth_limit);
+        out.put_u8(s.max_streams);
+        out.put_u32(s.block_size);
+        out.put_u32(s.alignment);
+        out.put_u64(s.barrier_interval);
+        out.put_u32(s.heartbeat_interval_ms);
+        out.put_count(self.disks.len(), MAX_DISKS);
+        for d in &self.disks {
+            out.put_str(&d.name, MAX_DISK_NAME_LEN);
+            out.put_u64(d.size);
+            out.put_u64(d.sync_watermark);
+            out.put_u8(d.state.0);
+        }
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(Self {
+            session_id: r.bytes16("session_id")?,
+            settings: Settings {
+                bandwidth_limit: r.u64("bandwidth_limit")?,
+                max_streams: r.u8("max_streams")?,
+                block_size: r.u32("block_size")?,
+                alignment: r.u32("alignment")?,
+                barrier_interval: r.u64("barrier_interval")?,
+                heartbeat_interval_ms: r.u32("heartbeat_interval_ms")?,
+            },
+            disks: r.list("disks", MAX_DISKS, |r| {
+                Ok(DiskResume {
+                    name: r.string("disk.name", MAX_DISK_NAME_LEN)?,
+                    size: r.u64("disk.size")?,
+                    sync_watermark: r.u64("disk.sync_watermark")?,
+                    state: DiskState(r.u8("disk.state")?),
+                })
+            })?,
+        })
+    }
+}

@@ -1,0 +1,410 @@
+//! Codec tests: every message kind round-trips, every truncated prefix asks for more
+//! bytes, and no input makes the decoder panic or over-allocate.
+
+use blockferry_proto::limits::*;
+use blockferry_proto::*;
+use proptest::prelude::*;
+
+fn sample_frames() -> Vec<Frame> {
+    let inventory = Inventory {
+        host_name: "db-01".into(),
+        host_id: "4c4c4544-0042-3510-8051-b4c04f4d4e31".into(),
+        cpus: vec![Cpu {
+            model: "Intel(R) Xeon(R) Platinum 8375C".into(),
+            cores: 8,
+        }],
+        ram_bytes: 32 << 30,
+        os: "Debian GNU/Linux 12, Linux 6.1.0".into(),
+        disks: vec![DiskSpec {
+            name: "nvme0n1".into(),
+            size: 100 << 30,
+        }],
+        private_ips: vec!["10.0.0.12".into(), "fe80::1".into()],
+    };
+    vec![
+        Frame::Hello(Hello {
+            agent_version: "0.1.0".into(),
+            disks: inventory.disks.clone(),
+            inventory,
+        }),
+        Frame::Welcome(Welcome {
+            session_id: [7; 16],
+            settings: Settings {
+                bandwidth_limit: 0,
+                max_streams: 4,
+                block_size: 4096,
+                alignment: 4096,
+                barrier_interval: 64 << 20,
+                heartbeat_interval_ms: 5000,
+            },
+            disks: vec![DiskResume {
+                name: "nvme0n1".into(),
+                size: 100 << 30,
+                sync_watermark: 1 << 30,
+                state: DiskState::INITIAL_SYNC,
+            }],
+        }),
+        Frame::JoinStream(JoinStream {
+            session_id: [9; 16],
+            stream_index: 3,
+        }),
+        Frame::Write(Write {
+            header: WriteHeader {
+                disk: 0,
+                flags: WriteFlags::INITIAL_SYNC,
+                offset: 8192,
+                len: 5,
+                epoch: 3,
+            },
+            data: b"hello".to_vec(),
+        }),
+        Frame::Write(Write {
+            header: WriteHeader {
+                disk: 1,
+                flags: WriteFlags::ZERO_FILL,
+                offset: 0,
+                len: MAX_WRITE_DATA,
+                epoch: 0,
+            },
+            data: Vec::new(),
+        }),
+        Frame::Barrier(Barrier {
+            epoch: 42,
+            sync_progress: vec![SyncProgress {
+                disk: 0,
+                watermark: 1 << 20,
+            }],
+        }),
+        Frame::Durable(Durable { epoch: 42 }),
+        Frame::Heartbeat(Heartbeat {
+            cpu_permille: 51,
+            rss_bytes: 40 << 20,
+            backlog_bytes: 12345,
+        }),
+        Frame::Error(ErrorFrame {
+            code: ErrorCode::OUT_OF_RANGE,
+            message: "write beyond the end of disk sda".into(),
+        }),
+        Frame::Goodbye(Goodbye {
+            message: "shutting down".into(),
+        }),
+        Frame::Unknown {
+            kind: FrameKind(200),
+            payload: vec![1, 2, 3],
+        },
+    ]
+}
+
+#[test]
+fn every_kind_round_trips() {
+    for frame in sample_frames() {
+        let bytes = frame.to_bytes();
+        let (decoded, used) = decode(&bytes).unwrap().unwrap();
+        assert_eq!(used, bytes.len(), "{frame:?}");
+        assert_eq!(decoded, frame);
+    }
+}
+
+#[test]
+fn every_truncated_prefix_needs_more_bytes() {
+    for frame in sample_frames() {
+        let bytes = frame.to_bytes();
+        for cut in 0..bytes.len() {
+            assert_eq!(
+                decode(&bytes[..cut]),
+                Ok(None),
+                "prefix of {cut}/{} bytes of {:?}",
+                bytes.len(),
+                frame.kind()
+            );
+        }
+    }
+}
+
+/// Shortening a frame's declared length while keeping its bytes turns the truncation
+/// into a complete-but-short payload: it must be an error, never a panic.
+#[test]
+fn every_short_payload_is_an_error() {
+    for frame in sample_frames() {
+        if matches!(frame, Frame::Unknown { .. }) {
+            continue;
+        }
+        let bytes = frame.to_bytes();
+        for cut in FRAME_HEADER_LEN..bytes.len() {
+            let mut short = bytes[..cut].to_vec();
+            let len = u32::try_from(cut - FRAME_HEADER_LEN).unwrap();
+            short[4..8].copy_from_slice(&len.to_be_bytes());
+            // A zero-fill write that loses trailing fields is the only exception-free
+            // shape; everything else must fail cleanly.
+            assert!(
+                decode(&short).is_err(),
+                "short {:?} of {cut} bytes decoded",
+                frame.kind()
+            );
+        }
+    }
+}
+
+#[test]
+fn trailing_bytes_are_rejected() {
+    let mut bytes = Frame::Durable(Durable { epoch: 1 }).to_bytes();
+    bytes.push(0);
+    bytes[7] += 1;
+    assert!(matches!(
+        decode(&bytes),
+        Err(DecodeError::TrailingBytes { .. })
+    ));
+}
+
+#[test]
+fn oversized_frame_is_rejected_from_its_header_alone() {
+    let mut header = vec![b'B', b'F', PROTOCOL_VERSION, FrameKind::WRITE.0];
+    header.extend_from_slice(&(MAX_FRAME_PAYLOAD + 1).to_be_bytes());
+    assert!(matches!(
+        decode(&header),
+        Err(DecodeError::FrameTooLarge { .. })
+    ));
+    let mut control = vec![b'B', b'F', PROTOCOL_VERSION, FrameKind::HELLO.0];
+    control.extend_from_slice(&(MAX_CONTROL_PAYLOAD + 1).to_be_bytes());
+    assert!(matches!(
+        decode(&control),
+        Err(DecodeError::FrameTooLarge { .. })
+    ));
+}
+
+#[test]
+fn foreign_bytes_are_rejected_early() {
+    // A TLS ClientHello or a plaintext HTTP request fails on its first byte.
+    assert!(matches!(decode(&[0x16]), Err(DecodeError::BadMagic { .. })));
+    assert!(matches!(
+        decode(b"GET / HTTP/1.1\r\n"),
+        Err(DecodeError::BadMagic { .. })
+    ));
+    assert!(matches!(
+        decode(&[b'B', b'F', 99]),
+        Err(DecodeError::UnsupportedVersion { found: 99 })
+    ));
+}
+
+#[test]
+fn write_fields_are_validated() {
+    let write = |flags: WriteFlags, offset: u64, len: u32, data: &[u8]| {
+        let mut out = vec![b'B', b'F', PROTOCOL_VERSION, FrameKind::WRITE.0, 0, 0, 0, 0];
+        out.extend_from_slice(&0u16.to_be_bytes());
+        out.extend_from_slice(&flags.0.to_be_bytes());
+        out.extend_from_slice(&offset.to_be_bytes());
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&0u64.to_be_bytes());
+        out.extend_from_slice(data);
+        let payload = u32::try_from(out.len() - FRAME_HEADER_LEN).unwrap();
+        out[4..8].copy_from_slice(&payload.to_be_bytes());
+        decode(&out)
+    };
+    assert!(
+        write(WriteFlags::default(), 0, 3, b"abc")
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        write(WriteFlags::default(), 0, 0, b"").is_err(),
+        "empty write"
+    );
+    assert!(
+        write(WriteFlags::default(), u64::MAX - 1, 3, b"abc").is_err(),
+        "overflow"
+    );
+    assert!(
+        write(WriteFlags::ZERO_FILL, 0, 3, b"abc").is_err(),
+        "zero fill with data"
+    );
+    assert!(
+        write(WriteFlags::default(), 0, 4, b"abc").is_err(),
+        "short data"
+    );
+    assert!(
+        write(WriteFlags::default(), 0, MAX_WRITE_DATA + 1, b"").is_err(),
+        "too long"
+    );
+}
+
+#[test]
+fn unknown_enum_values_are_kept() {
+    let frame = Frame::Error(ErrorFrame {
+        code: ErrorCode(999),
+        message: String::new(),
+    });
+    let (decoded, _) = decode(&frame.to_bytes()).unwrap().unwrap();
+    assert_eq!(decoded, frame);
+    assert_eq!(format!("{}", DiskState(77)), "UNKNOWN(77)");
+}
+
+fn arb_string(max: usize) -> impl Strategy<Value = String> {
+    proptest::collection::vec(any::<char>(), 0..16)
+        .prop_map(move |chars| chars.into_iter().collect::<String>())
+        .prop_filter("within limit", move |s| s.len() <= max)
+}
+
+fn arb_disk() -> impl Strategy<Value = DiskSpec> {
+    (arb_string(MAX_DISK_NAME_LEN), any::<u64>()).prop_map(|(name, size)| DiskSpec { name, size })
+}
+
+fn arb_frame() -> impl Strategy<Value = Frame> {
+    let hello = (
+        arb_string(64),
+        arb_string(64),
+        arb_string(64),
+        proptest::collection::vec((arb_string(64), any::<u32>()), 0..4),
+        any::<u64>(),
+        proptest::collection::vec(arb_disk(), 0..4),
+        proptest::collection::vec(arb_string(40), 0..4),
+        proptest::collection::vec(arb_disk(), 0..4),
+    )
+        .prop_map(|(v, host, id, cpus, ram, inv_disks, ips, disks)| {
+            Frame::Hello(Hello {
+                agent_version: v,
+                inventory: Inventory {
+                    host_name: host,
+                    host_id: id.clone(),
+                    cpus: cpus
+                        .into_iter()
+                        .map(|(model, cores)| Cpu { model, cores })
+                        .collect(),
+                    ram_bytes: ram,
+                    os: id,
+                    disks: inv_disks,
+                    private_ips: ips,
+                },
+                disks,
+            })
+        });
+    let welcome = (
+        any::<[u8; 16]>(),
+        any::<(u64, u8, u32, u32, u64, u32)>(),
+        proptest::collection::vec((arb_disk(), any::<u64>(), any::<u8>()), 0..4),
+    )
+        .prop_map(|(session_id, s, disks)| {
+            Frame::Welcome(Welcome {
+                session_id,
+                settings: Settings {
+                    bandwidth_limit: s.0,
+                    max_streams: s.1,
+                    block_size: s.2,
+                    alignment: s.3,
+                    barrier_interval: s.4,
+                    heartbeat_interval_ms: s.5,
+                },
+                disks: disks
+                    .into_iter()
+                    .map(|(d, w, st)| DiskResume {
+                        name: d.name,
+                        size: d.size,
+                        sync_watermark: w,
+                        state: DiskState(st),
+                    })
+                    .collect(),
+            })
+        });
+    let write = (
+        any::<u16>(),
+        any::<bool>(),
+        0u64..u64::MAX / 2,
+        proptest::collection::vec(any::<u8>(), 1..2048),
+        any::<u64>(),
+    )
+        .prop_map(|(disk, zero, offset, data, epoch)| {
+            let len = u32::try_from(data.len()).unwrap();
+            let (flags, data) = if zero {
+                (WriteFlags::ZERO_FILL, Vec::new())
+            } else {
+                (WriteFlags::INITIAL_SYNC, data)
+            };
+            Frame::Write(Write {
+                header: WriteHeader {
+                    disk,
+                    flags,
+                    offset,
+                    len,
+                    epoch,
+                },
+                data,
+            })
+        });
+    let barrier = (
+        any::<u64>(),
+        proptest::collection::vec(any::<(u16, u64)>(), 0..8),
+    )
+        .prop_map(|(epoch, p)| {
+            Frame::Barrier(Barrier {
+                epoch,
+                sync_progress: p
+                    .into_iter()
+                    .map(|(disk, watermark)| SyncProgress { disk, watermark })
+                    .collect(),
+            })
+        });
+    prop_oneof![
+        hello,
+        welcome,
+        write,
+        barrier,
+        any::<([u8; 16], u8)>().prop_map(|(session_id, stream_index)| Frame::JoinStream(
+            JoinStream {
+                session_id,
+                stream_index
+            }
+        )),
+        any::<u64>().prop_map(|epoch| Frame::Durable(Durable { epoch })),
+        any::<(u32, u64, u64)>().prop_map(|(c, r, b)| Frame::Heartbeat(Heartbeat {
+            cpu_permille: c,
+            rss_bytes: r,
+            backlog_bytes: b
+        })),
+        (any::<u16>(), arb_string(200)).prop_map(|(c, message)| Frame::Error(ErrorFrame {
+            code: ErrorCode(c),
+            message
+        })),
+        arb_string(200).prop_map(|message| Frame::Goodbye(Goodbye { message })),
+        (10u8..=255, proptest::collection::vec(any::<u8>(), 0..64)).prop_map(|(kind, payload)| {
+            Frame::Unknown {
+                kind: FrameKind(kind),
+                payload,
+            }
+        }),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn encode_decode_round_trips(frames in proptest::collection::vec(arb_frame(), 1..6)) {
+        // Several frames back to back decode one at a time, each consuming exactly itself.
+        let mut stream = Vec::new();
+        for f in &frames {
+            f.encode(&mut stream);
+        }
+        let mut at = 0;
+        for f in &frames {
+            let (decoded, used) = decode(&stream[at..]).unwrap().unwrap();
+            prop_assert_eq!(&decoded, f);
+            at += used;
+        }
+        prop_assert_eq!(at, stream.len());
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = decode(&bytes);
+    }
+
+    #[test]
+    fn mutated_frames_never_panic(frame in arb_frame(), flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
+        let mut bytes = frame.to_bytes();
+        for (at, value) in flips {
+            let i = at % bytes.len();
+            // Keep magic/version intact so mutations reach the payload decoders.
+            if i >= 3 {
+                bytes[i] = value;
+            }
+        }
+        let _ = decode(&bytes);
+    }
+}
