@@ -10,9 +10,11 @@
 //! newer agent can talk to an older receiver.
 #![forbid(unsafe_code)]
 
+mod buffer;
 mod codec;
 pub mod limits;
 mod message;
 
+pub use buffer::FrameBuffer;
 pub use codec::{DecodeError, FRAME_HEADER_LEN, MAGIC, PROTOCOL_VERSION, decode};
 pub use message::*;

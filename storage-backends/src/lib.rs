@@ -15,6 +15,7 @@
 //! tests.
 
 mod device;
+pub mod durable;
 mod engine;
 mod error;
 mod file;

@@ -1,0 +1,250 @@
+//! The agent's top level: configuration, the reconnect loop with exponential backoff and
+//! jitter, and the counters a run reports.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::credentials::Credentials;
+use crate::progress::{Progress, ProgressMode};
+use crate::session::{self, Outcome, SessionError};
+use crate::volume::Volume;
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The receiver's replication address, HOST:PORT.
+    pub receiver: String,
+    pub credentials: Credentials,
+    pub exit_when_synced: bool,
+    pub progress: ProgressMode,
+    /// First reconnect delay; doubles up to `max_backoff`.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl AgentConfig {
+    pub fn new(receiver: impl Into<String>, credentials: Credentials) -> Self {
+        Self {
+            receiver: receiver.into(),
+            credentials,
+            exit_when_synced: false,
+            progress: ProgressMode::Quiet,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Counters of one agent run, across reconnects.
+#[derive(Debug)]
+pub struct AgentStats {
+    /// Bytes of block data sent in Write frames (zero-fills carry none).
+    pub payload_bytes: AtomicU64,
+    /// Bytes covered by zero-fill frames.
+    pub zero_fill_bytes: AtomicU64,
+    /// Every byte of every frame sent (before TLS).
+    pub wire_bytes: AtomicU64,
+    /// Sessions that got as far as Welcome.
+    pub sessions: AtomicU64,
+    pub synced: AtomicBool,
+    sizes: Vec<u64>,
+    positions: Vec<AtomicU64>,
+    durable: Vec<AtomicU64>,
+    /// (epoch, disk, watermark) claimed by barriers not yet durable.
+    pending: Mutex<VecDeque<(u64, usize, u64)>>,
+}
+
+impl AgentStats {
+    fn new(volumes: &[Volume]) -> Self {
+        Self {
+            payload_bytes: AtomicU64::new(0),
+            zero_fill_bytes: AtomicU64::new(0),
+            wire_bytes: AtomicU64::new(0),
+            sessions: AtomicU64::new(0),
+            synced: AtomicBool::new(false),
+            sizes: volumes.iter().map(|v| v.size).collect(),
+            positions: volumes.iter().map(|_| AtomicU64::new(0)).collect(),
+            durable: volumes.iter().map(|_| AtomicU64::new(0)).collect(),
+            pending: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.sizes.iter().sum()
+    }
+
+    /// Bytes read and sent, per the current session.
+    pub fn sent_bytes(&self) -> u64 {
+        self.positions
+            .iter()
+            .map(|p| p.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Bytes durable at the receiver.
+    pub fn durable_bytes(&self) -> u64 {
+        self.durable.iter().map(|p| p.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Sent but not yet durable.
+    pub fn backlog_bytes(&self) -> u64 {
+        self.sent_bytes().saturating_sub(self.durable_bytes())
+    }
+
+    pub(crate) fn set_position(&self, disk: usize, at: u64) {
+        self.positions[disk].store(at, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_durable(&self, disk: usize, at: u64) {
+        self.durable[disk].store(at, Ordering::Relaxed);
+        lock(&self.pending).clear();
+    }
+
+    pub(crate) fn pending_watermark(&self, epoch: u64, disk: usize, watermark: u64) {
+        lock(&self.pending).push_back((epoch, disk, watermark));
+    }
+
+    pub(crate) fn durable_through(&self, epoch: u64) {
+        let mut pending = lock(&self.pending);
+        while let Some(&(e, disk, watermark)) = pending.front() {
+            if e > epoch {
+                break;
+            }
+            self.durable[disk].fetch_max(watermark, Ordering::Relaxed);
+            pending.pop_front();
+        }
+    }
+}
+
+/// What a finished run did.
+#[derive(Debug, Clone)]
+pub struct AgentReport {
+    pub payload_bytes: u64,
+    pub zero_fill_bytes: u64,
+    pub wire_bytes: u64,
+    pub sessions: u64,
+    pub total_bytes: u64,
+    pub elapsed: Duration,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("giving up: {0}")]
+    Fatal(#[source] SessionError),
+}
+
+/// A running agent's handle on its counters, for progress displays and tests.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    stats: Arc<AgentStats>,
+}
+
+impl Agent {
+    pub fn new(volumes: &[Volume]) -> Self {
+        Self {
+            stats: Arc::new(AgentStats::new(volumes)),
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<AgentStats> {
+        &self.stats
+    }
+
+    /// Replicates `volumes` until shut down, or until synced with `exit_when_synced`.
+    /// Reconnects after any retryable failure with exponential backoff and jitter.
+    pub async fn run(
+        &self,
+        config: &AgentConfig,
+        volumes: &[Volume],
+        shutdown: CancellationToken,
+    ) -> Result<AgentReport, AgentError> {
+        let started = Instant::now();
+        let progress = Progress::start(config.progress, Arc::clone(&self.stats));
+        let mut backoff = config.initial_backoff;
+        let result = loop {
+            let sessions_before = self.stats.sessions.load(Ordering::Relaxed);
+            match session::run(config, volumes, &self.stats, &shutdown).await {
+                Ok(outcome @ (Outcome::Synced | Outcome::Shutdown)) => break Ok(outcome),
+                Ok(Outcome::Closed(why)) => tracing::info!(%why, "session closed; reconnecting"),
+                Err(err) if err.is_retryable() => {
+                    tracing::warn!(error = %error_chain(&err), "session failed; reconnecting")
+                }
+                Err(err) => break Err(AgentError::Fatal(err)),
+            }
+            if self.stats.sessions.load(Ordering::Relaxed) > sessions_before {
+                // That session got in; start the backoff over.
+                backoff = config.initial_backoff;
+            }
+            let delay = jitter(backoff);
+            tracing::info!(
+                delay_ms = delay.as_millis() as u64,
+                "waiting before reconnecting"
+            );
+            tokio::select! {
+                () = shutdown.cancelled() => break Ok(Outcome::Shutdown),
+                () = tokio::time::sleep(delay) => {}
+            }
+            backoff = (backoff * 2).min(config.max_backoff);
+        };
+        progress.finish();
+        let outcome = result?;
+        Ok(AgentReport {
+            payload_bytes: self.stats.payload_bytes.load(Ordering::Relaxed),
+            zero_fill_bytes: self.stats.zero_fill_bytes.load(Ordering::Relaxed),
+            wire_bytes: self.stats.wire_bytes.load(Ordering::Relaxed),
+            sessions: self.stats.sessions.load(Ordering::Relaxed),
+            total_bytes: self.stats.total_bytes(),
+            elapsed: started.elapsed(),
+            outcome,
+        })
+    }
+}
+
+/// A delay between 50% and 150% of `base`, so that many agents cut off at once by a
+/// receiver restart do not all come back in the same instant.
+fn jitter(base: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut x = u64::from(nanos) ^ u64::from(std::process::id()).rotate_left(32);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    let factor = 0.5 + (x % 1000) as f64 / 1000.0;
+    base.mul_f64(factor)
+}
+
+pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_half_to_one_and_a_half() {
+        for _ in 0..100 {
+            let d = jitter(Duration::from_secs(2));
+            assert!(
+                d >= Duration::from_secs(1) && d <= Duration::from_secs(3),
+                "{d:?}"
+            );
+        }
+    }
+}

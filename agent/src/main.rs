@@ -1,0 +1,133 @@
+//! `blockferry-agent`: parse arguments, start logging, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use blockferry_agent::{Agent, AgentConfig, Credentials, Outcome, ProgressMode, Volume};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "blockferry-agent",
+    version,
+    about = "blockferry replication agent"
+)]
+struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Replicate volumes to a receiver until stopped.
+    Run {
+        /// The receiver's replication address, HOST:PORT (port 1500 by default).
+        #[arg(long)]
+        receiver: String,
+        /// Directory holding agent.key (mode 0600), agent.crt and ca.crt, as written by
+        /// `blockferry-receiver agent issue`.
+        #[arg(long)]
+        credentials: PathBuf,
+        /// A volume to replicate: a block device or image file, as PATH (named after its
+        /// last path component) or NAME=PATH. Repeat for more disks (at most 50).
+        #[arg(long = "disk", required = true)]
+        disks: Vec<String>,
+        /// Exit with status 0 once every disk's initial sync is durable at the receiver.
+        #[arg(long)]
+        exit_when_synced: bool,
+        /// Progress display: auto (bar on a terminal, log lines otherwise), log, quiet.
+        #[arg(long, default_value = "auto", value_parser = parse_progress)]
+        progress: ProgressMode,
+    },
+}
+
+fn parse_progress(s: &str) -> Result<ProgressMode, String> {
+    match s {
+        "auto" => Ok(ProgressMode::Auto),
+        "log" => Ok(ProgressMode::Log),
+        "quiet" => Ok(ProgressMode::Quiet),
+        _ => Err(format!(
+            "unknown progress mode {s:?}: expected auto, log or quiet"
+        )),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    blockferry_agent::init_logging(cli.log_json);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run {
+            receiver,
+            credentials,
+            disks,
+            exit_when_synced,
+            progress,
+        } => {
+            let credentials = Credentials::load(&credentials)
+                .with_context(|| format!("loading credentials from {}", credentials.display()))?;
+            let volumes = Volume::open_all(&disks)?;
+            let mut config = AgentConfig::new(receiver, credentials);
+            config.exit_when_synced = exit_when_synced;
+            config.progress = progress;
+            let shutdown = CancellationToken::new();
+            spawn_signal_handler(shutdown.clone());
+            let agent = Agent::new(&volumes);
+            let report = agent.run(&config, &volumes, shutdown).await?;
+            tracing::info!(
+                payload_bytes = report.payload_bytes,
+                zero_fill_bytes = report.zero_fill_bytes,
+                wire_bytes = report.wire_bytes,
+                sessions = report.sessions,
+                elapsed_s = report.elapsed.as_secs_f64(),
+                outcome = ?report.outcome,
+                "agent finished"
+            );
+            Ok(match report.outcome {
+                Outcome::Synced | Outcome::Shutdown => ExitCode::SUCCESS,
+                Outcome::Closed(_) => ExitCode::FAILURE,
+            })
+        }
+    }
+}
+
+/// SIGTERM (systemctl stop) and SIGINT (Ctrl-C) stop the agent cleanly.
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("stopping");
+        shutdown.cancel();
+    });
+}

@@ -1,0 +1,131 @@
+//! The local admin socket (`<data-dir>/admin.sock`, mode 0600): how operator commands
+//! reach a running receiver, which holds the catalog open. One JSON request per line, one
+//! JSON answer per line.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::session::{SessionContext, error_chain};
+use crate::status::StatusReport;
+
+/// Longest request line accepted; requests are tiny.
+const MAX_REQUEST: u64 = 64 << 10;
+
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin.sock")
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AdminRequest {
+    Status,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminResponse {
+    Status(StatusReport),
+    Error(String),
+}
+
+pub(crate) fn bind(data_dir: &Path) -> io::Result<UnixListener> {
+    let path = socket_path(data_dir);
+    // A socket file left by a receiver that crashed; the catalog lock already proved that
+    // no other receiver is running on this data dir.
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+pub(crate) fn remove_socket(data_dir: &Path) {
+    let _ = std::fs::remove_file(socket_path(data_dir));
+}
+
+pub(crate) async fn serve(
+    listener: UnixListener,
+    ctx: Arc<SessionContext>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    tracing::warn!(error = %err, "admin socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let ctx = Arc::clone(&ctx);
+        tokio::spawn(async move {
+            if let Err(err) = answer(stream, &ctx).await {
+                tracing::debug!(error = %err, "admin request failed");
+            }
+        });
+    }
+}
+
+async fn answer(stream: UnixStream, ctx: &SessionContext) -> io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read.take(MAX_REQUEST))
+        .read_line(&mut line)
+        .await?;
+    let response = match serde_json::from_str::<AdminRequest>(&line) {
+        Ok(AdminRequest::Status) => {
+            let catalog = Arc::clone(&ctx.catalog);
+            let registry = Arc::clone(&ctx.registry);
+            match tokio::task::spawn_blocking(move || {
+                StatusReport::build(&catalog, Some(&registry))
+            })
+            .await
+            {
+                Ok(Ok(report)) => AdminResponse::Status(report),
+                Ok(Err(err)) => AdminResponse::Error(error_chain(&err)),
+                Err(err) => AdminResponse::Error(err.to_string()),
+            }
+        }
+        Err(err) => AdminResponse::Error(format!("bad request: {err}")),
+    };
+    let mut out = serde_json::to_vec(&response).map_err(io::Error::other)?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    write.shutdown().await
+}
+
+/// Sends `request` to the receiver running on `data_dir`. `Ok(None)` means no receiver
+/// is running there (no socket, or nobody listening on it).
+pub async fn request(data_dir: &Path, request: &AdminRequest) -> io::Result<Option<AdminResponse>> {
+    let stream = match UnixStream::connect(socket_path(data_dir)).await {
+        Ok(stream) => stream,
+        Err(err)
+            if matches!(
+                err.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(err) => return Err(err),
+    };
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_vec(request).map_err(io::Error::other)?;
+    line.push(b'\n');
+    write.write_all(&line).await?;
+    let mut answer = String::new();
+    BufReader::new(read).read_to_string(&mut answer).await?;
+    serde_json::from_str(&answer)
+        .map(Some)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}

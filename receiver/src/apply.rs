@@ -1,0 +1,262 @@
+//! The apply pipeline of one session: writes are submitted to the staging stores as they
+//! arrive and complete in any order, under two rules:
+//!
+//! - **Per-block order** (invariant 2): a write never starts while an overlapping write
+//!   is in flight; it waits, so overlapping writes land in arrival order.
+//! - **Bounded memory** (invariant 4): the bytes in flight are bounded by a budget; a
+//!   full budget stops the session's reader, which is backpressure through TCP.
+//!
+//! Every write gets a sequence number; [`ApplyPipeline::wait_through`] waits until every
+//! write up to a sequence number has completed, which is what a barrier needs before it
+//! flushes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use blockferry_proto::{WriteFlags, WriteHeader};
+use blockferry_storage::{BlockStore, Flushed, StoreError};
+use tokio::sync::{Notify, Semaphore};
+
+/// Smallest budget charge of one write, so that a flood of zero-fills (which carry no
+/// data) is bounded too.
+const MIN_WRITE_COST: u32 = 4096;
+
+/// One staging disk of the session.
+#[derive(Debug)]
+pub(crate) struct StagingDisk {
+    pub(crate) name: String,
+    pub(crate) store: BlockStore,
+    /// start → end of each write in flight; the ranges never overlap.
+    in_flight: Mutex<BTreeMap<u64, u64>>,
+    range_released: Notify,
+}
+
+impl StagingDisk {
+    pub(crate) fn new(name: String, store: BlockStore) -> Self {
+        Self {
+            name,
+            store,
+            in_flight: Mutex::new(BTreeMap::new()),
+            range_released: Notify::new(),
+        }
+    }
+
+    /// Waits until no in-flight write overlaps `[start, end)`, then claims it.
+    async fn claim(&self, start: u64, end: u64) {
+        loop {
+            let released = self.range_released.notified();
+            tokio::pin!(released);
+            // Registered before checking, so a release between the check and the await
+            // still wakes us.
+            released.as_mut().enable();
+            {
+                let mut ranges = lock(&self.in_flight);
+                let overlaps = ranges
+                    .range(..end)
+                    .next_back()
+                    .is_some_and(|(_, &other_end)| other_end > start);
+                if !overlaps {
+                    ranges.insert(start, end);
+                    return;
+                }
+            }
+            released.await;
+        }
+    }
+
+    fn release(&self, start: u64) {
+        lock(&self.in_flight).remove(&start);
+        self.range_released.notify_waiters();
+    }
+}
+
+#[derive(Debug, Default)]
+struct Sequence {
+    next: u64,
+    pending: BTreeSet<u64>,
+}
+
+impl Sequence {
+    /// Every write with a sequence number ≤ this has completed.
+    fn completed_through(&self) -> u64 {
+        self.pending
+            .first()
+            .map_or(self.next, |&first| first)
+            .saturating_sub(1)
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct ApplyPipeline {
+    disks: Vec<Arc<StagingDisk>>,
+    budget: Arc<Semaphore>,
+    budget_bytes: u32,
+    sequence: Arc<Mutex<Sequence>>,
+    completed: Arc<Notify>,
+    failure: Arc<Mutex<Option<String>>>,
+}
+
+impl ApplyPipeline {
+    /// `budget_bytes` bounds the data in flight for this session.
+    pub(crate) fn new(disks: Vec<Arc<StagingDisk>>, budget_bytes: u32) -> Self {
+        Self {
+            disks,
+            budget: Arc::new(Semaphore::new(budget_bytes as usize)),
+            budget_bytes,
+            sequence: Arc::new(Mutex::new(Sequence {
+                next: 1,
+                pending: BTreeSet::new(),
+            })),
+            completed: Arc::new(Notify::new()),
+            failure: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    pub(crate) fn disks(&self) -> &[Arc<StagingDisk>] {
+        &self.disks
+    }
+
+    /// Submits a write that the session has already validated (disk index, range, flags).
+    /// Returns once the write is in flight, after waiting for budget and for overlapping
+    /// writes. Returns the write's sequence number.
+    pub(crate) async fn submit(&self, header: WriteHeader, data: Vec<u8>) -> u64 {
+        let disk = Arc::clone(&self.disks[usize::from(header.disk)]);
+        let cost = u32::try_from(data.len())
+            .unwrap_or(u32::MAX)
+            .clamp(MIN_WRITE_COST, self.budget_bytes);
+        let permit = Arc::clone(&self.budget)
+            .acquire_many_owned(cost)
+            .await
+            .expect("the budget semaphore is never closed");
+        let (start, end) = (header.offset, header.end());
+        disk.claim(start, end).await;
+        let seq = {
+            let mut sequence = lock(&self.sequence);
+            let seq = sequence.next;
+            sequence.next += 1;
+            sequence.pending.insert(seq);
+            seq
+        };
+        let sequence = Arc::clone(&self.sequence);
+        let completed = Arc::clone(&self.completed);
+        let failure = Arc::clone(&self.failure);
+        tokio::spawn(async move {
+            let result = if header.flags.contains(WriteFlags::ZERO_FILL) {
+                disk.store.write_zeroes(start, u64::from(header.len)).await
+            } else {
+                disk.store.write_at(start, data).await
+            };
+            disk.release(start);
+            if let Err(err) = result {
+                record_failure(&failure, &disk.name, &err);
+            }
+            lock(&sequence).pending.remove(&seq);
+            completed.notify_waiters();
+            drop(permit);
+        });
+        seq
+    }
+
+    /// The sequence number of the last write submitted.
+    pub(crate) fn last_submitted(&self) -> u64 {
+        lock(&self.sequence).next - 1
+    }
+
+    /// Waits until every write with a sequence number ≤ `seq` has completed.
+    pub(crate) async fn wait_through(&self, seq: u64) {
+        loop {
+            let notified = self.completed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if lock(&self.sequence).completed_through() >= seq {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// The first write failure of the session, if any. After one, nothing more may be
+    /// acknowledged.
+    pub(crate) fn failure(&self) -> Option<String> {
+        lock(&self.failure).clone()
+    }
+
+    /// Flushes every disk of the session; the proofs are what a watermark needs.
+    pub(crate) async fn flush_all(&self) -> Result<Vec<Flushed>, StoreError> {
+        let mut proofs = Vec::with_capacity(self.disks.len());
+        for disk in &self.disks {
+            proofs.push(disk.store.flush().await?);
+        }
+        Ok(proofs)
+    }
+}
+
+fn record_failure(failure: &Mutex<Option<String>>, disk: &str, err: &StoreError) {
+    let mut slot = lock(failure);
+    if slot.is_none() {
+        let mut message = format!("disk {disk}: {err}");
+        let mut source = std::error::Error::source(err);
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        tracing::error!(%message, "staging write failed");
+        *slot = Some(message);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blockferry_storage::MemoryStore;
+
+    fn header(offset: u64, len: u32) -> WriteHeader {
+        WriteHeader {
+            disk: 0,
+            flags: WriteFlags::default(),
+            offset,
+            len,
+            epoch: 0,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn overlapping_writes_land_in_arrival_order() {
+        let disk = Arc::new(StagingDisk::new(
+            "d".into(),
+            BlockStore::Memory(MemoryStore::new(1 << 20)),
+        ));
+        let pipeline = ApplyPipeline::new(vec![disk.clone()], 8 << 20);
+        // Many overlapping writes of increasing values; the last one must win everywhere.
+        for i in 1..=200u32 {
+            let offset = u64::from(i % 7) * 1000;
+            pipeline
+                .submit(header(offset, 20_000), vec![i as u8; 20_000])
+                .await;
+        }
+        pipeline.submit(header(0, 30_000), vec![0xEE; 30_000]).await;
+        pipeline.wait_through(pipeline.last_submitted()).await;
+        assert_eq!(
+            disk.store.read_at(0, 30_000).await.unwrap(),
+            vec![0xEE; 30_000]
+        );
+        assert!(lock(&disk.in_flight).is_empty());
+    }
+
+    #[test]
+    fn completed_through_is_the_lowest_pending_minus_one() {
+        let mut s = Sequence {
+            next: 6,
+            pending: BTreeSet::new(),
+        };
+        assert_eq!(s.completed_through(), 5);
+        s.pending.insert(3);
+        s.pending.insert(5);
+        assert_eq!(s.completed_through(), 2);
+    }
+}

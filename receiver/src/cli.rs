@@ -1,0 +1,205 @@
+//! The `blockferry-receiver` command line. `main.rs` only parses and calls [`run`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use blockferry_storage::IoEngine;
+use clap::{Parser, Subcommand};
+
+use crate::admin::{self, AdminRequest, AdminResponse};
+use crate::catalog::{Catalog, CatalogError};
+use crate::demo::{self, DemoOptions, parse_size};
+use crate::status::StatusReport;
+use crate::{Receiver, ReceiverConfig};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "blockferry-receiver",
+    version,
+    about = "blockferry receiver appliance"
+)]
+pub struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the receiver: replication listener on port 1500 (mutual TLS).
+    Run {
+        /// Data directory: CA, catalog, staging images, admin socket. Created if missing.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Replication listener address.
+        #[arg(long, default_value = crate::DEFAULT_LISTEN)]
+        listen: SocketAddr,
+        /// Staging I/O engine: auto (io_uring, else sync with a warning), uring, sync.
+        #[arg(long, default_value = "auto")]
+        io_engine: IoEngine,
+        /// io_uring writer threads, each with its own ring.
+        #[arg(long, default_value_t = 1)]
+        writer_threads: usize,
+        /// Agents send a barrier (flush + durable watermark) after this many MiB.
+        #[arg(long, default_value_t = 16)]
+        barrier_interval_mib: u64,
+    },
+    /// Provision agents offline.
+    #[command(subcommand)]
+    Agent(AgentCommand),
+    /// Show source servers and disks: state, size, replicated bytes, watermark, image.
+    Status {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Print JSON (keys documented in the README) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replicate a generated image through a local receiver and agent, and verify it.
+    Demo {
+        /// Size of the generated source image (half random, half zeros): e.g. 256M, 1G.
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        size: u64,
+        /// Keep everything in this directory instead of a temporary one.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Staging I/O engine: auto, uring, sync.
+        #[arg(long, default_value = "auto")]
+        io_engine: IoEngine,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Issue a key and certificate for a new agent and write them, with the CA
+    /// certificate, to a directory to copy to the source server.
+    Issue {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The source server's name (its id at the receiver): 1-64 of A-Z a-z 0-9 . _ -
+        #[arg(long)]
+        name: String,
+        /// Where to write agent.key (0600), agent.crt and ca.crt.
+        #[arg(long)]
+        out: PathBuf,
+        /// Certificate lifetime in days.
+        #[arg(long, default_value_t = 365)]
+        valid_days: u32,
+    },
+}
+
+pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run {
+            data_dir,
+            listen,
+            io_engine,
+            writer_threads,
+            barrier_interval_mib,
+        } => {
+            if barrier_interval_mib == 0 {
+                bail!("--barrier-interval-mib must be at least 1");
+            }
+            let mut config = ReceiverConfig::new(data_dir);
+            config.listen = listen;
+            config.io_engine = io_engine;
+            config.writer_threads = writer_threads.max(1);
+            config.barrier_interval = barrier_interval_mib << 20;
+            let receiver = Receiver::start(config).await?;
+            wait_for_signal().await;
+            tracing::info!("shutting down: finishing sessions");
+            receiver.shutdown().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agent(AgentCommand::Issue {
+            data_dir,
+            name,
+            out,
+            valid_days,
+        }) => {
+            let identity = crate::pki::write_agent_credentials(
+                &data_dir,
+                &name,
+                &out,
+                time::Duration::days(i64::from(valid_days.max(1))),
+            )?;
+            println!(
+                "issued agent {} for source server {}; credentials in {}",
+                identity.agent_id,
+                identity.server_id,
+                out.display()
+            );
+            println!(
+                "copy that directory to the source server and run: blockferry-agent run --receiver HOST:1500 --credentials DIR --disk /dev/sdX"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { data_dir, json } => {
+            let report = status(&data_dir).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render_table());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo {
+            size,
+            data_dir,
+            io_engine,
+        } => {
+            demo::run(DemoOptions {
+                size,
+                data_dir,
+                io_engine,
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Asks the running receiver, or reads the catalog directly when none runs.
+async fn status(data_dir: &std::path::Path) -> anyhow::Result<StatusReport> {
+    if !data_dir.join("catalog.redb").exists() {
+        bail!(
+            "{} is not a receiver data dir (no catalog.redb)",
+            data_dir.display()
+        );
+    }
+    match admin::request(data_dir, &AdminRequest::Status).await {
+        Ok(Some(AdminResponse::Status(report))) => return Ok(report),
+        Ok(Some(AdminResponse::Error(err))) => bail!("the running receiver answered: {err}"),
+        Ok(None) => {}
+        Err(err) => {
+            return Err(err).context("asking the running receiver through its admin socket");
+        }
+    }
+    match Catalog::open(data_dir) {
+        Ok(catalog) => Ok(StatusReport::build(&catalog, None)?),
+        Err(err @ CatalogError::Locked { .. }) => {
+            Err(err).context("a receiver holds the catalog but its admin socket does not answer")
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}

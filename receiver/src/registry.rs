@@ -1,0 +1,116 @@
+//! Live sessions by source server: at most one per server. A new session of a server
+//! cancels the old one and waits until it has finished — its in-flight writes completed —
+//! before it starts writing the same staging disks.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use uuid::Uuid;
+
+use crate::pki::AgentIdentity;
+
+#[derive(Debug, Default)]
+pub(crate) struct SessionRegistry {
+    live: Mutex<HashMap<String, LiveSession>>,
+}
+
+#[derive(Debug, Clone)]
+struct LiveSession {
+    id: Uuid,
+    agent_id: String,
+    cancel: CancellationToken,
+    done: watch::Receiver<bool>,
+}
+
+impl SessionRegistry {
+    /// Registers a session of `identity`'s server, first ending any older one.
+    pub(crate) async fn claim(self: &Arc<Self>, identity: &AgentIdentity) -> SessionGuard {
+        let (done_tx, done_rx) = watch::channel(false);
+        let session = LiveSession {
+            id: Uuid::new_v4(),
+            agent_id: identity.agent_id.clone(),
+            cancel: CancellationToken::new(),
+            done: done_rx,
+        };
+        loop {
+            let previous = {
+                let mut live = lock(&self.live);
+                match live.get(&identity.server_id) {
+                    Some(old) => old.clone(),
+                    None => {
+                        live.insert(identity.server_id.clone(), session.clone());
+                        break;
+                    }
+                }
+            };
+            tracing::info!(
+                previous_agent = %previous.agent_id,
+                "ending the previous session of this server"
+            );
+            previous.cancel.cancel();
+            let mut done = previous.done;
+            // An error means the old guard is gone, which is as good as done.
+            let _ = done.wait_for(|finished| *finished).await;
+            // The old guard removed its entry; loop to insert ours (or to replace a
+            // session that raced in meanwhile).
+            let mut live = lock(&self.live);
+            if live
+                .get(&identity.server_id)
+                .is_some_and(|s| s.id == previous.id)
+            {
+                live.remove(&identity.server_id);
+            }
+        }
+        SessionGuard {
+            registry: Arc::clone(self),
+            server_id: identity.server_id.clone(),
+            id: session.id,
+            cancel: session.cancel,
+            done: done_tx,
+        }
+    }
+
+    /// Whether a session of `server_id` is live.
+    pub(crate) fn is_connected(&self, server_id: &str) -> bool {
+        lock(&self.live).contains_key(server_id)
+    }
+}
+
+/// Held by a running session; dropping it deregisters the session and tells a waiting
+/// successor that it may start.
+#[derive(Debug)]
+pub(crate) struct SessionGuard {
+    registry: Arc<SessionRegistry>,
+    server_id: String,
+    id: Uuid,
+    cancel: CancellationToken,
+    done: watch::Sender<bool>,
+}
+
+impl SessionGuard {
+    pub(crate) fn id(&self) -> Uuid {
+        self.id
+    }
+
+    /// Completes when a newer session of the same server asks this one to end.
+    pub(crate) fn cancelled(&self) -> WaitForCancellationFuture<'_> {
+        self.cancel.cancelled()
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let mut live = lock(&self.registry.live);
+        if live.get(&self.server_id).is_some_and(|s| s.id == self.id) {
+            live.remove(&self.server_id);
+        }
+        drop(live);
+        let _ = self.done.send(true);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}

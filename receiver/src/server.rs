@@ -1,0 +1,298 @@
+//! The receiver: replication listener (mTLS on port 1500), sessions, admin socket.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use blockferry_storage::{Engine, IoEngine, StoreError};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin;
+use crate::catalog::{Catalog, CatalogError};
+use crate::pki::{AgentIdentity, CertificateAuthority, PkiError};
+use crate::registry::SessionRegistry;
+use crate::session::{self, SessionContext, SessionSettings};
+use crate::status::StatusReport;
+use crate::tls::{self, RefusalReason, TlsSetupError};
+
+/// The replication port.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:1500";
+
+/// A TLS handshake must finish this soon after the TCP connection is accepted.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections (handshaking or in session) the receiver serves at once; more wait in the
+/// kernel's accept queue.
+const MAX_CONNECTIONS: usize = 1024;
+
+/// Everything a receiver needs to start. Built by the CLI from flags, or by tests.
+#[derive(Debug, Clone)]
+pub struct ReceiverConfig {
+    /// Holds the CA, the catalog, the staging images and the admin socket.
+    pub data_dir: PathBuf,
+    /// Replication listener address.
+    pub listen: SocketAddr,
+    pub io_engine: IoEngine,
+    /// io_uring writer threads (each with its own ring).
+    pub writer_threads: usize,
+    /// Agents send a barrier after at most this many bytes; smaller means less to resend
+    /// after a broken connection, larger means fewer flushes.
+    pub barrier_interval: u64,
+    /// Bytes of writes in flight per session.
+    pub session_in_flight: u32,
+}
+
+impl ReceiverConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            io_engine: IoEngine::Auto,
+            writer_threads: 1,
+            barrier_interval: 16 << 20,
+            session_in_flight: 64 << 20,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiverError {
+    #[error("cannot create the data dir {path}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error("cannot start the I/O engine")]
+    Engine(#[from] StoreError),
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the admin socket")]
+    Admin(#[source] std::io::Error),
+}
+
+/// Counts of refused connections by reason, for logs, tests and metrics.
+#[derive(Debug, Default)]
+pub struct RefusalCounters {
+    counts: HashMap<&'static str, AtomicU64>,
+}
+
+impl RefusalCounters {
+    fn new() -> Self {
+        Self {
+            counts: RefusalReason::ALL
+                .iter()
+                .map(|r| (r.code(), AtomicU64::new(0)))
+                .collect(),
+        }
+    }
+
+    fn record(&self, reason: RefusalReason) {
+        if let Some(c) = self.counts.get(reason.code()) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn get(&self, reason: RefusalReason) -> u64 {
+        self.counts
+            .get(reason.code())
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+}
+
+/// A running receiver. Dropping it without [`Receiver::shutdown`] stops accepting but does
+/// not wait for sessions.
+#[derive(Debug)]
+pub struct Receiver {
+    local_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    refusals: Arc<RefusalCounters>,
+    ctx: Arc<SessionContext>,
+    data_dir: PathBuf,
+}
+
+impl Receiver {
+    /// Creates the data dir, CA and catalog as needed, binds the listener and the admin
+    /// socket, and starts serving.
+    pub async fn start(config: ReceiverConfig) -> Result<Self, ReceiverError> {
+        let data_dir = config.data_dir.clone();
+        blockferry_storage::durable::create_dir_durable(&data_dir, 0o700).map_err(|source| {
+            ReceiverError::DataDir {
+                path: data_dir.clone(),
+                source,
+            }
+        })?;
+        let ca = CertificateAuthority::load_or_create(&data_dir)?;
+        let tls_config = tls::server_config(&ca)?;
+        let catalog = Arc::new(Catalog::open(&data_dir)?);
+        let engine = Engine::start(config.io_engine, config.writer_threads)?;
+        tracing::info!(engine = %engine.kind(), "staging I/O engine ready");
+
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ReceiverError::Listen {
+                    addr: config.listen,
+                    source,
+                })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| ReceiverError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let refusals = Arc::new(RefusalCounters::new());
+        let ctx = Arc::new(SessionContext {
+            catalog,
+            engine,
+            images_dir: data_dir.join("images"),
+            settings: SessionSettings {
+                barrier_interval: config.barrier_interval,
+                in_flight_budget: config.session_in_flight,
+                heartbeat_interval: Duration::from_secs(5),
+            },
+            registry: Arc::new(SessionRegistry::default()),
+            shutdown: shutdown.clone(),
+        });
+
+        let admin_listener = admin::bind(&data_dir).map_err(ReceiverError::Admin)?;
+        tasks.spawn(admin::serve(
+            admin_listener,
+            Arc::clone(&ctx),
+            shutdown.clone(),
+        ));
+        tasks.spawn(accept_loop(
+            listener,
+            TlsAcceptor::from(tls_config),
+            Arc::clone(&ctx),
+            Arc::clone(&refusals),
+            tasks.clone(),
+        ));
+        tracing::info!(listen = %local_addr, data_dir = %data_dir.display(), "receiver listening");
+        Ok(Self {
+            local_addr,
+            shutdown,
+            tasks,
+            refusals,
+            ctx,
+            data_dir,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn refusals(&self) -> &RefusalCounters {
+        &self.refusals
+    }
+
+    pub fn status(&self) -> Result<StatusReport, CatalogError> {
+        StatusReport::build(&self.ctx.catalog, Some(&self.ctx.registry))
+    }
+
+    /// A token that stops the receiver when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops accepting, ends every session (pending barriers are made durable first),
+    /// and waits for them.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        admin::remove_socket(&self.data_dir);
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    ctx: Arc<SessionContext>,
+    refusals: Arc<RefusalCounters>,
+    tasks: TaskTracker,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            () = ctx.shutdown.cancelled() => return,
+            permit = Arc::clone(&slots).acquire_owned() => permit.expect("never closed"),
+        };
+        let (tcp, peer) = tokio::select! {
+            () = ctx.shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(err) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let (acceptor, ctx, refusals) = (acceptor.clone(), Arc::clone(&ctx), Arc::clone(&refusals));
+        tasks.spawn(async move {
+            let _permit = permit;
+            handle_connection(tcp, peer, acceptor, ctx, &refusals).await;
+        });
+    }
+}
+
+async fn handle_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    ctx: Arc<SessionContext>,
+    refusals: &RefusalCounters,
+) {
+    let _ = tcp.set_nodelay(true);
+    let refuse = |reason: RefusalReason, detail: &str| {
+        refusals.record(reason);
+        tracing::warn!(%peer, reason = reason.code(), detail, "refused connection");
+    };
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Err(_) => {
+            return refuse(
+                RefusalReason::HandshakeTimeout,
+                "no TLS handshake within 10 s",
+            );
+        }
+        Ok(Err(err)) => {
+            return refuse(RefusalReason::of_handshake_error(&err), &err.to_string());
+        }
+        Ok(Ok(stream)) => stream,
+    };
+    let identity = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .ok_or_else(|| "no client certificate".to_owned())
+        .and_then(|cert| AgentIdentity::from_certificate(cert).map_err(|e| e.to_string()));
+    match identity {
+        Ok(identity) => session::serve(ctx, stream, identity, peer).await,
+        Err(detail) => refuse(RefusalReason::NoIdentity, &detail),
+    }
+}

@@ -1,0 +1,142 @@
+//! The answer to "what is replicating, and how far along is it?" — for the `status`
+//! command (table or JSON) and the admin socket. The JSON keys are an interface,
+//! documented in the README.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{Catalog, CatalogError, InventoryRecord};
+use crate::registry::SessionRegistry;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StatusReport {
+    pub servers: Vec<ServerStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServerStatus {
+    pub server_id: String,
+    pub agent_id: String,
+    pub agent_version: String,
+    /// Whether a session is live now (always false when read without a running receiver).
+    pub connected: bool,
+    /// Unix seconds.
+    pub first_seen: u64,
+    pub last_seen: u64,
+    pub durable_epoch: u64,
+    pub inventory: InventoryRecord,
+    pub disks: Vec<DiskStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskStatus {
+    pub name: String,
+    pub size: u64,
+    /// Bytes durably replicated (the initial-sync watermark until continuous replication).
+    pub replicated_bytes: u64,
+    pub sync_watermark: u64,
+    pub state: String,
+    pub reason: String,
+    pub image: String,
+}
+
+impl StatusReport {
+    pub(crate) fn build(
+        catalog: &Catalog,
+        live: Option<&SessionRegistry>,
+    ) -> Result<Self, CatalogError> {
+        let servers = catalog
+            .servers()?
+            .into_iter()
+            .map(|(server, disks)| ServerStatus {
+                connected: live.is_some_and(|r| r.is_connected(&server.server_id)),
+                disks: disks
+                    .into_iter()
+                    .map(|d| DiskStatus {
+                        replicated_bytes: d.sync_watermark,
+                        sync_watermark: d.sync_watermark,
+                        image: d.image.display().to_string(),
+                        name: d.name,
+                        size: d.size,
+                        state: d.state,
+                        reason: d.reason,
+                    })
+                    .collect(),
+                server_id: server.server_id,
+                agent_id: server.agent_id,
+                agent_version: server.agent_version,
+                first_seen: server.first_seen,
+                last_seen: server.last_seen,
+                durable_epoch: server.durable_epoch,
+                inventory: server.inventory,
+            })
+            .collect();
+        Ok(Self { servers })
+    }
+
+    /// A table for people.
+    pub fn render_table(&self) -> String {
+        if self.servers.is_empty() {
+            return "no source servers have connected yet\n".to_owned();
+        }
+        let mut out = String::new();
+        for s in &self.servers {
+            let _ = writeln!(
+                out,
+                "server {}  host {}  agent {}  {}",
+                s.server_id,
+                if s.inventory.host_name.is_empty() {
+                    "-"
+                } else {
+                    &s.inventory.host_name
+                },
+                s.agent_id,
+                if s.connected {
+                    "connected"
+                } else {
+                    "not connected"
+                }
+            );
+            let _ = writeln!(
+                out,
+                "  {:<16} {:>12} {:>12} {:>7}  {:<14} {:<22} IMAGE",
+                "DISK", "SIZE", "REPLICATED", "PCT", "STATE", "REASON"
+            );
+            for d in &s.disks {
+                let pct = if d.size == 0 {
+                    100.0
+                } else {
+                    d.replicated_bytes as f64 * 100.0 / d.size as f64
+                };
+                let _ = writeln!(
+                    out,
+                    "  {:<16} {:>12} {:>12} {:>6.1}%  {:<14} {:<22} {}",
+                    d.name,
+                    human_bytes(d.size),
+                    human_bytes(d.replicated_bytes),
+                    pct,
+                    d.state,
+                    d.reason,
+                    d.image
+                );
+            }
+        }
+        out
+    }
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
