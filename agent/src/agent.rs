@@ -170,6 +170,7 @@ impl Agent {
             match session::run(config, volumes, &self.stats, &shutdown).await {
                 Ok(outcome @ (Outcome::Synced | Outcome::Shutdown)) => break Ok(outcome),
                 Ok(Outcome::Closed(why)) => tracing::info!(%why, "session closed; reconnecting"),
+                Err(SessionError::Stopping) => break Ok(Outcome::Shutdown),
                 Err(err) if err.is_retryable() => {
                     tracing::warn!(error = %error_chain(&err), "session failed; reconnecting")
                 }

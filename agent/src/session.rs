@@ -25,6 +25,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
 /// Barriers sent but not yet durable. Bounds what a broken connection makes us resend.
 const MAX_UNACKED_BARRIERS: u64 = 2;
+/// A receiver that neither answers nor accepts data for this long is treated as a broken
+/// connection, and the agent reconnects.
+const STALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -54,6 +57,9 @@ pub enum SessionError {
     },
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
+    /// The agent was asked to stop; the session ends at the next frame boundary.
+    #[error("the agent is stopping")]
+    Stopping,
 }
 
 impl SessionError {
@@ -123,6 +129,7 @@ pub(crate) struct Session<'a> {
     heartbeat_every: Duration,
     last_heartbeat: Instant,
     sampler: ProcessSampler,
+    shutdown: CancellationToken,
 }
 
 /// Connects, says Hello, and runs the session to its end.
@@ -149,13 +156,20 @@ pub(crate) async fn run(
         heartbeat_every: Duration::from_secs(5),
         last_heartbeat: Instant::now(),
         sampler: ProcessSampler::new(),
+        shutdown: shutdown.clone(),
     };
-    let result = tokio::select! {
-        result = session.drive() => result,
-        () = shutdown.cancelled() => {
-            let _ = session.send(&Frame::Goodbye(Goodbye { message: "agent stopping".into() })).await;
+    // Stopping is noticed between frames, never inside one, so the Goodbye is the last
+    // whole frame the receiver reads.
+    let result = match session.drive().await {
+        Err(SessionError::Stopping) => {
+            let _ = session
+                .send(&Frame::Goodbye(Goodbye {
+                    message: "agent stopping".into(),
+                }))
+                .await;
             Ok(Outcome::Shutdown)
         }
+        other => other,
     };
     let _ = session.writer.shutdown().await;
     reader_task.abort();
@@ -202,7 +216,11 @@ impl Session<'_> {
                 .collect(),
         };
         self.send(&Frame::Hello(hello)).await?;
-        let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, self.events.recv()).await {
+        let welcome = tokio::select! {
+            () = self.shutdown.cancelled() => return Err(SessionError::Stopping),
+            welcome = tokio::time::timeout(WELCOME_TIMEOUT, self.events.recv()) => welcome,
+        };
+        let welcome = match welcome {
             Err(_) => return Err(SessionError::Timeout("Welcome")),
             Ok(Some(Event::Welcome(w))) => w,
             Ok(Some(other)) => return self.ended(other),
@@ -254,7 +272,10 @@ impl Session<'_> {
         // Continuous capture arrives with the write-capture sources; until then the
         // session stays up, heartbeating, so the receiver shows the server connected.
         loop {
-            let event = tokio::time::timeout(self.heartbeat_every, self.events.recv()).await;
+            let event = tokio::select! {
+                () = self.shutdown.cancelled() => return Err(SessionError::Stopping),
+                event = tokio::time::timeout(self.heartbeat_every, self.events.recv()) => event,
+            };
             match event {
                 Err(_) => self.heartbeat().await?,
                 Ok(Some(event)) => self.on_event(event)?,
@@ -290,7 +311,14 @@ impl Session<'_> {
         barrier_interval: u64,
     ) -> Result<(), SessionError> {
         let mut chunks = volume.read_from(start);
-        while let Some(chunk) = chunks.recv().await {
+        loop {
+            let chunk = tokio::select! {
+                () = self.shutdown.cancelled() => return Err(SessionError::Stopping),
+                chunk = chunks.recv() => match chunk {
+                    Some(chunk) => chunk,
+                    None => break,
+                },
+            };
             let (offset, data) = chunk.map_err(|source| SessionError::Volume {
                 disk: volume.name.clone(),
                 source,
@@ -378,10 +406,14 @@ impl Session<'_> {
     }
 
     async fn next_event(&mut self) -> Result<Event, SessionError> {
-        self.events
-            .recv()
-            .await
-            .ok_or_else(|| broken("the connection closed"))
+        tokio::select! {
+            () = self.shutdown.cancelled() => Err(SessionError::Stopping),
+            event = tokio::time::timeout(STALL_TIMEOUT, self.events.recv()) => match event {
+                Ok(Some(event)) => Ok(event),
+                Ok(None) => Err(broken("the connection closed")),
+                Err(_) => Err(SessionError::Timeout("the receiver to acknowledge a barrier")),
+            },
+        }
     }
 
     fn on_event(&mut self, event: Event) -> Result<(), SessionError> {
@@ -426,7 +458,15 @@ impl Session<'_> {
     }
 
     async fn write_out(&mut self) -> Result<(), SessionError> {
-        if let Err(err) = self.writer.write_all(&self.out).await {
+        let written = tokio::time::timeout(STALL_TIMEOUT, self.writer.write_all(&self.out))
+            .await
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the receiver accepted no data for 120 s",
+                ))
+            });
+        if let Err(err) = written {
             // The receiver may have said why before closing; prefer its reason.
             let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
             while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.events.recv()).await

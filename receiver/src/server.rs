@@ -47,6 +47,9 @@ pub struct ReceiverConfig {
     pub barrier_interval: u64,
     /// Bytes of writes in flight per session.
     pub session_in_flight: u32,
+    /// Bytes of writes in flight across all sessions; must be at least
+    /// `session_in_flight`.
+    pub global_in_flight: u32,
 }
 
 impl ReceiverConfig {
@@ -58,6 +61,7 @@ impl ReceiverConfig {
             writer_threads: 1,
             barrier_interval: 16 << 20,
             session_in_flight: 64 << 20,
+            global_in_flight: 1 << 30,
         }
     }
 }
@@ -174,6 +178,9 @@ impl Receiver {
             },
             registry: Arc::new(SessionRegistry::default()),
             shutdown: shutdown.clone(),
+            global_budget: Arc::new(Semaphore::new(
+                config.global_in_flight.max(config.session_in_flight) as usize,
+            )),
         });
 
         let admin_listener = admin::bind(&data_dir).map_err(ReceiverError::Admin)?;

@@ -31,6 +31,9 @@ use crate::registry::SessionRegistry;
 
 /// An agent must say Hello this soon after its TLS handshake.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
+/// A session with no frame at all for this long is dead (agents heartbeat every few
+/// seconds); it is closed so that its agent's next connection is not kept waiting.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Frames queued for the writer task.
 const OUTGOING_QUEUE: usize = 64;
 /// Barriers received but not yet durable. A full queue stops the reader: an agent that
@@ -46,6 +49,8 @@ pub(crate) struct SessionContext {
     pub(crate) settings: SessionSettings,
     pub(crate) registry: Arc<SessionRegistry>,
     pub(crate) shutdown: CancellationToken,
+    /// Bytes of writes in flight across all sessions.
+    pub(crate) global_budget: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Debug, Clone)]
@@ -70,6 +75,8 @@ enum SessionError {
     Connection(#[from] std::io::Error),
     #[error("no Hello within {0:?}")]
     HelloTimeout(Duration),
+    #[error("no frame for {0:?}: the agent or the network is gone")]
+    Idle(Duration),
 }
 
 impl SessionError {
@@ -79,7 +86,7 @@ impl SessionError {
             Self::OutOfRange(_) => Some(ErrorCode::OUT_OF_RANGE),
             Self::Unsupported(_) => Some(ErrorCode::UNSUPPORTED),
             Self::Storage(_) => Some(ErrorCode::STORAGE),
-            Self::Connection(_) => None,
+            Self::Connection(_) | Self::Idle(_) => None,
         }
     }
 }
@@ -172,7 +179,11 @@ async fn run(
         })?;
         disks.push(Arc::new(StagingDisk::new(record.name.clone(), store)));
     }
-    let pipeline = Arc::new(ApplyPipeline::new(disks, ctx.settings.in_flight_budget));
+    let pipeline = Arc::new(ApplyPipeline::new(
+        disks,
+        ctx.settings.in_flight_budget,
+        Arc::clone(&ctx.global_budget),
+    ));
     let disk_names: Vec<String> = records.iter().map(|r| r.name.clone()).collect();
 
     let welcome = Welcome {
@@ -306,7 +317,9 @@ async fn stream_frames(
                     pipeline.failure().unwrap_or_else(|| "flush or catalog commit failed".into()),
                 ));
             }
-            frame = reader.next() => frame?,
+            frame = tokio::time::timeout(IDLE_TIMEOUT, reader.next()) => {
+                frame.map_err(|_| SessionError::Idle(IDLE_TIMEOUT))??
+            }
         };
         match frame {
             None => return Ok(End::AgentClosed),

@@ -159,3 +159,60 @@ async fn two_agents_with_several_disks_replicate_at_once() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_agent_ends_cleanly_and_resumes_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let mut rconfig = receiver_config(&data);
+    rconfig.barrier_interval = 4 << 20;
+    let receiver = blockferry_receiver::Receiver::start(rconfig).await.unwrap();
+    let creds = credentials(&data, SERVER, &dir.path().join("creds"));
+    let size = 256 << 20;
+    let (source, non_zero) = image(dir.path(), "src.img", size, 1.0, 1 << 20, 5);
+    let volumes = vec![volume("disk0", &source)];
+    let config = agent_config(receiver.local_addr(), creds);
+
+    let agent = blockferry_agent::Agent::new(&volumes);
+    let stats = agent.stats().clone();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn({
+        let (config, volumes, stop) = (config.clone(), volumes.clone(), stop.clone());
+        async move { agent.run(&config, &volumes, stop).await }
+    });
+    while stats.durable_bytes() < size / 4 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    stop.cancel();
+    let first = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the agent stops promptly")
+        .unwrap()
+        .expect("a stop is not an error");
+    assert_eq!(first.outcome, blockferry_agent::Outcome::Shutdown);
+
+    // The receiver saw a Goodbye at a frame boundary, not a torn frame.
+    let mut disk = receiver.status().unwrap().servers[0].disks[0].clone();
+    for _ in 0..100 {
+        if disk.state == "DISCONNECTED" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        disk = receiver.status().unwrap().servers[0].disks[0].clone();
+    }
+    assert_eq!(
+        (disk.state.as_str(), disk.reason.as_str()),
+        ("DISCONNECTED", "session_ended")
+    );
+    assert!(
+        disk.sync_watermark > 0 && disk.sync_watermark < size,
+        "{}",
+        disk.sync_watermark
+    );
+
+    let second = sync(&config, &volumes, Duration::from_secs(120)).await;
+    assert_identical(&source, &staging_image(&data, SERVER, "disk0"));
+    let ratio = (first.payload_bytes + second.payload_bytes) as f64 / non_zero as f64;
+    assert!(ratio <= 1.15, "stop and resume sent {ratio:.3}x the data");
+    receiver.shutdown().await;
+}
