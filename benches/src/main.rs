@@ -42,6 +42,9 @@ enum Command {
         /// Staging I/O engine: auto, uring, sync.
         #[arg(long, default_value = "auto")]
         io_engine: IoEngine,
+        /// The receiver's barrier interval (flush + durable watermark), MiB.
+        #[arg(long, default_value_t = 16)]
+        barrier_interval_mib: u64,
     },
 }
 
@@ -52,18 +55,29 @@ fn main() -> anyhow::Result<()> {
             runs,
             dir,
             io_engine,
+            barrier_interval_mib,
         } => {
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(initial_sync(size, runs.max(1), dir, io_engine))
+            let receiver = ReceiverOptions {
+                io_engine,
+                barrier_interval: barrier_interval_mib.max(1) << 20,
+            };
+            runtime.block_on(initial_sync(size, runs.max(1), dir, receiver))
         }
     }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ReceiverOptions {
+    io_engine: IoEngine,
+    barrier_interval: u64,
 }
 
 async fn initial_sync(
     size: u64,
     runs: usize,
     dir: Option<PathBuf>,
-    io_engine: IoEngine,
+    receiver: ReceiverOptions,
 ) -> anyhow::Result<()> {
     let base = dir.unwrap_or_else(|| PathBuf::from("/var/tmp"));
     std::fs::create_dir_all(&base)?;
@@ -89,7 +103,7 @@ async fn initial_sync(
     let mut sync_times = Vec::new();
     for run in 1..=runs {
         let copy = time_copy(&source, &work.path().join("copy.img"))?;
-        let sync = time_blockferry(&source, &work.path().join("receiver"), io_engine).await?;
+        let sync = time_blockferry(&source, &work.path().join("receiver"), receiver).await?;
         println!(
             "run {run}: copy+fdatasync {:.2} GB/s, blockferry {:.2} GB/s",
             gbps(size, copy),
@@ -158,12 +172,13 @@ fn time_copy(source: &Path, target: &Path) -> anyhow::Result<Duration> {
 async fn time_blockferry(
     source: &Path,
     data: &Path,
-    io_engine: IoEngine,
+    options: ReceiverOptions,
 ) -> anyhow::Result<Duration> {
     let _ = std::fs::remove_dir_all(data);
     let mut config = ReceiverConfig::new(data);
     config.listen = "127.0.0.1:0".parse()?;
-    config.io_engine = io_engine;
+    config.io_engine = options.io_engine;
+    config.barrier_interval = options.barrier_interval;
     let receiver = Receiver::start(config).await?;
     let creds_dir = data.join("agent-credentials");
     blockferry_receiver::pki::write_agent_credentials(
