@@ -4,6 +4,7 @@
 
 mod agent;
 pub mod credentials;
+pub mod dirty;
 pub mod inventory;
 mod progress;
 pub mod resources;
