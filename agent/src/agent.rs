@@ -20,6 +20,8 @@ pub struct AgentConfig {
     pub credentials: Credentials,
     pub exit_when_synced: bool,
     pub progress: ProgressMode,
+    /// Streams (TLS connections) to open, 1 to 5; the receiver may grant fewer.
+    pub streams: u8,
     /// First reconnect delay; doubles up to `max_backoff`.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
@@ -32,6 +34,7 @@ impl AgentConfig {
             credentials,
             exit_when_synced: false,
             progress: ProgressMode::Quiet,
+            streams: 4,
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
         }

@@ -43,6 +43,10 @@ enum Command {
         /// Progress display: auto (bar on a terminal, log lines otherwise), log, quiet.
         #[arg(long, default_value = "auto", value_parser = parse_progress)]
         progress: ProgressMode,
+        /// TLS connections to the receiver, 1 to 5; every block always travels on the
+        /// same one. The receiver may grant fewer.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=5))]
+        streams: u8,
     },
 }
 
@@ -85,6 +89,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             disks,
             exit_when_synced,
             progress,
+            streams,
         } => {
             let credentials = Credentials::load(&credentials)
                 .with_context(|| format!("loading credentials from {}", credentials.display()))?;
@@ -92,6 +97,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let mut config = AgentConfig::new(receiver, credentials);
             config.exit_when_synced = exit_when_synced;
             config.progress = progress;
+            config.streams = streams;
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone());
             let agent = Agent::new(&volumes);

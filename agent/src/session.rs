@@ -5,10 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockferry_proto::limits::MAX_WRITE_DATA;
 use blockferry_proto::{
-    Barrier, ErrorCode, ErrorFrame, Frame, FrameBuffer, Goodbye, Heartbeat, Hello, SyncProgress,
-    Welcome, WriteFlags, WriteHeader, encode_write,
+    Barrier, ErrorCode, ErrorFrame, Frame, FrameBuffer, Goodbye, Heartbeat, Hello, JoinStream,
+    SyncProgress, Welcome, WriteFlags, WriteHeader, encode_write,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -116,15 +115,69 @@ enum Event {
     Broken(String),
 }
 
+/// One stream's sending side: encoded frames go to a task that owns the TLS writer, so
+/// that each stream encrypts on its own core.
+struct StreamSender {
+    frames: mpsc::Sender<Vec<u8>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Encoded frames queued per stream: with 1 MiB chunks, at most this many MiB per stream.
+const STREAM_QUEUE: usize = 4;
+
+impl StreamSender {
+    fn start(
+        mut writer: WriteHalf<TlsStream<TcpStream>>,
+        index: u8,
+        events: mpsc::Sender<Event>,
+        stats: Arc<AgentStats>,
+    ) -> Self {
+        let (frames, mut queue) = mpsc::channel::<Vec<u8>>(STREAM_QUEUE);
+        let task = tokio::spawn(async move {
+            while let Some(bytes) = queue.recv().await {
+                let written = tokio::time::timeout(STALL_TIMEOUT, writer.write_all(&bytes)).await;
+                match written {
+                    Ok(Ok(())) => {
+                        stats
+                            .wire_bytes
+                            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok(Err(err)) => {
+                        let _ = events
+                            .send(Event::Broken(format!(
+                                "stream {index}: write failed: {err}"
+                            )))
+                            .await;
+                        return;
+                    }
+                    Err(_) => {
+                        let _ = events
+                            .send(Event::Broken(format!(
+                                "stream {index}: the receiver accepted no data for {STALL_TIMEOUT:?}"
+                            )))
+                            .await;
+                        return;
+                    }
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(5), writer.shutdown()).await;
+        });
+        Self { frames, task }
+    }
+}
+
 pub(crate) struct Session<'a> {
     config: &'a AgentConfig,
     volumes: &'a [Volume],
     stats: &'a Arc<AgentStats>,
-    writer: WriteHalf<TlsStream<TcpStream>>,
+    streams: Vec<StreamSender>,
     events: mpsc::Receiver<Event>,
-    out: Vec<u8>,
+    events_tx: mpsc::Sender<Event>,
+    readers: Vec<tokio::task::JoinHandle<()>>,
+    /// The last epoch closed by a barrier; writes carry `epoch + 1`.
     epoch: u64,
     durable_epoch: u64,
+    barriers_sent: u64,
     bytes_since_barrier: u64,
     heartbeat_every: Duration,
     last_heartbeat: Instant,
@@ -140,18 +193,24 @@ pub(crate) async fn run(
     shutdown: &CancellationToken,
 ) -> Result<Outcome, SessionError> {
     let stream = connect(&config.receiver, &config.credentials).await?;
-    let (reader, writer) = tokio::io::split(stream);
     let (events_tx, events) = mpsc::channel(256);
-    let reader_task = tokio::spawn(read_frames(reader, events_tx));
+    let (reader, writer) = tokio::io::split(stream);
     let mut session = Session {
         config,
         volumes,
         stats,
-        writer,
+        streams: vec![StreamSender::start(
+            writer,
+            0,
+            events_tx.clone(),
+            Arc::clone(stats),
+        )],
+        readers: vec![tokio::spawn(read_frames(reader, events_tx.clone()))],
         events,
-        out: Vec::with_capacity(MAX_WRITE_DATA as usize + 64),
+        events_tx,
         epoch: 0,
         durable_epoch: 0,
+        barriers_sent: 0,
         bytes_since_barrier: 0,
         heartbeat_every: Duration::from_secs(5),
         last_heartbeat: Instant::now(),
@@ -163,16 +222,18 @@ pub(crate) async fn run(
     let result = match session.drive().await {
         Err(SessionError::Stopping) => {
             let _ = session
-                .send(&Frame::Goodbye(Goodbye {
-                    message: "agent stopping".into(),
-                }))
+                .send(
+                    0,
+                    &Frame::Goodbye(Goodbye {
+                        message: "agent stopping".into(),
+                    }),
+                )
                 .await;
             Ok(Outcome::Shutdown)
         }
         other => other,
     };
-    let _ = session.writer.shutdown().await;
-    reader_task.abort();
+    session.close().await;
     result
 }
 
@@ -201,6 +262,17 @@ async fn connect(
     })
 }
 
+/// The stream a block group travels on: a fixed function of disk and 1 MiB group, so
+/// every write of a block always takes the same stream (invariant 2).
+pub fn stream_for(disk: u16, offset: u64, streams: usize) -> usize {
+    let group = offset >> 20;
+    let mut x = (u64::from(disk) << 48) ^ group;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    (x % streams.max(1) as u64) as usize
+}
+
 impl Session<'_> {
     async fn drive(&mut self) -> Result<Outcome, SessionError> {
         let hello = Hello {
@@ -214,8 +286,9 @@ impl Session<'_> {
                     size: v.size,
                 })
                 .collect(),
+            streams: self.config.streams,
         };
-        self.send(&Frame::Hello(hello)).await?;
+        self.send(0, &Frame::Hello(hello)).await?;
         let welcome = tokio::select! {
             () = self.shutdown.cancelled() => return Err(SessionError::Stopping),
             welcome = tokio::time::timeout(WELCOME_TIMEOUT, self.events.recv()) => welcome,
@@ -227,9 +300,12 @@ impl Session<'_> {
             Ok(None) => return Err(broken("the connection closed before Welcome")),
         };
         self.check_welcome(&welcome)?;
+        self.epoch = welcome.next_epoch.saturating_sub(1);
+        self.durable_epoch = self.epoch;
         self.heartbeat_every =
             Duration::from_millis(u64::from(welcome.settings.heartbeat_interval_ms.max(500)));
         let barrier_interval = welcome.settings.barrier_interval.max(1 << 20);
+        self.join_streams(&welcome).await?;
         self.stats
             .sessions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -245,13 +321,14 @@ impl Session<'_> {
                 disk = %volume.name,
                 from = resume.sync_watermark,
                 size = volume.size,
+                streams = self.streams.len(),
                 "initial sync"
             );
             self.sync_disk(disk, volume, resume.sync_watermark, barrier_interval)
                 .await?;
         }
         // Every byte is sent; the sync is complete once the last barrier is durable.
-        if self.bytes_since_barrier > 0 || self.epoch == 0 {
+        if self.bytes_since_barrier > 0 || self.barriers_sent == 0 {
             self.barrier(Vec::new()).await?;
         }
         while self.durable_epoch < self.epoch {
@@ -263,9 +340,12 @@ impl Session<'_> {
             .store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!("every disk's initial sync is durable at the receiver");
         if self.config.exit_when_synced {
-            self.send(&Frame::Goodbye(Goodbye {
-                message: "initial sync complete".into(),
-            }))
+            self.send(
+                0,
+                &Frame::Goodbye(Goodbye {
+                    message: "initial sync complete".into(),
+                }),
+            )
             .await?;
             return Ok(Outcome::Synced);
         }
@@ -284,6 +364,36 @@ impl Session<'_> {
         }
     }
 
+    /// Opens the streams the receiver granted beyond the first.
+    async fn join_streams(&mut self, welcome: &Welcome) -> Result<(), SessionError> {
+        let granted = welcome
+            .settings
+            .max_streams
+            .clamp(1, blockferry_proto::limits::MAX_STREAMS)
+            .min(self.config.streams.max(1));
+        for index in 1..granted {
+            let stream = connect(&self.config.receiver, &self.config.credentials).await?;
+            let (reader, writer) = tokio::io::split(stream);
+            self.readers
+                .push(tokio::spawn(read_frames(reader, self.events_tx.clone())));
+            self.streams.push(StreamSender::start(
+                writer,
+                index,
+                self.events_tx.clone(),
+                Arc::clone(self.stats),
+            ));
+            self.send(
+                usize::from(index),
+                &Frame::JoinStream(JoinStream {
+                    session_id: welcome.session_id,
+                    stream_index: index,
+                }),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     fn check_welcome(&self, welcome: &Welcome) -> Result<(), SessionError> {
         if welcome.disks.len() != self.volumes.len() {
             return Err(SessionError::Protocol(format!(
@@ -299,6 +409,11 @@ impl Session<'_> {
                     d.name, d.size, d.sync_watermark, v.name, v.size
                 )));
             }
+        }
+        if welcome.next_epoch == 0 {
+            return Err(SessionError::Protocol(
+                "Welcome names epoch 0 as the next epoch".into(),
+            ));
         }
         Ok(())
     }
@@ -323,6 +438,9 @@ impl Session<'_> {
                 disk: volume.name.clone(),
                 source,
             })?;
+            // One chunk is one block group: all its frames go out together, on its stream.
+            let mut out = Vec::with_capacity(data.len() + 256);
+            let (mut payload, mut zero_fill) = (0u64, 0u64);
             for (at, len, zero) in zero_runs(&data) {
                 let header = WriteHeader {
                     disk,
@@ -335,20 +453,25 @@ impl Session<'_> {
                     len: u32::try_from(len).expect("chunks are at most MAX_WRITE_DATA"),
                     epoch: self.epoch + 1,
                 };
-                self.out.clear();
                 encode_write(
-                    &mut self.out,
+                    &mut out,
                     &header,
                     if zero { &[] } else { &data[at..at + len] },
                 );
-                self.write_out().await?;
-                let counter = if zero {
-                    &self.stats.zero_fill_bytes
+                if zero {
+                    zero_fill += len as u64;
                 } else {
-                    &self.stats.payload_bytes
-                };
-                counter.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+                    payload += len as u64;
+                }
             }
+            let stream = stream_for(disk, offset, self.streams.len());
+            self.send_bytes(stream, out).await?;
+            self.stats
+                .payload_bytes
+                .fetch_add(payload, std::sync::atomic::Ordering::Relaxed);
+            self.stats
+                .zero_fill_bytes
+                .fetch_add(zero_fill, std::sync::atomic::Ordering::Relaxed);
             let end = offset + data.len() as u64;
             self.stats.set_position(usize::from(disk), end);
             self.bytes_since_barrier += data.len() as u64;
@@ -367,35 +490,43 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Closes the current epoch. Waits first if too many barriers are unacknowledged, so
-    /// that a broken connection never loses more than a few intervals of work.
+    /// Closes the current epoch with a barrier on every stream. Waits first if too many
+    /// barriers are unacknowledged, so that a broken connection never loses more than a
+    /// few intervals of work.
     async fn barrier(&mut self, sync_progress: Vec<SyncProgress>) -> Result<(), SessionError> {
         while self.epoch - self.durable_epoch >= MAX_UNACKED_BARRIERS {
             let event = self.next_event().await?;
             self.on_event(event)?;
         }
         self.epoch += 1;
+        self.barriers_sent += 1;
         self.bytes_since_barrier = 0;
         for p in &sync_progress {
             self.stats
                 .pending_watermark(self.epoch, usize::from(p.disk), p.watermark);
         }
-        self.send(&Frame::Barrier(Barrier {
-            epoch: self.epoch,
-            sync_progress,
-        }))
-        .await
+        // The progress claim rides on the first stream; the receiver merges the
+        // barriers of all streams into one consistent point.
+        let mut progress = Some(sync_progress);
+        for stream in 0..self.streams.len() {
+            let frame = Frame::Barrier(Barrier {
+                epoch: self.epoch,
+                sync_progress: progress.take().unwrap_or_default(),
+            });
+            self.send(stream, &frame).await?;
+        }
+        Ok(())
     }
 
     async fn heartbeat(&mut self) -> Result<(), SessionError> {
         self.last_heartbeat = Instant::now();
         let sample = self.sampler.sample();
-        self.send(&Frame::Heartbeat(Heartbeat {
+        let frame = Frame::Heartbeat(Heartbeat {
             cpu_permille: sample.cpu_permille,
             rss_bytes: sample.rss_bytes,
             backlog_bytes: self.stats.backlog_bytes(),
-        }))
-        .await
+        });
+        self.send(0, &frame).await
     }
 
     fn poll_events(&mut self) -> Result<(), SessionError> {
@@ -425,8 +556,11 @@ impl Session<'_> {
                         self.epoch
                     )));
                 }
-                self.durable_epoch = self.durable_epoch.max(epoch);
-                self.stats.durable_through(epoch);
+                // Every stream hears of each durable epoch; the first word is enough.
+                if epoch > self.durable_epoch {
+                    self.durable_epoch = epoch;
+                    self.stats.durable_through(epoch);
+                }
                 Ok(())
             }
             other => self.ended(other).map(drop),
@@ -451,36 +585,53 @@ impl Session<'_> {
         }
     }
 
-    async fn send(&mut self, frame: &Frame) -> Result<(), SessionError> {
-        self.out.clear();
-        frame.encode(&mut self.out);
-        self.write_out().await
+    async fn send(&mut self, stream: usize, frame: &Frame) -> Result<(), SessionError> {
+        let mut out = Vec::new();
+        frame.encode(&mut out);
+        self.send_bytes(stream, out).await
     }
 
-    async fn write_out(&mut self) -> Result<(), SessionError> {
-        let written = tokio::time::timeout(STALL_TIMEOUT, self.writer.write_all(&self.out))
-            .await
-            .unwrap_or_else(|_| {
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the receiver accepted no data for 120 s",
-                ))
-            });
-        if let Err(err) = written {
-            // The receiver may have said why before closing; prefer its reason.
-            let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
-            while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.events.recv()).await
-            {
-                if !matches!(event, Event::Durable(_)) {
-                    return self.ended(event).map(drop);
+    async fn send_bytes(&mut self, stream: usize, bytes: Vec<u8>) -> Result<(), SessionError> {
+        let sent = tokio::select! {
+            () = self.shutdown.cancelled() => return Err(SessionError::Stopping),
+            sent = tokio::time::timeout(STALL_TIMEOUT, self.streams[stream].frames.send(bytes)) => sent,
+        };
+        match sent {
+            Ok(Ok(())) => Ok(()),
+            Err(_) => Err(SessionError::Timeout("the receiver to accept data")),
+            // The stream's writer stopped: the receiver may have said why; prefer its
+            // reason over "broken pipe".
+            Ok(Err(_)) => {
+                let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+                let mut broken_reason = None;
+                while let Ok(Some(event)) =
+                    tokio::time::timeout_at(deadline, self.events.recv()).await
+                {
+                    match event {
+                        Event::Durable(_) => {}
+                        Event::Broken(why) => broken_reason = Some(why),
+                        other => return self.ended(other).map(drop),
+                    }
                 }
+                Err(broken(
+                    &broken_reason.unwrap_or_else(|| format!("stream {stream} closed")),
+                ))
             }
-            return Err(SessionError::Connection(err));
         }
-        self.stats
-            .wire_bytes
-            .fetch_add(self.out.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
+    }
+
+    /// Lets every stream write out what is queued (a Goodbye included) and close.
+    async fn close(self) {
+        let Self {
+            streams, readers, ..
+        } = self;
+        for stream in streams {
+            drop(stream.frames);
+            let _ = tokio::time::timeout(Duration::from_secs(5), stream.task).await;
+        }
+        for reader in readers {
+            reader.abort();
+        }
     }
 }
 
@@ -531,5 +682,26 @@ async fn read_frames(mut reader: ReadHalf<TlsStream<TcpStream>>, events: mpsc::S
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_groups_spread_over_streams_and_stay_put() {
+        let mut counts = [0usize; 4];
+        for group in 0..4000u64 {
+            let s = stream_for(1, group << 20, 4);
+            assert_eq!(
+                s,
+                stream_for(1, (group << 20) + 4096, 4),
+                "same group, same stream"
+            );
+            counts[s] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 800), "uneven spread: {counts:?}");
+        assert!((0..100).all(|g| stream_for(0, g << 20, 1) == 0));
     }
 }

@@ -56,6 +56,28 @@ fn bad_arguments_are_refused_with_a_reason() {
         "{stderr}"
     );
 
+    // At most five streams.
+    let out = agent()
+        .args([
+            "run",
+            "--receiver",
+            "x:1",
+            "--credentials",
+            "/tmp",
+            "--disk",
+            "/dev/null",
+            "--streams",
+            "6",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("1..=5"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // --disk is required.
     let out = agent()
         .args(["run", "--receiver", "x:1", "--credentials", "/tmp"])

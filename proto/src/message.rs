@@ -87,6 +87,9 @@ pub struct Hello {
     /// The disks this agent replicates; a disk's position here is its `disk` index in
     /// every later frame of the session. At most [`MAX_DISKS`].
     pub disks: Vec<DiskSpec>,
+    /// Streams (TCP connections) the agent would like for this session; the receiver
+    /// grants at most [`crate::limits::MAX_STREAMS`] in [`Settings::max_streams`].
+    pub streams: u8,
 }
 
 /// What the agent found on its source server.
@@ -120,6 +123,9 @@ pub struct DiskSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Welcome {
     pub session_id: [u8; 16],
+    /// The epoch of the session's first barrier: epochs continue across sessions, so a
+    /// server's consistent points are numbered once and for all.
+    pub next_epoch: u64,
     pub settings: Settings,
     /// One entry per disk of the Hello, in the same order.
     pub disks: Vec<DiskResume>,
@@ -554,6 +560,7 @@ impl Hello {
             out.put_str(ip, MAX_STRING_LEN);
         }
         put_disks(out, &self.disks, MAX_DISKS);
+        out.put_u8(self.streams);
     }
 
     fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
@@ -579,6 +586,7 @@ impl Hello {
             agent_version,
             inventory,
             disks,
+            streams: r.u8("streams")?,
         })
     }
 }
@@ -607,6 +615,7 @@ fn get_disks(
 impl Welcome {
     fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.session_id);
+        out.put_u64(self.next_epoch);
         let s = &self.settings;
         out.put_u64(s.bandwidth_limit);
         out.put_u8(s.max_streams);
@@ -626,6 +635,7 @@ impl Welcome {
     fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         Ok(Self {
             session_id: r.bytes16("session_id")?,
+            next_epoch: r.u64("next_epoch")?,
             settings: Settings {
                 bandwidth_limit: r.u64("bandwidth_limit")?,
                 max_streams: r.u8("max_streams")?,

@@ -26,9 +26,11 @@ fn sample_frames() -> Vec<Frame> {
             agent_version: "0.1.0".into(),
             disks: inventory.disks.clone(),
             inventory,
+            streams: 4,
         }),
         Frame::Welcome(Welcome {
             session_id: [7; 16],
+            next_epoch: 12,
             settings: Settings {
                 bandwidth_limit: 0,
                 max_streams: 4,
@@ -258,8 +260,9 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         proptest::collection::vec(arb_disk(), 0..4),
         proptest::collection::vec(arb_string(40), 0..4),
         proptest::collection::vec(arb_disk(), 0..4),
+        any::<u8>(),
     )
-        .prop_map(|(v, host, id, cpus, ram, inv_disks, ips, disks)| {
+        .prop_map(|(v, host, id, cpus, ram, inv_disks, ips, disks, streams)| {
             Frame::Hello(Hello {
                 agent_version: v,
                 inventory: Inventory {
@@ -275,16 +278,18 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                     private_ips: ips,
                 },
                 disks,
+                streams,
             })
         });
     let welcome = (
-        any::<[u8; 16]>(),
+        any::<([u8; 16], u64)>(),
         any::<(u64, u8, u32, u32, u64, u32)>(),
         proptest::collection::vec((arb_disk(), any::<u64>(), any::<u8>()), 0..4),
     )
-        .prop_map(|(session_id, s, disks)| {
+        .prop_map(|((session_id, next_epoch), s, disks)| {
             Frame::Welcome(Welcome {
                 session_id,
+                next_epoch,
                 settings: Settings {
                     bandwidth_limit: s.0,
                     max_streams: s.1,

@@ -70,8 +70,12 @@ pub struct ServerRecord {
     /// Unix seconds.
     pub first_seen: u64,
     pub last_seen: u64,
-    /// Highest epoch made durable for this server.
+    /// The server's consistent epoch: the highest epoch made durable on all of its
+    /// streams and disks. Epochs continue across sessions.
     pub durable_epoch: u64,
+    /// Unix milliseconds when `durable_epoch` became durable (0: never).
+    #[serde(default)]
+    pub consistent_at_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -204,16 +208,18 @@ impl Catalog {
     }
 
     /// Records a new session of `identity`: the server's inventory, and each disk of the
-    /// Hello, created or resumed. Returns the disks in Hello order. A disk whose size
-    /// changed starts its initial sync again into the resized image.
+    /// Hello, created or resumed. Returns the server's consistent epoch and the disks in
+    /// Hello order. A disk whose size changed starts its initial sync again into the
+    /// resized image.
     pub fn register_session(
         &self,
         identity: &AgentIdentity,
         hello: &Hello,
         images_dir: &Path,
-    ) -> Result<Vec<DiskRecord>, CatalogError> {
+    ) -> Result<(u64, Vec<DiskRecord>), CatalogError> {
         let txn = self.db.begin_write()?;
         let mut disks_out = Vec::with_capacity(hello.disks.len());
+        let durable_epoch;
         {
             let mut servers = txn.open_table(SERVERS)?;
             let now = now();
@@ -229,7 +235,9 @@ impl Catalog {
                 first_seen: previous.as_ref().map_or(now, |p| p.first_seen),
                 last_seen: now,
                 durable_epoch: previous.as_ref().map_or(0, |p| p.durable_epoch),
+                consistent_at_ms: previous.as_ref().map_or(0, |p| p.consistent_at_ms),
             };
+            durable_epoch = record.durable_epoch;
             servers.insert(identity.server_id.as_str(), encode(&record).as_slice())?;
 
             let mut disks = txn.open_table(DISKS)?;
@@ -275,7 +283,7 @@ impl Catalog {
             }
         }
         txn.commit()?;
-        Ok(disks_out)
+        Ok((durable_epoch, disks_out))
     }
 
     /// Records that `epoch` is durable for `server_id`, with the initial-sync progress the
@@ -296,6 +304,7 @@ impl Catalog {
             };
             if let Some(mut server) = server {
                 server.durable_epoch = server.durable_epoch.max(epoch);
+                server.consistent_at_ms = now_ms();
                 servers.insert(server_id, encode(&server).as_slice())?;
             }
             let mut disks = txn.open_table(DISKS)?;
@@ -389,6 +398,12 @@ fn decode<T: for<'de> Deserialize<'de>>(key: &str, raw: &[u8]) -> Result<T, Cata
         key: key.to_owned(),
         source,
     })
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 pub(crate) fn now() -> u64 {

@@ -47,6 +47,9 @@ pub enum Command {
         /// Agents send a barrier (flush + durable watermark) after this many MiB.
         #[arg(long, default_value_t = 16)]
         barrier_interval_mib: u64,
+        /// Streams (TLS connections) granted to one agent, 1 to 5.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8).range(1..=5))]
+        max_streams: u8,
     },
     /// Provision agents offline.
     #[command(subcommand)]
@@ -100,6 +103,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             io_engine,
             writer_threads,
             barrier_interval_mib,
+            max_streams,
         } => {
             if barrier_interval_mib == 0 {
                 bail!("--barrier-interval-mib must be at least 1");
@@ -109,6 +113,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             config.io_engine = io_engine;
             config.writer_threads = writer_threads.max(1);
             config.barrier_interval = barrier_interval_mib << 20;
+            config.max_streams = max_streams;
             let receiver = Receiver::start(config).await?;
             wait_for_signal().await;
             tracing::info!("shutting down: finishing sessions");

@@ -7,6 +7,7 @@ mod apply;
 pub mod catalog;
 pub mod cli;
 pub mod demo;
+mod gate;
 pub mod pki;
 mod registry;
 mod server;

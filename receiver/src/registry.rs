@@ -3,17 +3,20 @@
 //! before it starts writing the same staging disks.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use uuid::Uuid;
 
 use crate::pki::AgentIdentity;
+use crate::session::Session;
 
 #[derive(Debug, Default)]
 pub(crate) struct SessionRegistry {
     live: Mutex<HashMap<String, LiveSession>>,
+    /// Sessions that streams may join, by session id.
+    joinable: Mutex<HashMap<Uuid, Weak<Session>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -75,6 +78,25 @@ impl SessionRegistry {
     /// Whether a session of `server_id` is live.
     pub(crate) fn is_connected(&self, server_id: &str) -> bool {
         lock(&self.live).contains_key(server_id)
+    }
+
+    /// Lets streams join `session` by its id.
+    pub(crate) fn publish(&self, session: &Arc<Session>) {
+        lock(&self.joinable).insert(session.id, Arc::downgrade(session));
+    }
+
+    pub(crate) fn unpublish(&self, id: Uuid) {
+        lock(&self.joinable).remove(&id);
+    }
+
+    pub(crate) fn find(&self, id: Uuid) -> Option<Arc<Session>> {
+        lock(&self.joinable).get(&id).and_then(Weak::upgrade)
+    }
+
+    /// The live session of `server_id`, once it has been published.
+    pub(crate) fn session_of(&self, server_id: &str) -> Option<Arc<Session>> {
+        let id = lock(&self.live).get(server_id)?.id;
+        self.find(id)
     }
 }
 

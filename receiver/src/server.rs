@@ -45,6 +45,8 @@ pub struct ReceiverConfig {
     /// Agents send a barrier after at most this many bytes; smaller means less to resend
     /// after a broken connection, larger means fewer flushes.
     pub barrier_interval: u64,
+    /// Streams (TCP connections) granted to one agent session, 1 to 5.
+    pub max_streams: u8,
     /// Bytes of writes in flight per session.
     pub session_in_flight: u32,
     /// Bytes of writes in flight across all sessions; must be at least
@@ -60,6 +62,7 @@ impl ReceiverConfig {
             io_engine: IoEngine::Auto,
             writer_threads: 1,
             barrier_interval: 16 << 20,
+            max_streams: blockferry_proto::limits::MAX_STREAMS,
             session_in_flight: 64 << 20,
             global_in_flight: 1 << 30,
         }
@@ -172,6 +175,7 @@ impl Receiver {
             engine,
             images_dir: data_dir.join("images"),
             settings: SessionSettings {
+                max_streams: config.max_streams,
                 barrier_interval: config.barrier_interval,
                 in_flight_budget: config.session_in_flight,
                 heartbeat_interval: Duration::from_secs(5),

@@ -8,13 +8,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use blockferry_proto::limits::{MAX_STREAMS, MAX_WRITE_DATA};
 use blockferry_proto::{
-    Barrier, DiskResume, Durable, ErrorCode, ErrorFrame, Frame, FrameBuffer, Goodbye, Hello,
-    Settings, Welcome, Write, WriteFlags,
+    Barrier, DiskResume, Durable, ErrorCode, ErrorFrame, Frame, FrameBuffer, Goodbye, Heartbeat,
+    Hello, JoinStream, Settings, Welcome, Write, WriteFlags,
 };
 use blockferry_storage::{BlockStore, Engine, FileStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -22,10 +23,13 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
+use uuid::Uuid;
 
 use crate::apply::{ApplyPipeline, StagingDisk};
-use crate::catalog::{Catalog, DurableEvidence};
+use crate::catalog::{Catalog, DurableEvidence, now_ms};
+use crate::gate::{EpochGate, Sealed};
 use crate::pki::{AgentIdentity, validate_name};
 use crate::registry::SessionRegistry;
 
@@ -36,9 +40,11 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Frames queued for the writer task.
 const OUTGOING_QUEUE: usize = 64;
-/// Barriers received but not yet durable. A full queue stops the reader: an agent that
-/// sends barriers faster than the disks can flush is slowed down, not buffered.
+/// Epochs sealed but not yet durable. A full queue stops the readers: an agent that
+/// closes epochs faster than the disks can flush is slowed down, not buffered.
 const BARRIER_QUEUE: usize = 64;
+/// How long a stream waits at a barrier for the session's other streams.
+const BARRIER_WAIT: Duration = Duration::from_secs(60);
 
 /// What every session of a receiver shares.
 #[derive(Debug)]
@@ -55,6 +61,8 @@ pub(crate) struct SessionContext {
 
 #[derive(Debug, Clone)]
 pub(crate) struct SessionSettings {
+    /// Streams granted to a session at most (never more than MAX_STREAMS).
+    pub(crate) max_streams: u8,
     pub(crate) barrier_interval: u64,
     pub(crate) in_flight_budget: u32,
     pub(crate) heartbeat_interval: Duration,
@@ -71,6 +79,10 @@ enum SessionError {
     Unsupported(String),
     #[error("staging storage failed: {0}")]
     Storage(String),
+    #[error("not authorized: {0}")]
+    NotAuthorized(String),
+    #[error("limit exceeded: {0}")]
+    Limit(String),
     #[error("connection failed")]
     Connection(#[from] std::io::Error),
     #[error("no Hello within {0:?}")]
@@ -86,6 +98,8 @@ impl SessionError {
             Self::OutOfRange(_) => Some(ErrorCode::OUT_OF_RANGE),
             Self::Unsupported(_) => Some(ErrorCode::UNSUPPORTED),
             Self::Storage(_) => Some(ErrorCode::STORAGE),
+            Self::NotAuthorized(_) => Some(ErrorCode::NOT_AUTHORIZED),
+            Self::Limit(_) => Some(ErrorCode::LIMIT),
             Self::Connection(_) | Self::Idle(_) => None,
         }
     }
@@ -132,40 +146,111 @@ pub(crate) async fn serve(
     .await;
 }
 
+async fn first_frame(reader: &mut FrameReader) -> Result<Option<Frame>, SessionError> {
+    match tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await {
+        Err(_) => Err(SessionError::HelloTimeout(HELLO_TIMEOUT)),
+        Ok(frame) => frame,
+    }
+}
+
 async fn run(
     ctx: &Arc<SessionContext>,
     reader: &mut FrameReader,
     outgoing: &mpsc::Sender<Frame>,
     identity: &AgentIdentity,
 ) -> Result<&'static str, SessionError> {
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await {
-        Err(_) => return Err(SessionError::HelloTimeout(HELLO_TIMEOUT)),
-        Ok(frame) => match frame? {
-            Some(Frame::Hello(hello)) => hello,
-            Some(other) => {
-                return Err(SessionError::Protocol(format!(
-                    "expected Hello, got {}",
-                    other.kind()
-                )));
-            }
-            None => return Ok("the agent closed the connection before Hello"),
-        },
-    };
+    match first_frame(reader).await? {
+        Some(Frame::Hello(hello)) => run_primary(ctx, reader, outgoing, identity, hello).await,
+        Some(Frame::JoinStream(join)) => run_joined(ctx, reader, outgoing, identity, join).await,
+        Some(other) => Err(SessionError::Protocol(format!(
+            "expected Hello or JoinStream, got {}",
+            other.kind()
+        ))),
+        None => Ok("the agent closed the connection before Hello"),
+    }
+}
+
+/// State shared by the streams of one session.
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub(crate) id: Uuid,
+    identity: AgentIdentity,
+    pipeline: Arc<ApplyPipeline>,
+    gate: EpochGate,
+    /// Streams granted in Welcome (the first one included).
+    streams: u8,
+    /// Bit i: stream i has joined.
+    joined: Mutex<u8>,
+    /// Each joined stream's outgoing queue, for Durable.
+    outgoing: Mutex<Vec<mpsc::Sender<Frame>>>,
+    /// Cancelled when any stream ends: a session is whole or it is over.
+    end: CancellationToken,
+    /// The joined streams (not the first), so that teardown waits for them.
+    joined_streams: TaskTracker,
+    barriers: Mutex<Option<mpsc::Sender<Sealed>>>,
+    started_at_ms: u64,
+    /// (epoch, unix ms) of the newest consistent point made durable.
+    consistent: Mutex<(u64, u64)>,
+    /// Sequence number of the last write covered by a sealed epoch.
+    sealed_through: AtomicU64,
+    last_heartbeat: Mutex<Option<Heartbeat>>,
+}
+
+/// What `status` shows of a live session.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LiveView {
+    pub(crate) streams: u8,
+    pub(crate) lag_seconds: f64,
+}
+
+impl Session {
+    pub(crate) fn live_view(&self) -> LiveView {
+        let pending = self.pipeline.last_submitted() > self.sealed_through.load(Ordering::Relaxed)
+            || lock(&self.last_heartbeat).is_some_and(|hb| hb.backlog_bytes > 0);
+        let (_, at_ms) = *lock(&self.consistent);
+        let since = if at_ms > 0 { at_ms } else { self.started_at_ms };
+        LiveView {
+            streams: u8::try_from(lock(&self.joined).count_ones()).unwrap_or(u8::MAX),
+            lag_seconds: if pending {
+                now_ms().saturating_sub(since) as f64 / 1000.0
+            } else {
+                0.0
+            },
+        }
+    }
+
+    /// Sends Durable for `epoch` on every stream that is still up.
+    async fn broadcast(&self, frame: Frame) {
+        let senders: Vec<_> = lock(&self.outgoing).clone();
+        for sender in senders {
+            let _ = sender.send(frame.clone()).await;
+        }
+    }
+}
+
+async fn run_primary(
+    ctx: &Arc<SessionContext>,
+    reader: &mut FrameReader,
+    outgoing: &mpsc::Sender<Frame>,
+    identity: &AgentIdentity,
+    hello: Hello,
+) -> Result<&'static str, SessionError> {
     validate_hello(&hello)?;
     tracing::info!(
         host = %hello.inventory.host_name,
         agent_version = %hello.agent_version,
         disks = hello.disks.len(),
+        streams = hello.streams,
         "agent connected"
     );
 
     // One session per source server: a newer one replaces the old, after the old one has
     // finished its in-flight writes, so that two sessions never write the same blocks.
-    let session = ctx.registry.claim(identity).await;
+    let guard = ctx.registry.claim(identity).await;
 
     let catalog = Arc::clone(&ctx.catalog);
     let (identity_c, hello_c, images) = (identity.clone(), hello.clone(), ctx.images_dir.clone());
-    let records = tokio::task::spawn_blocking(move || {
+    let (durable_epoch, records) = tokio::task::spawn_blocking(move || {
         catalog.register_session(&identity_c, &hello_c, &images)
     })
     .await
@@ -179,19 +264,39 @@ async fn run(
         })?;
         disks.push(Arc::new(StagingDisk::new(record.name.clone(), store)));
     }
-    let pipeline = Arc::new(ApplyPipeline::new(
-        disks,
-        ctx.settings.in_flight_budget,
-        Arc::clone(&ctx.global_budget),
-    ));
+    let streams = hello
+        .streams
+        .clamp(1, ctx.settings.max_streams.clamp(1, MAX_STREAMS));
+    let next_epoch = durable_epoch + 1;
+    let (barriers, barrier_queue) = mpsc::channel(BARRIER_QUEUE);
+    let session = Arc::new(Session {
+        id: guard.id(),
+        identity: identity.clone(),
+        pipeline: Arc::new(ApplyPipeline::new(
+            disks,
+            ctx.settings.in_flight_budget,
+            Arc::clone(&ctx.global_budget),
+        )),
+        gate: EpochGate::new(streams, next_epoch),
+        streams,
+        joined: Mutex::new(1),
+        outgoing: Mutex::new(vec![outgoing.clone()]),
+        end: CancellationToken::new(),
+        joined_streams: TaskTracker::new(),
+        barriers: Mutex::new(Some(barriers)),
+        started_at_ms: now_ms(),
+        consistent: Mutex::new((durable_epoch, 0)),
+        sealed_through: AtomicU64::new(0),
+        last_heartbeat: Mutex::new(None),
+    });
     let disk_names: Vec<String> = records.iter().map(|r| r.name.clone()).collect();
 
     let welcome = Welcome {
-        session_id: *session.id().as_bytes(),
+        session_id: *session.id.as_bytes(),
+        next_epoch,
         settings: Settings {
             bandwidth_limit: 0,
-            // Multi-stream sessions come with continuous replication; until then one.
-            max_streams: 1.min(MAX_STREAMS),
+            max_streams: streams,
             block_size: 4096,
             alignment: 4096,
             barrier_interval: ctx.settings.barrier_interval,
@@ -218,31 +323,22 @@ async fn run(
             "disk resumes"
         );
     }
+    ctx.registry.publish(&session);
     send(outgoing, Frame::Welcome(welcome)).await?;
 
-    let session_end = CancellationToken::new();
-    let (barriers, barrier_queue) = mpsc::channel(BARRIER_QUEUE);
     let worker = tokio::spawn(
         barrier_worker(
             barrier_queue,
-            Arc::clone(&pipeline),
+            Arc::clone(&session),
             Arc::clone(&ctx.catalog),
-            identity.server_id.clone(),
-            outgoing.clone(),
-            session_end.clone(),
         )
         .in_current_span(),
     );
 
-    let result = stream_frames(
-        ctx,
-        reader,
-        &pipeline,
-        &barriers,
-        session.cancelled(),
-        &session_end,
-    )
-    .await;
+    let result = tokio::select! {
+        result = stream_frames(ctx, reader, &session, 0) => result,
+        () = guard.cancelled() => Ok(End::Replaced),
+    };
     match &result {
         Ok(End::Shutdown) => {
             let _ = outgoing.try_send(Frame::Error(ErrorFrame {
@@ -258,65 +354,83 @@ async fn run(
         _ => {}
     }
 
-    // Teardown: barriers already received are still made durable (their writes have
-    // arrived), then every write completes before the disks are handed to a successor.
-    drop(barriers);
+    // Teardown: every stream stops, epochs already sealed are still made durable (their
+    // writes have arrived), then every write completes before the disks are handed to a
+    // successor.
+    session.end.cancel();
+    ctx.registry.unpublish(session.id);
+    session.joined_streams.close();
+    session.joined_streams.wait().await;
+    lock(&session.barriers).take();
     let worker_result = worker.await.unwrap_or(Ok(()));
-    pipeline.wait_through(pipeline.last_submitted()).await;
+    session
+        .pipeline
+        .wait_through(session.pipeline.last_submitted())
+        .await;
     let catalog = Arc::clone(&ctx.catalog);
     let server_id = identity.server_id.clone();
     let _ = tokio::task::spawn_blocking(move || {
         catalog.mark_disconnected(&server_id, &disk_names, "session_ended")
     })
     .await;
-    drop(session);
+    drop(guard);
     let end = result?;
     worker_result?;
     Ok(end.describe())
 }
 
-/// How a session's stream of frames ended, when it ended without an error.
-#[derive(Debug, Clone, Copy)]
-enum End {
-    AgentClosed,
-    Goodbye,
-    AgentError,
-    Shutdown,
-    Replaced,
-}
-
-impl End {
-    fn describe(self) -> &'static str {
-        match self {
-            Self::AgentClosed => "the agent closed the connection",
-            Self::Goodbye => "the agent said goodbye",
-            Self::AgentError => "the agent reported an error",
-            Self::Shutdown => "the receiver is shutting down",
-            Self::Replaced => "replaced by a newer session of the same server",
-        }
+/// An additional stream of a live session.
+async fn run_joined(
+    ctx: &Arc<SessionContext>,
+    reader: &mut FrameReader,
+    outgoing: &mpsc::Sender<Frame>,
+    identity: &AgentIdentity,
+    join: JoinStream,
+) -> Result<&'static str, SessionError> {
+    let id = Uuid::from_bytes(join.session_id);
+    let session = ctx.registry.find(id).ok_or_else(|| {
+        SessionError::Protocol(format!(
+            "JoinStream names session {id}, which does not exist (any more)"
+        ))
+    })?;
+    if session.identity != *identity {
+        return Err(SessionError::NotAuthorized(format!(
+            "JoinStream for session {id} of server {} by agent {} of server {}",
+            session.identity.server_id, identity.agent_id, identity.server_id
+        )));
     }
+    let index = join.stream_index;
+    {
+        let mut joined = lock(&session.joined);
+        if index == 0 || index >= session.streams || *joined & (1 << index) != 0 {
+            return Err(SessionError::Limit(format!(
+                "stream {index} refused: session {id} was granted {} streams (at most {MAX_STREAMS}), numbered 1 to {} beyond the first, each joining once",
+                session.streams,
+                session.streams - 1
+            )));
+        }
+        *joined |= 1 << index;
+        lock(&session.outgoing).push(outgoing.clone());
+    }
+    let _tracked = session.joined_streams.token();
+    tracing::info!(stream = index, "stream joined");
+    let result = stream_frames(ctx, reader, &session, index).await;
+    session.end.cancel();
+    result.map(End::describe)
 }
 
 async fn stream_frames(
     ctx: &SessionContext,
     reader: &mut FrameReader,
-    pipeline: &ApplyPipeline,
-    barriers: &mpsc::Sender<PendingBarrier>,
-    replaced: tokio_util::sync::WaitForCancellationFuture<'_>,
-    session_end: &CancellationToken,
+    session: &Session,
+    stream: u8,
 ) -> Result<End, SessionError> {
-    tokio::pin!(replaced);
+    let pipeline = &session.pipeline;
     loop {
         let frame = tokio::select! {
             biased;
             () = ctx.shutdown.cancelled() => return Ok(End::Shutdown),
-            () = &mut replaced => return Ok(End::Replaced),
-            () = session_end.cancelled() => {
-                // The barrier worker failed; it has sent the Error frame.
-                return Err(SessionError::Storage(
-                    pipeline.failure().unwrap_or_else(|| "flush or catalog commit failed".into()),
-                ));
-            }
+            () = session.end.cancelled() => return Ok(End::SessionEnded),
             frame = tokio::time::timeout(IDLE_TIMEOUT, reader.next()) => {
                 frame.map_err(|_| SessionError::Idle(IDLE_TIMEOUT))??
             }
@@ -328,15 +442,42 @@ async fn stream_frames(
                 pipeline.submit(write.header, write.data).await;
             }
             Some(Frame::Barrier(barrier)) => {
-                let pending = validate_barrier(pipeline, barrier)?;
-                let pending = PendingBarrier {
-                    through: pipeline.last_submitted(),
-                    ..pending
-                };
-                barriers
-                    .send(pending)
-                    .await
-                    .map_err(|_| SessionError::Storage("barrier worker stopped".into()))?;
+                let epoch = barrier.epoch;
+                let progress = validate_barrier(pipeline, &barrier)?;
+                let through = pipeline.last_submitted();
+                let sealed = session
+                    .gate
+                    .arrive(stream, epoch, through, &progress)
+                    .map_err(|e| SessionError::Protocol(e.to_string()))?;
+                if let Some(sealed) = sealed {
+                    // Every write of the epoch, on every stream, completes before any
+                    // write of the next one is read (invariant 3).
+                    pipeline.wait_through(sealed.through).await;
+                    session
+                        .sealed_through
+                        .store(sealed.through, Ordering::Relaxed);
+                    session.gate.mark_applied(epoch);
+                    let queue = lock(&session.barriers).clone();
+                    match queue {
+                        Some(queue) => {
+                            if queue.send(sealed).await.is_err() {
+                                return Ok(End::SessionEnded);
+                            }
+                        }
+                        None => return Ok(End::SessionEnded),
+                    }
+                } else {
+                    tokio::select! {
+                        () = session.gate.wait_applied(epoch) => {}
+                        () = ctx.shutdown.cancelled() => return Ok(End::Shutdown),
+                        () = session.end.cancelled() => return Ok(End::SessionEnded),
+                        () = tokio::time::sleep(BARRIER_WAIT) => {
+                            return Err(SessionError::Protocol(format!(
+                                "the other streams did not deliver barrier {epoch} within {BARRIER_WAIT:?}"
+                            )));
+                        }
+                    }
+                }
             }
             Some(Frame::Heartbeat(hb)) => {
                 tracing::debug!(
@@ -345,6 +486,7 @@ async fn stream_frames(
                     backlog = hb.backlog_bytes,
                     "heartbeat"
                 );
+                *lock(&session.last_heartbeat) = Some(hb);
             }
             Some(Frame::Goodbye(bye)) => {
                 tracing::info!(message = %bye.message, "agent said goodbye");
@@ -369,6 +511,31 @@ async fn stream_frames(
                     other.kind()
                 )));
             }
+        }
+    }
+}
+
+/// How a stream ended, when it ended without an error.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    AgentClosed,
+    Goodbye,
+    AgentError,
+    Shutdown,
+    Replaced,
+    /// Another stream of the session ended, or a flush failed.
+    SessionEnded,
+}
+
+impl End {
+    fn describe(self) -> &'static str {
+        match self {
+            Self::AgentClosed => "the agent closed the connection",
+            Self::Goodbye => "the agent said goodbye",
+            Self::AgentError => "the agent reported an error",
+            Self::Shutdown => "the receiver is shutting down",
+            Self::Replaced => "replaced by a newer session of the same server",
+            Self::SessionEnded => "another stream of the session ended",
         }
     }
 }
@@ -428,76 +595,65 @@ fn validate_write(pipeline: &ApplyPipeline, write: &Write) -> Result<(), Session
     }
 }
 
-#[derive(Debug)]
-struct PendingBarrier {
-    epoch: u64,
-    /// Sequence number of the last write before the barrier.
-    through: u64,
-    /// (disk name, claimed initial-sync watermark).
-    progress: Vec<(String, u64)>,
-}
-
 fn validate_barrier(
     pipeline: &ApplyPipeline,
-    barrier: Barrier,
-) -> Result<PendingBarrier, SessionError> {
-    let mut progress = Vec::with_capacity(barrier.sync_progress.len());
-    for p in barrier.sync_progress {
-        let disk = pipeline.disks().get(usize::from(p.disk)).ok_or_else(|| {
-            SessionError::Protocol(format!(
-                "barrier names disk index {}, which does not exist",
-                p.disk
-            ))
-        })?;
-        if p.watermark > disk.store.size() {
-            return Err(SessionError::OutOfRange(format!(
-                "barrier claims a watermark of {} on disk {}, beyond its size of {}",
-                p.watermark,
-                disk.name,
-                disk.store.size()
-            )));
-        }
-        progress.push((disk.name.clone(), p.watermark));
-    }
-    Ok(PendingBarrier {
-        epoch: barrier.epoch,
-        through: 0,
-        progress,
-    })
+    barrier: &Barrier,
+) -> Result<Vec<(u16, u64)>, SessionError> {
+    barrier
+        .sync_progress
+        .iter()
+        .map(|p| {
+            let disk = pipeline.disks().get(usize::from(p.disk)).ok_or_else(|| {
+                SessionError::Protocol(format!(
+                    "barrier names disk index {}, which does not exist",
+                    p.disk
+                ))
+            })?;
+            if p.watermark > disk.store.size() {
+                return Err(SessionError::OutOfRange(format!(
+                    "barrier claims a watermark of {} on disk {}, beyond its size of {}",
+                    p.watermark,
+                    disk.name,
+                    disk.store.size()
+                )));
+            }
+            Ok((p.disk, p.watermark))
+        })
+        .collect()
 }
 
+/// Makes each sealed (and applied) epoch durable, in order, then tells every stream.
 async fn barrier_worker(
-    mut queue: mpsc::Receiver<PendingBarrier>,
-    pipeline: Arc<ApplyPipeline>,
+    mut queue: mpsc::Receiver<Sealed>,
+    session: Arc<Session>,
     catalog: Arc<Catalog>,
-    server_id: String,
-    outgoing: mpsc::Sender<Frame>,
-    session_end: CancellationToken,
 ) -> Result<(), SessionError> {
-    while let Some(barrier) = queue.recv().await {
-        let result = make_durable(&pipeline, &catalog, &server_id, &barrier).await;
-        if let Err(err) = result {
-            session_end.cancel();
+    while let Some(sealed) = queue.recv().await {
+        if let Err(err) = make_durable(&session, &catalog, &sealed).await {
+            session.end.cancel();
             return Err(err);
         }
-        // The connection may already be gone: the watermark is recorded either way.
-        let _ = outgoing
-            .send(Frame::Durable(Durable {
-                epoch: barrier.epoch,
+        *lock(&session.consistent) = (sealed.epoch, now_ms());
+        // A stream may already be gone: the consistent point is recorded either way.
+        session
+            .broadcast(Frame::Durable(Durable {
+                epoch: sealed.epoch,
             }))
             .await;
     }
     Ok(())
 }
 
-/// Data first, then the metadata that points at it.
+/// Data first, then the metadata that points at it: the epoch's writes have completed
+/// (the gate waited for them), every staging store is flushed, and only then is the
+/// consistent point committed.
 async fn make_durable(
-    pipeline: &ApplyPipeline,
+    session: &Session,
     catalog: &Arc<Catalog>,
-    server_id: &str,
-    barrier: &PendingBarrier,
+    sealed: &Sealed,
 ) -> Result<(), SessionError> {
-    pipeline.wait_through(barrier.through).await;
+    let pipeline = &session.pipeline;
+    pipeline.wait_through(sealed.through).await;
     if let Some(failure) = pipeline.failure() {
         return Err(SessionError::Storage(failure));
     }
@@ -506,12 +662,13 @@ async fn make_durable(
         .await
         .map_err(|e| SessionError::Storage(error_chain(&e)))?;
     let evidence = DurableEvidence::new(flushed);
+    let progress: Vec<(String, u64)> = sealed
+        .progress
+        .iter()
+        .map(|&(disk, watermark)| (pipeline.disks()[usize::from(disk)].name.clone(), watermark))
+        .collect();
     let catalog = Arc::clone(catalog);
-    let (server_id, epoch, progress) = (
-        server_id.to_owned(),
-        barrier.epoch,
-        barrier.progress.clone(),
-    );
+    let (server_id, epoch) = (session.identity.server_id.clone(), sealed.epoch);
     tokio::task::spawn_blocking(move || {
         catalog.record_durable(evidence, &server_id, epoch, &progress)
     })
@@ -578,6 +735,10 @@ async fn write_frames(mut half: WriteHalf<TlsStream<TcpStream>>, mut queue: mpsc
         }
     }
     let _ = half.shutdown().await;
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
 async fn send(outgoing: &mpsc::Sender<Frame>, frame: Frame) -> Result<(), SessionError> {

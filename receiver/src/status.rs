@@ -9,27 +9,36 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::{Catalog, CatalogError, InventoryRecord};
 use crate::registry::SessionRegistry;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StatusReport {
     pub servers: Vec<ServerStatus>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ServerStatus {
     pub server_id: String,
     pub agent_id: String,
     pub agent_version: String,
     /// Whether a session is live now (always false when read without a running receiver).
     pub connected: bool,
+    /// Streams (TLS connections) of the live session; 0 when not connected.
+    pub streams: u8,
     /// Unix seconds.
     pub first_seen: u64,
     pub last_seen: u64,
+    /// The consistent epoch: every write of every epoch up to it is durable on all of
+    /// the server's disks, a crash-consistent point.
     pub durable_epoch: u64,
+    /// Unix seconds when `durable_epoch` became durable (0: never).
+    pub consistent_at: u64,
+    /// Age in seconds of the newest consistent point while changes are pending, 0 when
+    /// nothing is pending; null when not connected (the receiver cannot know).
+    pub lag_seconds: Option<f64>,
     pub inventory: InventoryRecord,
     pub disks: Vec<DiskStatus>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DiskStatus {
     pub name: String,
     pub size: u64,
@@ -49,27 +58,34 @@ impl StatusReport {
         let servers = catalog
             .servers()?
             .into_iter()
-            .map(|(server, disks)| ServerStatus {
-                connected: live.is_some_and(|r| r.is_connected(&server.server_id)),
-                disks: disks
-                    .into_iter()
-                    .map(|d| DiskStatus {
-                        replicated_bytes: d.sync_watermark,
-                        sync_watermark: d.sync_watermark,
-                        image: d.image.display().to_string(),
-                        name: d.name,
-                        size: d.size,
-                        state: d.state,
-                        reason: d.reason,
-                    })
-                    .collect(),
-                server_id: server.server_id,
-                agent_id: server.agent_id,
-                agent_version: server.agent_version,
-                first_seen: server.first_seen,
-                last_seen: server.last_seen,
-                durable_epoch: server.durable_epoch,
-                inventory: server.inventory,
+            .map(|(server, disks)| {
+                let session = live.and_then(|r| r.session_of(&server.server_id));
+                let view = session.as_ref().map(|s| s.live_view());
+                ServerStatus {
+                    connected: live.is_some_and(|r| r.is_connected(&server.server_id)),
+                    streams: view.map_or(0, |v| v.streams),
+                    lag_seconds: view.map(|v| v.lag_seconds),
+                    consistent_at: server.consistent_at_ms / 1000,
+                    disks: disks
+                        .into_iter()
+                        .map(|d| DiskStatus {
+                            replicated_bytes: d.sync_watermark,
+                            sync_watermark: d.sync_watermark,
+                            image: d.image.display().to_string(),
+                            name: d.name,
+                            size: d.size,
+                            state: d.state,
+                            reason: d.reason,
+                        })
+                        .collect(),
+                    server_id: server.server_id,
+                    agent_id: server.agent_id,
+                    agent_version: server.agent_version,
+                    first_seen: server.first_seen,
+                    last_seen: server.last_seen,
+                    durable_epoch: server.durable_epoch,
+                    inventory: server.inventory,
+                }
             })
             .collect();
         Ok(Self { servers })

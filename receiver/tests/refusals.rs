@@ -143,6 +143,7 @@ fn hello(disk_size: u64) -> Frame {
             name: "d".into(),
             size: disk_size,
         }],
+        streams: 1,
     })
 }
 

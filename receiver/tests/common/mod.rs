@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use blockferry_agent::{Agent, AgentConfig, AgentReport, Credentials, Volume};
@@ -103,8 +103,9 @@ pub fn assert_identical(source: &Path, staging: &Path) {
     );
 }
 
-/// A loopback TCP proxy to `target` that, once, drops both sides of the first connection
-/// after forwarding `cut_after` bytes from client to server. Later connections pass.
+/// A loopback TCP proxy to `target` that, once, drops every connection it carries as
+/// soon as `cut_after` bytes in all have gone from clients to the server (an agent's
+/// streams break together, as when a network link goes down). Later connections pass.
 pub struct CutProxy {
     pub addr: SocketAddr,
     pub cuts: Arc<AtomicU64>,
@@ -115,7 +116,8 @@ impl CutProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cuts = Arc::new(AtomicU64::new(0));
-        let armed = Arc::new(AtomicBool::new(true));
+        let forwarded = Arc::new(AtomicU64::new(0));
+        let cut = CancellationToken::new();
         let cuts_task = Arc::clone(&cuts);
         tokio::spawn(async move {
             loop {
@@ -125,12 +127,9 @@ impl CutProxy {
                 let Ok(server) = TcpStream::connect(target).await else {
                     continue;
                 };
-                let limit = if armed.swap(false, Ordering::SeqCst) {
-                    Some(cut_after)
-                } else {
-                    None
-                };
-                let cuts = Arc::clone(&cuts_task);
+                let armed = !cut.is_cancelled();
+                let (cut, cuts, forwarded) =
+                    (cut.clone(), Arc::clone(&cuts_task), Arc::clone(&forwarded));
                 tokio::spawn(async move {
                     let (mut cr, mut cw) = client.into_split();
                     let (mut sr, mut sw) = server.into_split();
@@ -138,20 +137,27 @@ impl CutProxy {
                         let _ = tokio::io::copy(&mut sr, &mut cw).await;
                     });
                     let mut buf = vec![0u8; 64 << 10];
-                    let mut forwarded = 0u64;
                     loop {
-                        let n = match cr.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
+                        let n = tokio::select! {
+                            () = cut.cancelled(), if armed => break,
+                            read = cr.read(&mut buf) => match read {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            },
                         };
-                        if limit.is_some_and(|limit| forwarded + n as u64 >= limit) {
-                            cuts.fetch_add(1, Ordering::SeqCst);
-                            break;
+                        if armed {
+                            let total = forwarded.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+                            if total >= cut_after {
+                                if !cut.is_cancelled() {
+                                    cuts.fetch_add(1, Ordering::SeqCst);
+                                    cut.cancel();
+                                }
+                                break;
+                            }
                         }
                         if sw.write_all(&buf[..n]).await.is_err() {
                             break;
                         }
-                        forwarded += n as u64;
                     }
                     down.abort();
                 });
@@ -159,4 +165,60 @@ impl CutProxy {
         });
         Self { addr, cuts }
     }
+}
+
+/// A raw protocol client: one TLS stream speaking frames, for tests that play a
+/// misbehaving or hand-driven agent.
+pub struct RawStream {
+    stream: tokio_rustls::client::TlsStream<TcpStream>,
+    buf: blockferry_proto::FrameBuffer,
+}
+
+impl RawStream {
+    pub async fn connect(addr: SocketAddr, credentials: &Credentials) -> Self {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let connector = tokio_rustls::TlsConnector::from(Arc::clone(&credentials.client_config));
+        let stream = connector
+            .connect(Credentials::server_name(), tcp)
+            .await
+            .unwrap();
+        Self {
+            stream,
+            buf: blockferry_proto::FrameBuffer::new(),
+        }
+    }
+
+    pub async fn send(&mut self, frame: &blockferry_proto::Frame) {
+        self.stream.write_all(&frame.to_bytes()).await.unwrap();
+        self.stream.flush().await.unwrap();
+    }
+
+    /// The next frame, or None if the receiver closed the stream (or said nothing for 10 s).
+    pub async fn next(&mut self) -> Option<blockferry_proto::Frame> {
+        loop {
+            if let Ok(Some(frame)) = self.buf.next_frame() {
+                return Some(frame);
+            }
+            let read =
+                tokio::time::timeout(Duration::from_secs(10), self.stream.read(self.buf.spare()))
+                    .await;
+            match read {
+                Ok(Ok(n)) if n > 0 => self.buf.filled(n),
+                _ => return None,
+            }
+        }
+    }
+}
+
+/// A Hello for one disk named `d` of `size` bytes.
+pub fn raw_hello(size: u64, streams: u8) -> blockferry_proto::Frame {
+    blockferry_proto::Frame::Hello(blockferry_proto::Hello {
+        agent_version: "raw".into(),
+        inventory: blockferry_proto::Inventory::default(),
+        disks: vec![blockferry_proto::DiskSpec {
+            name: "d".into(),
+            size,
+        }],
+        streams,
+    })
 }
