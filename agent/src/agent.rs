@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::capture::{Capture, DEFAULT_BUFFER};
 use crate::credentials::Credentials;
 use crate::progress::{Progress, ProgressMode};
 use crate::session::{self, Outcome, SessionError};
@@ -144,17 +145,30 @@ pub enum AgentError {
 #[derive(Debug, Clone)]
 pub struct Agent {
     stats: Arc<AgentStats>,
+    capture: Capture,
 }
 
 impl Agent {
+    /// An agent for `volumes` with the default capture buffer.
     pub fn new(volumes: &[Volume]) -> Self {
+        Self::with_buffer(volumes, DEFAULT_BUFFER)
+    }
+
+    /// An agent whose capture buffer holds at most `buffer_bytes` of changes.
+    pub fn with_buffer(volumes: &[Volume], buffer_bytes: usize) -> Self {
         Self {
             stats: Arc::new(AgentStats::new(volumes)),
+            capture: Capture::new(volumes, buffer_bytes),
         }
     }
 
     pub fn stats(&self) -> &Arc<AgentStats> {
         &self.stats
+    }
+
+    /// The in-process write capture: writes through it reach the volume and the receiver.
+    pub fn capture(&self) -> &Capture {
+        &self.capture
     }
 
     /// Replicates `volumes` until shut down, or until synced with `exit_when_synced`.
@@ -170,7 +184,15 @@ impl Agent {
         let mut backoff = config.initial_backoff;
         let result = loop {
             let sessions_before = self.stats.sessions.load(Ordering::Relaxed);
-            match session::run(config, volumes, &self.stats, &shutdown).await {
+            match session::run(
+                config,
+                volumes,
+                &self.stats,
+                self.capture.shared(),
+                &shutdown,
+            )
+            .await
+            {
                 Ok(outcome @ (Outcome::Synced | Outcome::Shutdown)) => break Ok(outcome),
                 Ok(Outcome::Closed(why)) => tracing::info!(%why, "session closed; reconnecting"),
                 Err(SessionError::Stopping) => break Ok(Outcome::Shutdown),

@@ -3,6 +3,7 @@
 //! Embedded by the receiver's `demo`, by end-to-end tests and by the load generator.
 
 mod agent;
+pub mod capture;
 pub mod credentials;
 pub mod dirty;
 pub mod inventory;
@@ -12,6 +13,7 @@ mod session;
 pub mod volume;
 
 pub use agent::{Agent, AgentConfig, AgentError, AgentReport, AgentStats};
+pub use capture::{Capture, CaptureError};
 pub use credentials::{Credentials, CredentialsError};
 pub use progress::ProgressMode;
 pub use session::{Outcome, SessionError};

@@ -2,6 +2,7 @@
 //! disk from the watermark the receiver reported, with barriers, until every disk is
 //! durable at the receiver.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,9 +17,11 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{AgentConfig, AgentStats};
+use crate::capture::CaptureShared;
 use crate::credentials::Credentials;
 use crate::resources::ProcessSampler;
-use crate::volume::{Volume, zero_runs};
+use crate::volume::CHUNK;
+use crate::volume::{ChunkReader, Volume, zero_runs};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
@@ -27,6 +30,9 @@ const MAX_UNACKED_BARRIERS: u64 = 2;
 /// A receiver that neither answers nor accepts data for this long is treated as a broken
 /// connection, and the agent reconnects.
 const STALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// Captured changes sent between two initial-sync chunks: changes go first, but the sync
+/// is never starved.
+const CHANGE_BATCH: u64 = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -170,6 +176,11 @@ pub(crate) struct Session<'a> {
     config: &'a AgentConfig,
     volumes: &'a [Volume],
     stats: &'a Arc<AgentStats>,
+    capture: &'a Arc<CaptureShared>,
+    /// Bytes of captured changes sent since the last barrier.
+    changes_since_barrier: u64,
+    /// (epoch, capture write sequence) of consistent barriers not yet durable.
+    covers: VecDeque<(u64, u64)>,
     streams: Vec<StreamSender>,
     events: mpsc::Receiver<Event>,
     events_tx: mpsc::Sender<Event>,
@@ -190,6 +201,7 @@ pub(crate) async fn run(
     config: &AgentConfig,
     volumes: &[Volume],
     stats: &Arc<AgentStats>,
+    capture: &Arc<CaptureShared>,
     shutdown: &CancellationToken,
 ) -> Result<Outcome, SessionError> {
     let stream = connect(&config.receiver, &config.credentials).await?;
@@ -199,6 +211,9 @@ pub(crate) async fn run(
         config,
         volumes,
         stats,
+        capture,
+        changes_since_barrier: 0,
+        covers: VecDeque::new(),
         streams: vec![StreamSender::start(
             writer,
             0,
@@ -234,6 +249,8 @@ pub(crate) async fn run(
         other => other,
     };
     session.close().await;
+    // Changes sent in this session but not durable are changes again.
+    capture.session_ended();
     result
 }
 
@@ -310,58 +327,241 @@ impl Session<'_> {
             .sessions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 
+        let capture = Arc::clone(self.capture);
+        let mut to_sync = VecDeque::new();
         for (index, (volume, resume)) in self.volumes.iter().zip(&welcome.disks).enumerate() {
-            let disk = u16::try_from(index).expect("at most MAX_DISKS volumes");
             self.stats.set_durable(index, resume.sync_watermark);
             self.stats.set_position(index, resume.sync_watermark);
-            if resume.sync_watermark >= volume.size {
+            // Writes below the sync cursor are changes; at or above it, the sync reads them.
+            capture.set_cursor(index, resume.sync_watermark);
+            if resume.sync_watermark < volume.size {
+                // Changes above the watermark wait for the sync to send past them.
+                capture.set_sync_sent(index, resume.sync_watermark);
+                to_sync.push_back((index, resume.sync_watermark));
+            } else {
+                capture.set_sync_sent(index, u64::MAX);
+            }
+        }
+        let mut syncing: Option<(usize, ChunkReader)> = None;
+        // The epoch of the last initial-sync barrier: the sync is complete once it is
+        // durable.
+        let mut last_sync_epoch = self.epoch;
+        let mut synced = false;
+        loop {
+            // Registered first, so that a write landing during this iteration wakes the
+            // wait at its end.
+            let changed = capture.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            self.poll_events()?;
+            if self.last_heartbeat.elapsed() >= self.heartbeat_every {
+                self.heartbeat().await?;
+            }
+
+            // Changes first: they are what the lag is made of.
+            let shipped = self.ship_changes(CHANGE_BATCH).await?;
+
+            if syncing.is_none()
+                && let Some((disk, start)) = to_sync.pop_front()
+            {
+                let volume = &self.volumes[disk];
+                tracing::info!(
+                    disk = %volume.name,
+                    from = start,
+                    size = volume.size,
+                    streams = self.streams.len(),
+                    "initial sync"
+                );
+                let cursor_capture = Arc::clone(&capture);
+                let reader =
+                    volume.read_from(start, move |end| cursor_capture.set_cursor(disk, end));
+                syncing = Some((disk, reader));
+            }
+            if let Some((disk, reader)) = &mut syncing {
+                let disk = *disk;
+                let chunk = tokio::select! {
+                    () = self.shutdown.cancelled() => return Err(SessionError::Stopping),
+                    chunk = reader.recv() => chunk,
+                };
+                match chunk {
+                    Some(chunk) => {
+                        if self.ship_sync_chunk(disk, chunk, barrier_interval).await? {
+                            last_sync_epoch = self.epoch;
+                        }
+                    }
+                    None => {
+                        capture.set_sync_sent(disk, u64::MAX);
+                        syncing = None;
+                    }
+                }
                 continue;
             }
-            tracing::info!(
-                disk = %volume.name,
-                from = resume.sync_watermark,
-                size = volume.size,
-                streams = self.streams.len(),
-                "initial sync"
-            );
-            self.sync_disk(disk, volume, resume.sync_watermark, barrier_interval)
-                .await?;
-        }
-        // Every byte is sent; the sync is complete once the last barrier is durable.
-        if self.bytes_since_barrier > 0 || self.barriers_sent == 0 {
-            self.barrier(Vec::new()).await?;
-        }
-        while self.durable_epoch < self.epoch {
-            let event = self.next_event().await?;
-            self.on_event(event)?;
-        }
-        self.stats
-            .synced
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!("every disk's initial sync is durable at the receiver");
-        if self.config.exit_when_synced {
-            self.send(
-                0,
-                &Frame::Goodbye(Goodbye {
-                    message: "initial sync complete".into(),
-                }),
-            )
-            .await?;
-            return Ok(Outcome::Synced);
-        }
-        // Continuous capture arrives with the write-capture sources; until then the
-        // session stays up, heartbeating, so the receiver shows the server connected.
-        loop {
-            let event = tokio::select! {
+
+            if !synced && self.durable_epoch >= last_sync_epoch {
+                synced = true;
+                self.stats
+                    .synced
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!("every disk's initial sync is durable at the receiver");
+            }
+            // Continuous replication: an epoch closes whenever the dirty map drains, which
+            // makes it a crash-consistent point.
+            let mut barrier_sent = false;
+            if let Some((write_seq, flush)) = capture.quiescent() {
+                let due = self.changes_since_barrier > 0 || flush;
+                if due && synced && self.epoch - self.durable_epoch < MAX_UNACKED_BARRIERS {
+                    self.barrier(Vec::new()).await?;
+                    self.changes_since_barrier = 0;
+                    self.covers.push_back((self.epoch, write_seq));
+                    barrier_sent = true;
+                } else if due && synced {
+                    // Too many barriers in flight: ask again once one is acknowledged.
+                    capture.request_flush();
+                }
+                if synced
+                    && self.config.exit_when_synced
+                    && !due
+                    && self.durable_epoch == self.epoch
+                    && capture.backlog_bytes() == 0
+                {
+                    self.send(
+                        0,
+                        &Frame::Goodbye(Goodbye {
+                            message: "initial sync complete".into(),
+                        }),
+                    )
+                    .await?;
+                    return Ok(Outcome::Synced);
+                }
+            }
+            if shipped > 0 || barrier_sent {
+                continue;
+            }
+            tokio::select! {
                 () = self.shutdown.cancelled() => return Err(SessionError::Stopping),
-                event = tokio::time::timeout(self.heartbeat_every, self.events.recv()) => event,
-            };
-            match event {
-                Err(_) => self.heartbeat().await?,
-                Ok(Some(event)) => self.on_event(event)?,
-                Ok(None) => return Err(broken("the connection closed")),
+                () = &mut changed => {}
+                event = tokio::time::timeout(self.heartbeat_every, self.events.recv()) => match event {
+                    Err(_) => {}
+                    Ok(Some(event)) => self.on_event(event)?,
+                    Ok(None) => return Err(broken("the connection closed")),
+                },
             }
         }
+    }
+
+    /// Sends up to `limit` bytes of captured changes; returns the bytes sent.
+    async fn ship_changes(&mut self, limit: u64) -> Result<u64, SessionError> {
+        let capture = Arc::clone(self.capture);
+        let mut shipped = 0;
+        while shipped < limit {
+            let Some(run) = capture.take_run(CHUNK as u64, self.epoch + 1) else {
+                break;
+            };
+            let data = match run.data {
+                Some(data) => data,
+                None => {
+                    let reader = Arc::clone(&capture);
+                    let (disk, offset, len) = (run.disk, run.offset, run.len);
+                    tokio::task::spawn_blocking(move || reader.read_volume(disk, offset, len))
+                        .await
+                        .map_err(|e| broken(&e.to_string()))?
+                        .map_err(|source| SessionError::Volume {
+                            disk: self.volumes[disk].name.clone(),
+                            source,
+                        })?
+                }
+            };
+            // A run may cross block groups; each piece goes on its group's stream.
+            let disk = u16::try_from(run.disk).expect("at most MAX_DISKS volumes");
+            let mut at = 0usize;
+            while at < data.len() {
+                let offset = run.offset + at as u64;
+                let group_end = (offset / CHUNK as u64 + 1) * CHUNK as u64;
+                let piece = ((group_end - offset) as usize).min(data.len() - at);
+                self.ship_piece(disk, offset, &data[at..at + piece], WriteFlags::default())
+                    .await?;
+                at += piece;
+            }
+            shipped += run.len;
+            self.changes_since_barrier += run.len;
+        }
+        Ok(shipped)
+    }
+
+    /// Sends one chunk of a disk's initial sync; returns whether a barrier followed it.
+    async fn ship_sync_chunk(
+        &mut self,
+        disk: usize,
+        chunk: std::io::Result<(u64, Vec<u8>)>,
+        barrier_interval: u64,
+    ) -> Result<bool, SessionError> {
+        let volume = &self.volumes[disk];
+        let (offset, data) = chunk.map_err(|source| SessionError::Volume {
+            disk: volume.name.clone(),
+            source,
+        })?;
+        let size = volume.size;
+        let disk16 = u16::try_from(disk).expect("at most MAX_DISKS volumes");
+        self.ship_piece(disk16, offset, &data, WriteFlags::INITIAL_SYNC)
+            .await?;
+        let end = offset + data.len() as u64;
+        self.capture.set_sync_sent(disk, end);
+        self.stats.set_position(disk, end);
+        self.bytes_since_barrier += data.len() as u64;
+        if self.bytes_since_barrier >= barrier_interval || end == size {
+            self.barrier(vec![SyncProgress {
+                disk: disk16,
+                watermark: end,
+            }])
+            .await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Sends `data` (within one block group) as write frames, zero runs as zero-fills,
+    /// on the group's stream.
+    async fn ship_piece(
+        &mut self,
+        disk: u16,
+        offset: u64,
+        data: &[u8],
+        flags: WriteFlags,
+    ) -> Result<(), SessionError> {
+        let mut out = Vec::with_capacity(data.len() + 256);
+        let (mut payload, mut zero_fill) = (0u64, 0u64);
+        for (at, len, zero) in zero_runs(data) {
+            let header = WriteHeader {
+                disk,
+                flags: if zero {
+                    flags | WriteFlags::ZERO_FILL
+                } else {
+                    flags
+                },
+                offset: offset + at as u64,
+                len: u32::try_from(len).expect("pieces are at most MAX_WRITE_DATA"),
+                epoch: self.epoch + 1,
+            };
+            encode_write(
+                &mut out,
+                &header,
+                if zero { &[] } else { &data[at..at + len] },
+            );
+            if zero {
+                zero_fill += len as u64;
+            } else {
+                payload += len as u64;
+            }
+        }
+        let stream = stream_for(disk, offset, self.streams.len());
+        self.send_bytes(stream, out).await?;
+        self.stats
+            .payload_bytes
+            .fetch_add(payload, std::sync::atomic::Ordering::Relaxed);
+        self.stats
+            .zero_fill_bytes
+            .fetch_add(zero_fill, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Opens the streams the receiver granted beyond the first.
@@ -418,78 +618,6 @@ impl Session<'_> {
         Ok(())
     }
 
-    async fn sync_disk(
-        &mut self,
-        disk: u16,
-        volume: &Volume,
-        start: u64,
-        barrier_interval: u64,
-    ) -> Result<(), SessionError> {
-        let mut chunks = volume.read_from(start);
-        loop {
-            let chunk = tokio::select! {
-                () = self.shutdown.cancelled() => return Err(SessionError::Stopping),
-                chunk = chunks.recv() => match chunk {
-                    Some(chunk) => chunk,
-                    None => break,
-                },
-            };
-            let (offset, data) = chunk.map_err(|source| SessionError::Volume {
-                disk: volume.name.clone(),
-                source,
-            })?;
-            // One chunk is one block group: all its frames go out together, on its stream.
-            let mut out = Vec::with_capacity(data.len() + 256);
-            let (mut payload, mut zero_fill) = (0u64, 0u64);
-            for (at, len, zero) in zero_runs(&data) {
-                let header = WriteHeader {
-                    disk,
-                    flags: if zero {
-                        WriteFlags::INITIAL_SYNC | WriteFlags::ZERO_FILL
-                    } else {
-                        WriteFlags::INITIAL_SYNC
-                    },
-                    offset: offset + at as u64,
-                    len: u32::try_from(len).expect("chunks are at most MAX_WRITE_DATA"),
-                    epoch: self.epoch + 1,
-                };
-                encode_write(
-                    &mut out,
-                    &header,
-                    if zero { &[] } else { &data[at..at + len] },
-                );
-                if zero {
-                    zero_fill += len as u64;
-                } else {
-                    payload += len as u64;
-                }
-            }
-            let stream = stream_for(disk, offset, self.streams.len());
-            self.send_bytes(stream, out).await?;
-            self.stats
-                .payload_bytes
-                .fetch_add(payload, std::sync::atomic::Ordering::Relaxed);
-            self.stats
-                .zero_fill_bytes
-                .fetch_add(zero_fill, std::sync::atomic::Ordering::Relaxed);
-            let end = offset + data.len() as u64;
-            self.stats.set_position(usize::from(disk), end);
-            self.bytes_since_barrier += data.len() as u64;
-            if self.bytes_since_barrier >= barrier_interval || end == volume.size {
-                self.barrier(vec![SyncProgress {
-                    disk,
-                    watermark: end,
-                }])
-                .await?;
-            }
-            self.poll_events()?;
-            if self.last_heartbeat.elapsed() >= self.heartbeat_every {
-                self.heartbeat().await?;
-            }
-        }
-        Ok(())
-    }
-
     /// Closes the current epoch with a barrier on every stream. Waits first if too many
     /// barriers are unacknowledged, so that a broken connection never loses more than a
     /// few intervals of work.
@@ -524,7 +652,7 @@ impl Session<'_> {
         let frame = Frame::Heartbeat(Heartbeat {
             cpu_permille: sample.cpu_permille,
             rss_bytes: sample.rss_bytes,
-            backlog_bytes: self.stats.backlog_bytes(),
+            backlog_bytes: self.stats.backlog_bytes() + self.capture.backlog_bytes(),
         });
         self.send(0, &frame).await
     }
@@ -560,6 +688,14 @@ impl Session<'_> {
                 if epoch > self.durable_epoch {
                     self.durable_epoch = epoch;
                     self.stats.durable_through(epoch);
+                    self.capture.durable_through(epoch);
+                    while let Some(&(e, write_seq)) = self.covers.front() {
+                        if e > epoch {
+                            break;
+                        }
+                        self.capture.writes_durable(write_seq);
+                        self.covers.pop_front();
+                    }
                 }
                 Ok(())
             }

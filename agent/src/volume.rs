@@ -15,6 +15,9 @@ pub const CHUNK: usize = blockferry_proto::limits::MAX_WRITE_DATA as usize;
 /// Chunks read ahead of the sender; bounds the reader's memory to this many MiB.
 const READ_AHEAD: usize = 4;
 
+/// Chunks of a volume as the reader thread delivers them: (offset, data).
+pub type ChunkReader = mpsc::Receiver<io::Result<(u64, Vec<u8>)>>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
     #[error("cannot open volume {path}")]
@@ -110,8 +113,9 @@ impl Volume {
     }
 
     /// Reads `[start, size)` in chunks aligned to [`CHUNK`] (the first one may be
-    /// shorter), on a blocking thread, a few chunks ahead of the consumer.
-    pub fn read_from(&self, start: u64) -> mpsc::Receiver<io::Result<(u64, Vec<u8>)>> {
+    /// shorter), on a blocking thread, a few chunks ahead of the consumer. `before_read`
+    /// is told the end of each chunk just before it is read.
+    pub fn read_from(&self, start: u64, before_read: impl Fn(u64) + Send + 'static) -> ChunkReader {
         let (tx, rx) = mpsc::channel(READ_AHEAD);
         let (file, size) = (Arc::clone(&self.file), self.size);
         tokio::task::spawn_blocking(move || {
@@ -119,6 +123,7 @@ impl Volume {
             while offset < size {
                 let next = ((offset / CHUNK as u64) + 1) * CHUNK as u64;
                 let len = (next.min(size) - offset) as usize;
+                before_read(offset + len as u64);
                 let mut buf = vec![0u8; len];
                 let result = file.read_exact_at(&mut buf, offset).map(|()| (offset, buf));
                 let failed = result.is_err();
