@@ -145,10 +145,27 @@ impl Capture {
             })?
     }
 
-    /// Makes every write captured so far durable: on the source volume (fdatasync) and
-    /// at the receiver, at a consistent point. Waits for the receiver, so it returns only
-    /// while an agent session is running and once every disk's initial sync is complete.
-    pub async fn flush(&self) -> Result<(), CaptureError> {
+    /// Makes `len` bytes at `offset` read as zeros on the source volume, and captures
+    /// that (the zeros travel as zero-fill frames without payload).
+    pub async fn write_zeroes(
+        &self,
+        disk: usize,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), CaptureError> {
+        let shared = Arc::clone(&self.shared);
+        tokio::task::spawn_blocking(move || shared.write_zeroes(disk, offset, len))
+            .await
+            .map_err(|e| CaptureError::Io {
+                disk: format!("#{disk}"),
+                source: io::Error::other(e),
+            })?
+    }
+
+    /// Syncs the source volumes (fdatasync) and asks the sender to close an epoch soon,
+    /// without waiting for the receiver. Returns the capture write sequence number that
+    /// [`Self::wait_durable`] can wait for.
+    pub async fn flush_local(&self) -> Result<u64, CaptureError> {
         let shared = Arc::clone(&self.shared);
         let target = tokio::task::spawn_blocking(move || shared.flush_local())
             .await
@@ -157,9 +174,28 @@ impl Capture {
                 source: io::Error::other(e),
             })??;
         self.shared.changed.notify_waiters();
+        Ok(target)
+    }
+
+    /// Waits until every capture write up to `write_seq` is durable at the receiver at a
+    /// consistent point.
+    pub async fn wait_durable(&self, write_seq: u64) {
         let mut durable = self.shared.durable_writes.subscribe();
-        let _ = durable.wait_for(|&d| d >= target).await;
+        let _ = durable.wait_for(|&d| d >= write_seq).await;
+    }
+
+    /// Makes every write captured so far durable: on the source volume (fdatasync) and
+    /// at the receiver, at a consistent point. Waits for the receiver, so it returns only
+    /// while an agent session is running and once every disk's initial sync is complete.
+    pub async fn flush(&self) -> Result<(), CaptureError> {
+        let target = self.flush_local().await?;
+        self.wait_durable(target).await;
         Ok(())
+    }
+
+    /// The disks, in the order their indices refer to.
+    pub fn volumes(&self) -> &[Volume] {
+        &self.shared.volumes
     }
 
     /// Bytes changed and not yet durable at the receiver (dirty, or sent and unacknowledged).
@@ -220,6 +256,46 @@ impl CaptureShared {
                 disk: volume.name.clone(),
                 source,
             })?;
+        self.record(disk, offset, len, Some(data));
+        Ok(())
+    }
+
+    fn write_zeroes(&self, disk: usize, offset: u64, len: u64) -> Result<(), CaptureError> {
+        let volume = self.volumes.get(disk).ok_or(CaptureError::NoSuchDisk {
+            disk,
+            count: self.volumes.len(),
+        })?;
+        if offset.checked_add(len).is_none_or(|end| end > volume.size) {
+            return Err(CaptureError::OutOfRange {
+                disk: volume.name.clone(),
+                offset,
+                len,
+                size: volume.size,
+            });
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let file = self.volume_file(disk)?;
+        let zeros = vec![0u8; (len.min(1 << 20)) as usize];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(zeros.len() as u64) as usize;
+            file.write_all_at(&zeros[..n], at)
+                .map_err(|source| CaptureError::Io {
+                    disk: volume.name.clone(),
+                    source,
+                })?;
+            at += n as u64;
+        }
+        self.record(disk, offset, len, None);
+        Ok(())
+    }
+
+    /// Marks a completed volume write dirty (below the sync cursor) and buffers whole
+    /// blocks of `data` while the buffer has room.
+    fn record(&self, disk: usize, offset: u64, len: u64, data: Option<&[u8]>) {
+        let size = self.volumes[disk].size;
         let mut state = self.lock();
         let cursor = state.cursors[disk];
         let end = offset + len;
@@ -229,13 +305,14 @@ impl CaptureShared {
             let first = offset / BLOCK;
             let last = (marked_end - 1) / BLOCK;
             for block in first..=last {
-                let (b_start, b_end) = (block * BLOCK, ((block + 1) * BLOCK).min(volume.size));
+                let (b_start, b_end) = (block * BLOCK, ((block + 1) * BLOCK).min(size));
                 let whole = b_start >= offset && b_end <= end;
                 let old = state.cache.remove(&(disk, block));
                 if let Some(old) = old {
                     state.cache_bytes -= old.len();
                 }
-                if whole && state.cache_bytes + (b_end - b_start) as usize <= self.buffer_limit {
+                let room = state.cache_bytes + (b_end - b_start) as usize <= self.buffer_limit;
+                if let (true, true, Some(data)) = (whole, room, data) {
                     let from = (b_start - offset) as usize;
                     let copy: Box<[u8]> = data[from..from + (b_end - b_start) as usize].into();
                     state.cache_bytes += copy.len();
@@ -246,7 +323,6 @@ impl CaptureShared {
         state.write_seq += 1;
         drop(state);
         self.changed.notify_waiters();
-        Ok(())
     }
 
     /// fdatasync of every volume written to; returns the write sequence it covers and

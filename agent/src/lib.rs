@@ -7,6 +7,7 @@ pub mod capture;
 pub mod credentials;
 pub mod dirty;
 pub mod inventory;
+pub mod nbd;
 mod progress;
 pub mod resources;
 mod session;

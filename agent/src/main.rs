@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use blockferry_agent::nbd::{NbdListen, SyncMode};
 use blockferry_agent::{Agent, AgentConfig, Credentials, Outcome, ProgressMode, Volume};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -47,6 +48,18 @@ enum Command {
         /// same one. The receiver may grant fewer.
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=5))]
         streams: u8,
+        /// Serve each disk as an NBD export named after it, at HOST:PORT (keep it on
+        /// loopback) or unix:PATH (mode 0600); writes through it are replicated.
+        #[arg(long)]
+        nbd_listen: Option<NbdListen>,
+        /// When an NBD FLUSH or FUA write is answered: async (once on the source volume)
+        /// or sync (once durable at the receiver: zero RPO, one round trip per flush).
+        #[arg(long, default_value = "async")]
+        sync_mode: SyncMode,
+        /// Capture buffer: changes are sent from memory up to this many MiB; beyond it
+        /// they are re-read from the volume.
+        #[arg(long, default_value_t = 256)]
+        buffer_mib: usize,
     },
 }
 
@@ -90,6 +103,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             exit_when_synced,
             progress,
             streams,
+            nbd_listen,
+            sync_mode,
+            buffer_mib,
         } => {
             let credentials = Credentials::load(&credentials)
                 .with_context(|| format!("loading credentials from {}", credentials.display()))?;
@@ -100,7 +116,17 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             config.streams = streams;
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone());
-            let agent = Agent::new(&volumes);
+            let agent = Agent::with_buffer(&volumes, buffer_mib << 20);
+            if let Some(listen) = &nbd_listen {
+                blockferry_agent::nbd::serve(
+                    listen,
+                    agent.capture().clone(),
+                    sync_mode,
+                    shutdown.clone(),
+                )
+                .await
+                .with_context(|| format!("starting the NBD tap on {listen:?}"))?;
+            }
             let report = agent.run(&config, &volumes, shutdown).await?;
             tracing::info!(
                 payload_bytes = report.payload_bytes,

@@ -78,6 +78,32 @@ fn bad_arguments_are_refused_with_a_reason() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // A sync mode and a tap address that do not parse.
+    for (flag, value, reason) in [
+        ("--sync-mode", "eventually", "expected async or sync"),
+        ("--nbd-listen", "nowhere", "neither HOST:PORT nor unix:PATH"),
+    ] {
+        let out = agent()
+            .args([
+                "run",
+                "--receiver",
+                "x:1",
+                "--credentials",
+                "/tmp",
+                "--disk",
+                "/dev/null",
+                flag,
+                value,
+            ])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(reason),
+            "{flag} {value}"
+        );
+    }
+
     // --disk is required.
     let out = agent()
         .args(["run", "--receiver", "x:1", "--credentials", "/tmp"])
