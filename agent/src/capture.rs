@@ -60,6 +60,9 @@ pub struct Capture {
 pub(crate) struct CaptureShared {
     volumes: Vec<Volume>,
     writable: Vec<OnceLock<File>>,
+    /// Per disk: held from a write's volume I/O until it is recorded, so that the buffer
+    /// keeps the copy the volume ends up with when two writes to one block race.
+    write_order: Vec<Mutex<()>>,
     state: Mutex<CaptureState>,
     /// Woken on every captured write and flush request.
     pub(crate) changed: Notify,
@@ -107,6 +110,7 @@ impl Capture {
             shared: Arc::new(CaptureShared {
                 volumes: volumes.to_vec(),
                 writable: volumes.iter().map(|_| OnceLock::new()).collect(),
+                write_order: volumes.iter().map(|_| Mutex::new(())).collect(),
                 state: Mutex::new(CaptureState {
                     dirty: DirtyMap::new(&sizes, DEFAULT_FINE_BUDGET),
                     cache: HashMap::new(),
@@ -250,6 +254,9 @@ impl CaptureShared {
         }
         // The volume first: the dirty bit must never be set (and cleared by the sender)
         // before the data it stands for is readable.
+        let _order = self.write_order[disk]
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         self.volume_file(disk)?
             .write_all_at(data, offset)
             .map_err(|source| CaptureError::Io {
@@ -276,6 +283,9 @@ impl CaptureShared {
         if len == 0 {
             return Ok(());
         }
+        let _order = self.write_order[disk]
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         let file = self.volume_file(disk)?;
         let zeros = vec![0u8; (len.min(1 << 20)) as usize];
         let mut at = offset;

@@ -75,6 +75,7 @@ fn parse_progress(s: &str) -> Result<ProgressMode, String> {
 }
 
 fn main() -> ExitCode {
+    limit_allocator_retention();
     let cli = Cli::parse();
     blockferry_agent::init_logging(cli.log_json);
     let runtime = match tokio::runtime::Runtime::new() {
@@ -142,6 +143,19 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Outcome::Closed(_) => ExitCode::FAILURE,
             })
         }
+    }
+}
+
+/// The agent's footprint target is a quarter GiB on busy servers. glibc keeps one arena
+/// per thread that ever allocated, and raises its mmap threshold after large buffers are
+/// freed, so freed I/O buffers stay resident; measured, that was ~100 MiB on top of the
+/// capture buffer under a 2 GiB write burst. A fixed threshold and two arenas give the
+/// memory back.
+fn limit_allocator_retention() {
+    // SAFETY: mallopt only adjusts allocator parameters; called before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
 

@@ -73,6 +73,8 @@ const ENOTSUP: u32 = 95;
 const MAX_OPTION_LEN: u32 = 64 << 10;
 /// Largest READ or WRITE payload: what the tap advertises as the maximum block size.
 const MAX_IO: u32 = 32 << 20;
+/// Payloads move through the tap in pieces of at most this size.
+const PIECE: u32 = 1 << 20;
 
 /// When a FLUSH (or FUA write) is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -381,12 +383,22 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Client<R, W> {
                     } else if !in_range {
                         self.simple_reply(handle, EINVAL).await?;
                     } else {
-                        match self.read(disk, offset, len).await {
+                        // The first piece decides between data and an error reply; once
+                        // data has started, a failure can only end the connection.
+                        let first = len.min(PIECE);
+                        match self.read(disk, offset, first).await {
                             Ok(data) => {
                                 self.w.write_u32(SIMPLE_REPLY_MAGIC).await?;
                                 self.w.write_u32(0).await?;
                                 self.w.write_u64(handle).await?;
                                 self.w.write_all(&data).await?;
+                                let mut done = first;
+                                while done < len {
+                                    let n = (len - done).min(PIECE);
+                                    let data = self.read(disk, offset + u64::from(done), n).await?;
+                                    self.w.write_all(&data).await?;
+                                    done += n;
+                                }
                                 self.w.flush().await?;
                             }
                             Err(_) => self.simple_reply(handle, EIO).await?,
@@ -400,18 +412,33 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Client<R, W> {
                         self.simple_reply(handle, EOVERFLOW).await?;
                         continue;
                     }
-                    let mut data = vec![0u8; len as usize];
-                    self.r.read_exact(&mut data).await?;
                     if !in_range {
+                        self.discard(len).await?;
                         self.simple_reply(handle, ENOSPC).await?;
                         continue;
                     }
-                    let result = self.capture.write(disk, offset, data).await;
-                    let error = match result {
-                        Ok(()) if fua => self.flush().await,
-                        Ok(()) => 0,
-                        Err(_) => EIO,
-                    };
+                    // In pieces: a 32 MiB write never needs 32 MiB of memory, and the
+                    // capture sees it in order, piece by piece.
+                    let mut error = 0;
+                    let mut done = 0u32;
+                    while done < len {
+                        let n = (len - done).min(PIECE);
+                        let mut piece = vec![0u8; n as usize];
+                        self.r.read_exact(&mut piece).await?;
+                        if error == 0
+                            && self
+                                .capture
+                                .write(disk, offset + u64::from(done), piece)
+                                .await
+                                .is_err()
+                        {
+                            error = EIO;
+                        }
+                        done += n;
+                    }
+                    if error == 0 && fua {
+                        error = self.flush().await;
+                    }
                     self.simple_reply(handle, error).await?;
                 }
                 CMD_TRIM | CMD_WRITE_ZEROES => {

@@ -654,7 +654,12 @@ impl Session<'_> {
             rss_bytes: sample.rss_bytes,
             backlog_bytes: self.stats.backlog_bytes() + self.capture.backlog_bytes(),
         });
-        self.send(0, &frame).await
+        // On every stream: the receiver closes a stream that stays silent, and an idle
+        // agent's other streams would carry nothing else.
+        for stream in 0..self.streams.len() {
+            self.send(stream, &frame).await?;
+        }
+        Ok(())
     }
 
     fn poll_events(&mut self) -> Result<(), SessionError> {

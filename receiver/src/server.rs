@@ -47,6 +47,11 @@ pub struct ReceiverConfig {
     pub barrier_interval: u64,
     /// Streams (TCP connections) granted to one agent session, 1 to 5.
     pub max_streams: u8,
+    /// How often agents send heartbeats.
+    pub heartbeat_interval: Duration,
+    /// A stream with no frame at all for this long is dead and its session is closed;
+    /// several heartbeat intervals.
+    pub idle_timeout: Duration,
     /// Bytes of writes in flight per session.
     pub session_in_flight: u32,
     /// Bytes of writes in flight across all sessions; must be at least
@@ -63,6 +68,8 @@ impl ReceiverConfig {
             writer_threads: 1,
             barrier_interval: 16 << 20,
             max_streams: blockferry_proto::limits::MAX_STREAMS,
+            heartbeat_interval: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
             session_in_flight: 64 << 20,
             global_in_flight: 1 << 30,
         }
@@ -178,7 +185,8 @@ impl Receiver {
                 max_streams: config.max_streams,
                 barrier_interval: config.barrier_interval,
                 in_flight_budget: config.session_in_flight,
-                heartbeat_interval: Duration::from_secs(5),
+                heartbeat_interval: config.heartbeat_interval,
+                idle_timeout: config.idle_timeout,
             },
             registry: Arc::new(SessionRegistry::default()),
             shutdown: shutdown.clone(),

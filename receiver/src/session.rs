@@ -35,9 +35,6 @@ use crate::registry::SessionRegistry;
 
 /// An agent must say Hello this soon after its TLS handshake.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
-/// A session with no frame at all for this long is dead (agents heartbeat every few
-/// seconds); it is closed so that its agent's next connection is not kept waiting.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Frames queued for the writer task.
 const OUTGOING_QUEUE: usize = 64;
 /// Epochs sealed but not yet durable. A full queue stops the readers: an agent that
@@ -66,6 +63,10 @@ pub(crate) struct SessionSettings {
     pub(crate) barrier_interval: u64,
     pub(crate) in_flight_budget: u32,
     pub(crate) heartbeat_interval: Duration,
+    /// A stream with no frame at all for this long is dead (agents heartbeat on every
+    /// stream); its session is closed so that the agent's next connection is not kept
+    /// waiting.
+    pub(crate) idle_timeout: Duration,
 }
 
 /// Why a session ended badly. Each maps to the [`ErrorCode`] sent to the agent.
@@ -201,12 +202,15 @@ pub(crate) struct Session {
 pub(crate) struct LiveView {
     pub(crate) streams: u8,
     pub(crate) lag_seconds: f64,
+    /// The agent's latest heartbeat, if one has come.
+    pub(crate) heartbeat: Option<Heartbeat>,
 }
 
 impl Session {
     pub(crate) fn live_view(&self) -> LiveView {
+        let heartbeat = *lock(&self.last_heartbeat);
         let pending = self.pipeline.last_submitted() > self.sealed_through.load(Ordering::Relaxed)
-            || lock(&self.last_heartbeat).is_some_and(|hb| hb.backlog_bytes > 0);
+            || heartbeat.is_some_and(|hb| hb.backlog_bytes > 0);
         let (_, at_ms) = *lock(&self.consistent);
         let since = if at_ms > 0 { at_ms } else { self.started_at_ms };
         LiveView {
@@ -216,6 +220,7 @@ impl Session {
             } else {
                 0.0
             },
+            heartbeat,
         }
     }
 
@@ -431,8 +436,8 @@ async fn stream_frames(
             biased;
             () = ctx.shutdown.cancelled() => return Ok(End::Shutdown),
             () = session.end.cancelled() => return Ok(End::SessionEnded),
-            frame = tokio::time::timeout(IDLE_TIMEOUT, reader.next()) => {
-                frame.map_err(|_| SessionError::Idle(IDLE_TIMEOUT))??
+            frame = tokio::time::timeout(ctx.settings.idle_timeout, reader.next()) => {
+                frame.map_err(|_| SessionError::Idle(ctx.settings.idle_timeout))??
             }
         };
         match frame {

@@ -34,6 +34,12 @@ pub struct ServerStatus {
     /// Age in seconds of the newest consistent point while changes are pending, 0 when
     /// nothing is pending; null when not connected (the receiver cannot know).
     pub lag_seconds: Option<f64>,
+    /// From the agent's latest heartbeat (null when not connected or before the first):
+    /// bytes changed and not yet durable here, the agent's resident memory, and its CPU
+    /// use in percent of one core.
+    pub backlog_bytes: Option<u64>,
+    pub agent_rss_bytes: Option<u64>,
+    pub agent_cpu_percent: Option<f64>,
     pub inventory: InventoryRecord,
     pub disks: Vec<DiskStatus>,
 }
@@ -65,6 +71,11 @@ impl StatusReport {
                     connected: live.is_some_and(|r| r.is_connected(&server.server_id)),
                     streams: view.map_or(0, |v| v.streams),
                     lag_seconds: view.map(|v| v.lag_seconds),
+                    backlog_bytes: view.and_then(|v| v.heartbeat).map(|h| h.backlog_bytes),
+                    agent_rss_bytes: view.and_then(|v| v.heartbeat).map(|h| h.rss_bytes),
+                    agent_cpu_percent: view
+                        .and_then(|v| v.heartbeat)
+                        .map(|h| f64::from(h.cpu_permille) / 10.0),
                     consistent_at: server.consistent_at_ms / 1000,
                     disks: disks
                         .into_iter()

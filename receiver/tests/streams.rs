@@ -163,3 +163,47 @@ async fn streams_join_their_own_session_up_to_the_limit() {
     assert_eq!(welcome.settings.max_streams, 1);
     receiver.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_agent_keeps_every_stream_alive() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let mut config = receiver_config(&data);
+    config.heartbeat_interval = std::time::Duration::from_millis(200);
+    config.idle_timeout = std::time::Duration::from_millis(1500);
+    let receiver = blockferry_receiver::Receiver::start(config).await.unwrap();
+    let creds = credentials(&data, SERVER, &dir.path().join("creds"));
+    let (source, _) = image(dir.path(), "src.img", 4 << 20, 0.5, 1 << 20, 41);
+    let volumes = vec![volume("disk0", &source)];
+    let mut agent_config = agent_config(receiver.local_addr(), creds);
+    agent_config.exit_when_synced = false;
+    let agent = blockferry_agent::Agent::new(&volumes);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn({
+        let (agent, stop) = (agent.clone(), stop.clone());
+        async move { agent.run(&agent_config, &volumes, stop).await.unwrap() }
+    });
+    // Synced, then idle for four idle timeouts: no stream may be dropped as dead.
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    assert!(
+        agent
+            .stats()
+            .synced
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert_eq!(
+        agent
+            .stats()
+            .sessions
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "the session was dropped"
+    );
+    let status = receiver.status().unwrap();
+    assert_eq!(status.servers[0].streams, 4);
+    assert_eq!(status.servers[0].backlog_bytes, Some(0));
+    assert!(status.servers[0].agent_rss_bytes.is_some_and(|r| r > 0));
+    stop.cancel();
+    run.await.unwrap();
+    receiver.shutdown().await;
+}
