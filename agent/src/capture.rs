@@ -181,6 +181,12 @@ impl Capture {
         Ok(target)
     }
 
+    /// How many writes have been captured so far; with [`Self::wait_durable`], how long
+    /// they take to reach the receiver (the replication lag).
+    pub fn write_seq(&self) -> u64 {
+        self.shared.lock().write_seq
+    }
+
     /// Waits until every capture write up to `write_seq` is durable at the receiver at a
     /// consistent point.
     pub async fn wait_durable(&self, write_seq: u64) {

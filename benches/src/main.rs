@@ -19,6 +19,8 @@ use blockferry_storage::IoEngine;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+mod continuous;
+
 #[derive(Parser)]
 #[command(name = "blockferry-bench", about = "blockferry benchmarks")]
 struct Cli {
@@ -46,6 +48,24 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         barrier_interval_mib: u64,
     },
+    /// Continuous replication: random 4-64 KiB writes through the in-process capture at
+    /// fixed rates; lag (captured -> durable at a consistent point), agent CPU and RSS,
+    /// receiver CPU. The receiver runs as its own process (the blockferry-receiver
+    /// binary beside this one: cargo build --release -p blockferry-receiver).
+    Continuous {
+        /// Write rates in MiB/s, comma-separated.
+        #[arg(long, default_value = "10,50,200", value_delimiter = ',')]
+        rates: Vec<u64>,
+        /// Seconds per rate.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Size of the replicated disk.
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        size: u64,
+        /// Directory on the file system to measure (default: a temp dir under /var/tmp).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +83,15 @@ fn main() -> anyhow::Result<()> {
                 barrier_interval: barrier_interval_mib.max(1) << 20,
             };
             runtime.block_on(initial_sync(size, runs.max(1), dir, receiver))
+        }
+        Command::Continuous {
+            rates,
+            seconds,
+            size,
+            dir,
+        } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(continuous::run(&rates, seconds, size, dir))
         }
     }
 }
