@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::capture::{Capture, DEFAULT_BUFFER};
+use blockferry_storage::error_chain;
+
 use crate::credentials::Credentials;
 use crate::progress::{Progress, ProgressMode};
 use crate::session::{self, Outcome, SessionError};
@@ -242,17 +244,6 @@ fn jitter(base: Duration) -> Duration {
     x ^= x >> 33;
     let factor = 0.5 + (x % 1000) as f64 / 1000.0;
     base.mul_f64(factor)
-}
-
-pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -241,12 +241,12 @@ impl CaptureShared {
         Ok(self.writable[disk].get_or_init(|| file))
     }
 
-    fn write(&self, disk: usize, offset: u64, data: &[u8]) -> Result<(), CaptureError> {
+    /// The volume a write addresses, if the write fits it.
+    fn target(&self, disk: usize, offset: u64, len: u64) -> Result<&Volume, CaptureError> {
         let volume = self.volumes.get(disk).ok_or(CaptureError::NoSuchDisk {
             disk,
             count: self.volumes.len(),
         })?;
-        let len = data.len() as u64;
         if offset.checked_add(len).is_none_or(|end| end > volume.size) {
             return Err(CaptureError::OutOfRange {
                 disk: volume.name.clone(),
@@ -255,6 +255,12 @@ impl CaptureShared {
                 size: volume.size,
             });
         }
+        Ok(volume)
+    }
+
+    fn write(&self, disk: usize, offset: u64, data: &[u8]) -> Result<(), CaptureError> {
+        let len = data.len() as u64;
+        let volume = self.target(disk, offset, len)?;
         if data.is_empty() {
             return Ok(());
         }
@@ -274,18 +280,7 @@ impl CaptureShared {
     }
 
     fn write_zeroes(&self, disk: usize, offset: u64, len: u64) -> Result<(), CaptureError> {
-        let volume = self.volumes.get(disk).ok_or(CaptureError::NoSuchDisk {
-            disk,
-            count: self.volumes.len(),
-        })?;
-        if offset.checked_add(len).is_none_or(|end| end > volume.size) {
-            return Err(CaptureError::OutOfRange {
-                disk: volume.name.clone(),
-                offset,
-                len,
-                size: volume.size,
-            });
-        }
+        let volume = self.target(disk, offset, len)?;
         if len == 0 {
             return Ok(());
         }

@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
+use crate::lock;
 use blockferry_proto::{WriteFlags, WriteHeader};
 use blockferry_storage::{BlockStore, Flushed, StoreError};
 use tokio::sync::{Notify, Semaphore};
@@ -218,10 +219,6 @@ fn record_failure(failure: &Mutex<Option<String>>, disk: &str, err: &StoreError)
         tracing::error!(%message, "staging write failed");
         *slot = Some(message);
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 
 use std::sync::Mutex;
 
+use crate::lock;
 use tokio::sync::Notify;
 
 /// Why a barrier was refused.
@@ -126,10 +127,6 @@ impl EpochGate {
             notified.await;
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
 #[cfg(test)]

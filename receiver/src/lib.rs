@@ -16,3 +16,9 @@ pub mod status;
 pub mod tls;
 
 pub use server::{DEFAULT_LISTEN, Receiver, ReceiverConfig, ReceiverError, RefusalCounters};
+
+/// Locks a mutex whose holder may have panicked: every value guarded in this crate stays
+/// consistent between statements, so the poison flag carries no information here.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use uuid::Uuid;
 
+use crate::lock;
 use crate::pki::AgentIdentity;
 use crate::session::Session;
 
@@ -131,8 +132,4 @@ impl Drop for SessionGuard {
         drop(live);
         let _ = self.done.send(true);
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }

@@ -17,6 +17,7 @@ use blockferry_proto::{
     Barrier, DiskResume, Durable, ErrorCode, ErrorFrame, Frame, FrameBuffer, Goodbye, Heartbeat,
     Hello, JoinStream, Settings, Welcome, Write, WriteFlags,
 };
+pub(crate) use blockferry_storage::error_chain;
 use blockferry_storage::{BlockStore, Engine, FileStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -30,6 +31,7 @@ use uuid::Uuid;
 use crate::apply::{ApplyPipeline, StagingDisk};
 use crate::catalog::{Catalog, DurableEvidence, now_ms};
 use crate::gate::{EpochGate, Sealed};
+use crate::lock;
 use crate::pki::{AgentIdentity, validate_name};
 use crate::registry::SessionRegistry;
 
@@ -742,10 +744,6 @@ async fn write_frames(mut half: WriteHalf<TlsStream<TcpStream>>, mut queue: mpsc
     let _ = half.shutdown().await;
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
-}
-
 async fn send(outgoing: &mpsc::Sender<Frame>, frame: Frame) -> Result<(), SessionError> {
     outgoing.send(frame).await.map_err(|_| {
         SessionError::Connection(std::io::Error::new(
@@ -753,16 +751,4 @@ async fn send(outgoing: &mpsc::Sender<Frame>, frame: Frame) -> Result<(), Sessio
             "the connection's writer has stopped",
         ))
     })
-}
-
-/// An error with its causes, for one log line.
-pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -34,14 +34,7 @@ fn start_agent(agent: Agent, mut config: AgentConfig, volumes: Vec<Volume>) -> R
 
 impl Running {
     async fn wait_synced(&self) {
-        let stats = self.agent.stats().clone();
-        tokio::time::timeout(Duration::from_secs(120), async move {
-            while !stats.synced.load(std::sync::atomic::Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await
-        .expect("initial sync completes");
+        wait_synced(self.agent.stats()).await;
     }
 
     async fn flush(&self) {
@@ -54,17 +47,6 @@ impl Running {
     async fn stop(self) {
         self.stop.cancel();
         self.task.await.unwrap();
-    }
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
     }
 }
 

@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -14,35 +12,6 @@ use blockferry_agent::Agent;
 use blockferry_receiver::catalog::Catalog;
 use common::*;
 use tokio_util::sync::CancellationToken;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn spawn_receiver(data: &Path, port: u16) -> Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_blockferry-receiver"))
-        .args(["run", "--barrier-interval-mib", "4", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--data-dir")
-        .arg(data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("receiver binary starts");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "receiver did not start listening"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_killed_mid_sync_loses_nothing_acknowledged() {
@@ -52,7 +21,7 @@ async fn receiver_killed_mid_sync_loses_nothing_acknowledged() {
     let size = 1 << 30;
     let (source, _) = image(dir.path(), "src.img", size, 0.8, 2 << 20, 7);
     let port = free_port();
-    let mut receiver = spawn_receiver(&data, port);
+    let mut receiver = spawn_receiver(&data, port, &["--barrier-interval-mib", "4"]);
 
     let volumes = vec![volume("disk0", &source)];
     let config = agent_config(format!("127.0.0.1:{port}"), creds);
@@ -105,7 +74,7 @@ async fn receiver_killed_mid_sync_loses_nothing_acknowledged() {
     drop((src, img));
 
     // Restart: the agent, still retrying, reconnects and finishes from the watermark.
-    let mut receiver = spawn_receiver(&data, port);
+    let mut receiver = spawn_receiver(&data, port, &["--barrier-interval-mib", "4"]);
     let report = tokio::time::timeout(Duration::from_secs(180), run)
         .await
         .expect("agent finished after the restart")

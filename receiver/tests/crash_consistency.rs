@@ -6,39 +6,16 @@
 
 mod common;
 
-use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use blockferry_agent::Agent;
 use common::*;
 use tokio_util::sync::CancellationToken;
 
 const PAIRS: u64 = 2048;
-
-fn spawn_receiver(data: &Path, port: u16) -> Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_blockferry-receiver"))
-        .args(["run", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--data-dir")
-        .arg(data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("receiver binary starts");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "receiver did not start listening"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child
-}
 
 /// Block contents: A_i and B_i are recognisable and name their pair.
 fn block(kind: u8, pair: u64) -> Vec<u8> {
@@ -54,12 +31,8 @@ async fn every_b_has_its_a_and_no_flushed_a_is_lost_across_kills() {
     let creds = credentials(&data, SERVER, &dir.path().join("creds"));
     let size = PAIRS * 2 * 4096;
     let (source, _) = image(dir.path(), "src.img", size, 0.0, 1 << 20, 51);
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut receiver = spawn_receiver(&data, port);
+    let port = free_port();
+    let mut receiver = spawn_receiver(&data, port, &[]);
 
     let volumes = vec![volume("disk0", &source)];
     let agent = Agent::new(&volumes);
@@ -120,7 +93,7 @@ async fn every_b_has_its_a_and_no_flushed_a_is_lost_across_kills() {
                 "after kill {kills}: A{i} was acknowledged, then lost"
             );
         }
-        receiver = spawn_receiver(&data, port);
+        receiver = spawn_receiver(&data, port, &[]);
     }
     assert!(
         kills >= 3,

@@ -36,16 +36,6 @@ fn qemu_io(url: &str, commands: &[String]) -> String {
     text
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// A few hundred qemu-io commands: pattern writes of mixed sizes, overwrites of a hot
 /// area, write-zeroes and discards, all 512-byte aligned as a block device would see.
 fn workload(rng: &mut Rng, size: u64, count: usize) -> Vec<String> {
@@ -112,13 +102,7 @@ async fn qemu_io_through_the_tap_during_and_after_the_initial_sync() {
         sync_running && sent_before < size / 2,
         "the first writes were meant to land during the initial sync ({sent_before} of {size} sent)"
     );
-    tokio::time::timeout(Duration::from_secs(120), async {
-        while !stats.synced.load(std::sync::atomic::Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("initial sync completes");
+    wait_synced(&stats).await;
 
     // After it, ending with a FLUSH: in sync mode it returns once the receiver has all.
     let mut commands = workload(&mut rng, size, 200);
@@ -385,14 +369,7 @@ async fn sync_mode_flush_waits_for_the_receiver() {
         let (agent, stop, volumes) = (agent.clone(), stop.clone(), volumes.clone());
         async move { agent.run(&config, &volumes, stop).await.unwrap() }
     });
-    let stats = agent.stats().clone();
-    tokio::time::timeout(Duration::from_secs(60), async {
-        while !stats.synced.load(std::sync::atomic::Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("initial sync completes");
+    wait_synced(agent.stats()).await;
 
     let timed_flush = |url: String, fill: u8| {
         tokio::task::spawn_blocking(move || {

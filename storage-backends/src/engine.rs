@@ -131,7 +131,8 @@ impl Engine {
     }
 }
 
-fn error_chain(err: &dyn std::error::Error) -> String {
+/// An error with all its causes on one line, for logs and error replies.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {

@@ -25,7 +25,7 @@ mod uring;
 mod zero;
 
 pub use device::{DeviceKind, device_size};
-pub use engine::{Engine, EngineKind, IoEngine};
+pub use engine::{Engine, EngineKind, IoEngine, error_chain};
 pub use error::StoreError;
 pub use file::FileStore;
 pub use memory::MemoryStore;

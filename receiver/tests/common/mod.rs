@@ -222,3 +222,59 @@ pub fn raw_hello(size: u64, streams: u8) -> blockferry_proto::Frame {
         streams,
     })
 }
+
+/// A small deterministic generator for test workloads (xorshift64).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Waits until the agent reports every disk's initial sync durable, failing after 120 s.
+pub async fn wait_synced(stats: &blockferry_agent::AgentStats) {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while !stats.synced.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the initial sync completes");
+}
+
+/// Starts the receiver binary on `127.0.0.1:port` (so that it can be SIGKILLed and
+/// restarted at the same address) and waits until it listens.
+pub fn spawn_receiver(data: &Path, port: u16, extra_args: &[&str]) -> std::process::Child {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_blockferry-receiver"))
+        .args(["run", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(extra_args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("receiver binary starts");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "receiver did not start listening"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
