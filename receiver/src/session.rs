@@ -42,6 +42,8 @@ const OUTGOING_QUEUE: usize = 64;
 /// Epochs sealed but not yet durable. A full queue stops the readers: an agent that
 /// closes epochs faster than the disks can flush is slowed down, not buffered.
 const BARRIER_QUEUE: usize = 64;
+/// How long a frame may wait to be written to an agent that has stopped reading.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a stream waits at a barrier for the session's other streams.
 const BARRIER_WAIT: Duration = Duration::from_secs(60);
 
@@ -230,7 +232,9 @@ impl Session {
     async fn broadcast(&self, frame: Frame) {
         let senders: Vec<_> = lock(&self.outgoing).clone();
         for sender in senders {
-            let _ = sender.send(frame.clone()).await;
+            // A stream whose peer stopped reading must not hold up the others or the
+            // session's teardown; its agent times out and reconnects.
+            let _ = tokio::time::timeout(SEND_TIMEOUT, sender.send(frame.clone())).await;
         }
     }
 }
@@ -737,7 +741,12 @@ async fn write_frames(mut half: WriteHalf<TlsStream<TcpStream>>, mut queue: mpsc
         while let Ok(more) = queue.try_recv() {
             more.encode(&mut out);
         }
-        if half.write_all(&out).await.is_err() || half.flush().await.is_err() {
+        let written = tokio::time::timeout(SEND_TIMEOUT, async {
+            half.write_all(&out).await?;
+            half.flush().await
+        })
+        .await;
+        if !matches!(written, Ok(Ok(()))) {
             return;
         }
     }
