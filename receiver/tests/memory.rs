@@ -55,6 +55,22 @@ async fn throttling_proxy(target: SocketAddr, rate: u64, throttled: Arc<AtomicBo
     addr
 }
 
+/// Prints a file (the agent's log) if the test panics while this is alive.
+struct PrintOnPanic(std::path::PathBuf);
+
+impl Drop for PrintOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.0).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            eprintln!("--- last agent log lines ---");
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
 fn vm_rss_and_hwm(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
@@ -110,11 +126,15 @@ async fn two_gib_through_the_tap_under_a_slow_link_stays_within_the_buffer() {
         .arg("--nbd-listen")
         .arg(format!("127.0.0.1:{nbd_port}"))
         .envs(std::env::vars().filter(|(k, _)| k.starts_with("MALLOC_")))
+        .env("RUST_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap())
         .spawn()
         .unwrap();
     let pid = agent.id();
+    // On any failure below, the agent's log says what it was doing.
+    let agent_log = dir.path().join("agent.log");
+    let _print_log_on_failure = PrintOnPanic(agent_log);
 
     let server_status = || receiver.status().unwrap().servers.into_iter().next();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -173,7 +193,7 @@ async fn two_gib_through_the_tap_under_a_slow_link_stays_within_the_buffer() {
 
     // The link opens; the backlog drains to zero.
     throttled.store(false, Ordering::Relaxed);
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(300);
     while server_status().and_then(|s| s.backlog_bytes) != Some(0) {
         assert!(Instant::now() < deadline, "the backlog did not drain");
         tokio::time::sleep(Duration::from_millis(100)).await;
