@@ -23,36 +23,24 @@ const OVERHEAD_MIB: u64 = 96;
 
 /// Forwards agent→receiver bytes at about `rate` bytes/s while `throttled` is set.
 async fn throttling_proxy(target: SocketAddr, rate: u64, throttled: Arc<AtomicBool>) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((client, _)) = listener.accept().await else {
-                return;
-            };
-            let Ok(server) = tokio::net::TcpStream::connect(target).await else {
-                continue;
-            };
-            let (mut cr, mut cw) = client.into_split();
-            let (mut sr, mut sw) = server.into_split();
+    loopback_proxy(target, move |mut cr, mut cw, mut sr, mut sw| {
+        let throttled = Arc::clone(&throttled);
+        async move {
             tokio::spawn(async move {
                 let _ = tokio::io::copy(&mut sr, &mut cw).await;
             });
-            let throttled = Arc::clone(&throttled);
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 16 << 10];
-                while let Ok(n) = cr.read(&mut buf).await {
-                    if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                    if throttled.load(Ordering::Relaxed) {
-                        tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64)).await;
-                    }
+            let mut buf = vec![0u8; 16 << 10];
+            while let Ok(n) = cr.read(&mut buf).await {
+                if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
+                    return;
                 }
-            });
+                if throttled.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64)).await;
+                }
+            }
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// Prints a file (the agent's log) if the test panics while this is alive.

@@ -295,46 +295,32 @@ async fn bad_nbd_input_gets_error_replies_not_a_crash() {
 /// A loopback proxy that delays everything the receiver sends (so its Durable
 /// acknowledgements arrive `delay` late) and passes the agent's bytes straight through.
 async fn slow_ack_proxy(target: std::net::SocketAddr, delay: Duration) -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((client, _)) = listener.accept().await else {
-                return;
-            };
-            let Ok(server) = tokio::net::TcpStream::connect(target).await else {
-                continue;
-            };
-            let (mut cr, mut cw) = client.into_split();
-            let (mut sr, mut sw) = server.into_split();
-            tokio::spawn(async move {
-                let _ = tokio::io::copy(&mut cr, &mut sw).await;
-            });
-            tokio::spawn(async move {
-                let (tx, mut rx) =
-                    tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
-                tokio::spawn(async move {
-                    while let Some((due, bytes)) = rx.recv().await {
-                        tokio::time::sleep_until(due).await;
-                        if cw.write_all(&bytes).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-                let mut buf = vec![0u8; 64 << 10];
-                while let Ok(n) = sr.read(&mut buf).await {
-                    if n == 0
-                        || tx
-                            .send((tokio::time::Instant::now() + delay, buf[..n].to_vec()))
-                            .is_err()
-                    {
-                        return;
-                    }
+    loopback_proxy(target, move |mut cr, mut cw, mut sr, mut sw| async move {
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut cr, &mut sw).await;
+        });
+        let (tx, mut rx) =
+            tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+        tokio::spawn(async move {
+            while let Some((due, bytes)) = rx.recv().await {
+                tokio::time::sleep_until(due).await;
+                if cw.write_all(&bytes).await.is_err() {
+                    return;
                 }
-            });
+            }
+        });
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(n) = sr.read(&mut buf).await {
+            if n == 0
+                || tx
+                    .send((tokio::time::Instant::now() + delay, buf[..n].to_vec()))
+                    .is_err()
+            {
+                return;
+            }
         }
-    });
-    addr
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

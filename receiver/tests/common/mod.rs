@@ -12,6 +12,7 @@ use blockferry_agent::{Agent, AgentConfig, AgentReport, Credentials, Volume};
 use blockferry_receiver::demo::{ImageLayout, first_difference, generate_image};
 use blockferry_receiver::{Receiver, ReceiverConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -103,9 +104,35 @@ pub fn assert_identical(source: &Path, staging: &Path) {
     );
 }
 
-/// A loopback TCP proxy to `target` that, once, drops every connection it carries as
-/// soon as `cut_after` bytes in all have gone from clients to the server (an agent's
-/// streams break together, as when a network link goes down). Later connections pass.
+/// A loopback TCP proxy to `target`: for every accepted connection, `on_connection` is
+/// called (at accept time) with the client's and the server's halves, and the future it
+/// returns runs for that connection. Tests use it to cut, throttle or delay traffic.
+pub async fn loopback_proxy<F, Fut>(target: SocketAddr, on_connection: F) -> SocketAddr
+where
+    F: Fn(OwnedReadHalf, OwnedWriteHalf, OwnedReadHalf, OwnedWriteHalf) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(server) = TcpStream::connect(target).await else {
+                continue;
+            };
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::spawn(on_connection(cr, cw, sr, sw));
+        }
+    });
+    addr
+}
+
+/// A proxy that, once, drops every connection it carries as soon as `cut_after` bytes in
+/// all have gone from clients to the server (an agent's streams break together, as when a
+/// network link goes down). Later connections pass.
 pub struct CutProxy {
     pub addr: SocketAddr,
     pub cuts: Arc<AtomicU64>,
@@ -113,56 +140,45 @@ pub struct CutProxy {
 
 impl CutProxy {
     pub async fn start(target: SocketAddr, cut_after: u64) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let cuts = Arc::new(AtomicU64::new(0));
         let forwarded = Arc::new(AtomicU64::new(0));
         let cut = CancellationToken::new();
         let cuts_task = Arc::clone(&cuts);
-        tokio::spawn(async move {
-            loop {
-                let Ok((client, _)) = listener.accept().await else {
-                    return;
-                };
-                let Ok(server) = TcpStream::connect(target).await else {
-                    continue;
-                };
-                let armed = !cut.is_cancelled();
-                let (cut, cuts, forwarded) =
-                    (cut.clone(), Arc::clone(&cuts_task), Arc::clone(&forwarded));
-                tokio::spawn(async move {
-                    let (mut cr, mut cw) = client.into_split();
-                    let (mut sr, mut sw) = server.into_split();
-                    let down = tokio::spawn(async move {
-                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
-                    });
-                    let mut buf = vec![0u8; 64 << 10];
-                    loop {
-                        let n = tokio::select! {
-                            () = cut.cancelled(), if armed => break,
-                            read = cr.read(&mut buf) => match read {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => n,
-                            },
-                        };
-                        if armed {
-                            let total = forwarded.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
-                            if total >= cut_after {
-                                if !cut.is_cancelled() {
-                                    cuts.fetch_add(1, Ordering::SeqCst);
-                                    cut.cancel();
-                                }
-                                break;
+        let addr = loopback_proxy(target, move |mut cr, mut cw, mut sr, mut sw| {
+            let armed = !cut.is_cancelled();
+            let (cut, cuts, forwarded) =
+                (cut.clone(), Arc::clone(&cuts_task), Arc::clone(&forwarded));
+            async move {
+                let down = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                });
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let n = tokio::select! {
+                        () = cut.cancelled(), if armed => break,
+                        read = cr.read(&mut buf) => match read {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        },
+                    };
+                    if armed {
+                        let total = forwarded.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+                        if total >= cut_after {
+                            if !cut.is_cancelled() {
+                                cuts.fetch_add(1, Ordering::SeqCst);
+                                cut.cancel();
                             }
-                        }
-                        if sw.write_all(&buf[..n]).await.is_err() {
                             break;
                         }
                     }
-                    down.abort();
-                });
+                    if sw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                down.abort();
             }
-        });
+        })
+        .await;
         Self { addr, cuts }
     }
 }
