@@ -16,6 +16,9 @@ use crate::progress::{Progress, ProgressMode};
 use crate::session::{self, Outcome, SessionError};
 use crate::volume::Volume;
 
+/// Default for [`AgentConfig::epoch_interval`].
+pub const DEFAULT_EPOCH_INTERVAL: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     /// The receiver's replication address, HOST:PORT.
@@ -25,6 +28,10 @@ pub struct AgentConfig {
     pub progress: ProgressMode,
     /// Streams (TLS connections) to open, 1 to 5; the receiver may grant fewer.
     pub streams: u8,
+    /// Under a sustained workload, how often a consistent point is cut (the dirty runs
+    /// are frozen and shipped ahead of later writes). With a quiet workload a point is
+    /// cut as soon as the changes are sent.
+    pub epoch_interval: Duration,
     /// First reconnect delay; doubles up to `max_backoff`.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
@@ -38,6 +45,7 @@ impl AgentConfig {
             exit_when_synced: false,
             progress: ProgressMode::Quiet,
             streams: 4,
+            epoch_interval: DEFAULT_EPOCH_INTERVAL,
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
         }

@@ -14,8 +14,18 @@
 //! write that lands afterwards makes it dirty again. When the map is empty, every block's
 //! last shipped content is its content at that instant, so a barrier sent then closes a
 //! crash-consistent epoch.
+//!
+//! Under a sustained workload the map may never be empty, so on a regular interval (and on
+//! every flush) the sender *freezes* it: the dirty runs become a [`Frozen`] generation and
+//! new writes go to a fresh map. The frozen generation must be shipped with its content as
+//! of the freeze, so a write that would overwrite a block still waiting in it first copies
+//! the block's old content aside (copy-on-write, out of the same byte budget as the
+//! buffer). Once the generation is shipped, a barrier closes its epoch: a crash-consistent
+//! point although writes never stopped. If the old content does not fit in the buffer, or
+//! the backlog has too many runs to freeze, the generation is dissolved back into the map
+//! and the next consistent point comes when the map drains: more lag, never a wrong point.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -28,6 +38,12 @@ use crate::volume::Volume;
 
 /// Default capture buffer: changes are sent from memory up to this many bytes.
 pub const DEFAULT_BUFFER: usize = 256 << 20;
+
+/// A backlog of more runs than this is not frozen: its list would cost more memory than
+/// the dirty map itself, and it would take long to ship anyway.
+const MAX_FROZEN_RUNS: usize = 16 << 10;
+/// Longest run the dirty map hands out (one coarse chunk); bounds the overlap search.
+const MAX_RUN: u64 = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -91,6 +107,54 @@ struct CaptureState {
     flush_requested: bool,
     /// The disk [`CaptureShared::take_run`] looks at first, rotating so no disk starves.
     next_disk: usize,
+    /// The generation being shipped for the next consistent point, if any.
+    frozen: Option<Frozen>,
+    /// Counts freezes, so that a copy made for one generation is never filed in another.
+    generation: u64,
+}
+
+/// The dirty runs of one closed interval, shipped with their content as of the freeze.
+#[derive(Debug)]
+struct Frozen {
+    /// Runs not yet taken by the sender, by (disk, offset), with their lengths.
+    runs: BTreeMap<(usize, u64), u64>,
+    /// Runs taken whose volume read may still be in progress.
+    reading: Vec<(usize, u64, u64)>,
+    /// Blocks' content as of the freeze: the buffer's copies at that moment, and the old
+    /// content of blocks overwritten since (copy-on-write).
+    cache: HashMap<(usize, u64), Box<[u8]>>,
+    /// The capture write sequence number at the freeze: what the generation covers.
+    write_seq: u64,
+    generation: u64,
+}
+
+impl Frozen {
+    /// Whether block `block` of `disk` still has to be shipped from this generation.
+    fn pending(&self, disk: usize, block: u64) -> bool {
+        let at = block * BLOCK;
+        let in_runs = self
+            .runs
+            .range((disk, at.saturating_sub(MAX_RUN))..=(disk, at))
+            .any(|(&(_, offset), &len)| at < offset + len);
+        in_runs
+            || self
+                .reading
+                .iter()
+                .any(|&(d, offset, len)| d == disk && at >= offset && at < offset + len)
+    }
+}
+
+/// Where the generation being shipped stands, for the sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GenerationState {
+    /// No frozen generation: the next consistent point comes when the map drains, or
+    /// when the sender freezes one.
+    Open,
+    /// A frozen generation still has runs to ship.
+    Shipping,
+    /// Every run of the frozen generation has been sent: a barrier now closes a
+    /// consistent epoch covering capture writes up to this sequence number.
+    Shipped(u64),
 }
 
 /// A run of changed bytes taken from the dirty map, with its data when every block was
@@ -124,6 +188,8 @@ impl Capture {
                     unacked_bytes: 0,
                     flush_requested: false,
                     next_disk: 0,
+                    frozen: None,
+                    generation: 0,
                 }),
                 changed: Notify::new(),
                 durable_writes: watch::channel(0).0,
@@ -231,7 +297,9 @@ impl CaptureShared {
         if let Some(file) = self.writable[disk].get() {
             return Ok(file);
         }
+        // Read too: copy-on-write for a frozen generation reads old content through it.
         let file = OpenOptions::new()
+            .read(true)
             .write(true)
             .open(volume.path())
             .map_err(|source| CaptureError::Io {
@@ -269,6 +337,7 @@ impl CaptureShared {
         let _order = self.write_order[disk]
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
+        self.preserve_frozen(disk, offset, len)?;
         self.volume_file(disk)?
             .write_all_at(data, offset)
             .map_err(|source| CaptureError::Io {
@@ -287,6 +356,7 @@ impl CaptureShared {
         let _order = self.write_order[disk]
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
+        self.preserve_frozen(disk, offset, len)?;
         let file = self.volume_file(disk)?;
         let zeros = vec![0u8; (len.min(1 << 20)) as usize];
         let mut at = offset;
@@ -300,6 +370,62 @@ impl CaptureShared {
             at += n as u64;
         }
         self.record(disk, offset, len, None);
+        Ok(())
+    }
+
+    /// Copies aside the current content of every block of `[offset, offset + len)` that
+    /// the frozen generation still has to ship, before a write overwrites it. The caller
+    /// holds the disk's write-order lock, so the volume cannot change meanwhile. When the
+    /// copies do not fit in the buffer, the generation is dissolved instead.
+    fn preserve_frozen(&self, disk: usize, offset: u64, len: u64) -> Result<(), CaptureError> {
+        let (generation, needed) = {
+            let state = self.lock();
+            let Some(frozen) = &state.frozen else {
+                return Ok(());
+            };
+            let needed: Vec<u64> = (offset / BLOCK..(offset + len).div_ceil(BLOCK))
+                .filter(|&b| frozen.pending(disk, b) && !frozen.cache.contains_key(&(disk, b)))
+                .collect();
+            (frozen.generation, needed)
+        };
+        if needed.is_empty() {
+            return Ok(());
+        }
+        let size = self.volumes[disk].size;
+        let mut copies = Vec::with_capacity(needed.len());
+        let file = self.volume_file(disk)?;
+        for block in needed {
+            let end = ((block + 1) * BLOCK).min(size);
+            let mut copy = vec![0u8; (end - block * BLOCK) as usize].into_boxed_slice();
+            file.read_exact_at(&mut copy, block * BLOCK)
+                .map_err(|source| CaptureError::Io {
+                    disk: self.volumes[disk].name.clone(),
+                    source,
+                })?;
+            copies.push((block, copy));
+        }
+        let mut state = self.lock();
+        let state = &mut *state;
+        let Some(frozen) = state.frozen.as_mut().filter(|f| f.generation == generation) else {
+            return Ok(());
+        };
+        let bytes: usize = copies.iter().map(|(_, c)| c.len()).sum();
+        if state.cache_bytes + bytes > self.buffer_limit {
+            tracing::debug!(
+                disk = %self.volumes[disk].name,
+                "the capture buffer cannot hold the frozen generation's old content; \
+                 the next consistent point waits for the backlog to drain"
+            );
+            dissolve(state);
+            return Ok(());
+        }
+        for (block, copy) in copies {
+            // The sender may have shipped the block meanwhile (from the unchanged volume).
+            if frozen.pending(disk, block) && !frozen.cache.contains_key(&(disk, block)) {
+                state.cache_bytes += copy.len();
+                frozen.cache.insert((disk, block), copy);
+            }
+        }
         Ok(())
     }
 
@@ -354,7 +480,8 @@ impl CaptureShared {
 
     pub(crate) fn backlog_bytes(&self) -> u64 {
         let state = self.lock();
-        state.dirty.total_dirty_bytes() + state.unacked_bytes
+        let frozen: u64 = state.frozen.as_ref().map_or(0, |f| f.runs.values().sum());
+        state.dirty.total_dirty_bytes() + frozen + state.unacked_bytes
     }
 
     /// Sets where disk `disk`'s initial sync will read next. Writes below are changes.
@@ -367,14 +494,45 @@ impl CaptureShared {
         self.lock().sync_sent[disk] = sent;
     }
 
-    /// Takes the next changed run of any disk, at most `max_len` bytes (or one coarse
-    /// chunk), cleared from the dirty map *before* its data is read, and recorded as sent
-    /// in `epoch` (so that a failure from here on marks it dirty again).
+    /// Takes the next changed run, at most `max_len` bytes (or one coarse chunk), and
+    /// records it as sent in `epoch` (so that a failure from here on marks it dirty
+    /// again). Runs of the frozen generation come first; otherwise a run of any disk is
+    /// cleared from the dirty map *before* its data is read. When `data` is `None`, the
+    /// caller reads the run from the volume and passes it to [`Self::finish_read`].
     pub(crate) fn take_run(&self, max_len: u64, epoch: u64) -> Option<TakenRun> {
+        let mut state = self.lock();
+        let state = &mut *state;
+        if let Some(frozen) = &mut state.frozen {
+            let ((disk, offset), len) = frozen.runs.pop_first()?;
+            let blocks = offset / BLOCK..(offset + len).div_ceil(BLOCK);
+            let complete = blocks
+                .clone()
+                .all(|b| frozen.cache.contains_key(&(disk, b)));
+            let data = if complete {
+                let mut data = Vec::with_capacity(len as usize);
+                for copy in blocks.filter_map(|b| frozen.cache.remove(&(disk, b))) {
+                    state.cache_bytes -= copy.len();
+                    data.extend_from_slice(&copy);
+                }
+                Some(data)
+            } else {
+                // The copies stay until the read is done: a write meanwhile must find
+                // them (or make them) so that the read's result can be corrected.
+                frozen.reading.push((disk, offset, len));
+                None
+            };
+            state.unacked.push_back((epoch, disk, offset, len));
+            state.unacked_bytes += len;
+            return Some(TakenRun {
+                disk,
+                offset,
+                len,
+                data,
+            });
+        }
         // Runs ahead of a sync's sent position are put back; a few tries per disk find
         // the runs behind it, the rest wait for the sync to move on.
         const TRIES: usize = 16;
-        let mut state = self.lock();
         let count = self.volumes.len();
         for i in 0..count {
             let disk = (state.next_disk + i) % count;
@@ -426,6 +584,87 @@ impl CaptureShared {
         Ok(data)
     }
 
+    /// Completes a run read from the volume: blocks of a frozen run that were overwritten
+    /// since the freeze get their frozen content back.
+    pub(crate) fn finish_read(&self, run: &TakenRun, data: &mut [u8]) {
+        let mut state = self.lock();
+        let state = &mut *state;
+        let Some(frozen) = &mut state.frozen else {
+            return;
+        };
+        let Some(at) = frozen
+            .reading
+            .iter()
+            .position(|&r| r == (run.disk, run.offset, run.len))
+        else {
+            return;
+        };
+        frozen.reading.swap_remove(at);
+        for block in run.offset / BLOCK..(run.offset + run.len).div_ceil(BLOCK) {
+            if let Some(copy) = frozen.cache.remove(&(run.disk, block)) {
+                state.cache_bytes -= copy.len();
+                let from = (block * BLOCK - run.offset) as usize;
+                data[from..from + copy.len()].copy_from_slice(&copy);
+            }
+        }
+    }
+
+    /// Closes the current interval: the dirty runs become the frozen generation, which
+    /// the sender ships before anything written later. Returns whether it froze (not
+    /// when a generation is already being shipped, nothing is dirty, or the backlog has
+    /// too many runs).
+    pub(crate) fn freeze(&self) -> bool {
+        let mut state = self.lock();
+        let state = &mut *state;
+        if state.frozen.is_some() || state.dirty.total_dirty_bytes() == 0 {
+            return false;
+        }
+        let mut runs = BTreeMap::new();
+        for disk in 0..self.volumes.len() {
+            while let Some((offset, len)) = state.dirty.pop_run(disk, MAX_RUN) {
+                runs.insert((disk, offset), len);
+                if runs.len() > MAX_FROZEN_RUNS {
+                    for ((disk, offset), len) in runs {
+                        state.dirty.mark(disk, offset, len);
+                    }
+                    return false;
+                }
+            }
+        }
+        state.flush_requested = false;
+        state.generation += 1;
+        state.frozen = Some(Frozen {
+            runs,
+            reading: Vec::new(),
+            cache: std::mem::take(&mut state.cache),
+            write_seq: state.write_seq,
+            generation: state.generation,
+        });
+        true
+    }
+
+    /// Where the frozen generation stands; a [`GenerationState::Shipped`] generation is
+    /// forgotten, since the caller now closes its epoch.
+    pub(crate) fn generation_state(&self) -> GenerationState {
+        let mut state = self.lock();
+        match &state.frozen {
+            None => GenerationState::Open,
+            Some(f) if !f.runs.is_empty() || !f.reading.is_empty() => GenerationState::Shipping,
+            Some(f) => {
+                let write_seq = f.write_seq;
+                let leftover: usize = f.cache.values().map(|c| c.len()).sum();
+                state.cache_bytes -= leftover;
+                state.frozen = None;
+                GenerationState::Shipped(write_seq)
+            }
+        }
+    }
+
+    /// Whether a flush asked for a consistent point that has not been started yet.
+    pub(crate) fn flush_requested(&self) -> bool {
+        self.lock().flush_requested
+    }
+
     /// Epoch `epoch` is durable: its runs need no resending.
     pub(crate) fn durable_through(&self, epoch: u64) {
         let mut state = self.lock();
@@ -438,9 +677,11 @@ impl CaptureShared {
         }
     }
 
-    /// The session ended: runs sent but not durable are changes again.
+    /// The session ended: runs sent but not durable are changes again, and so is the
+    /// frozen generation (its epoch can no longer be closed).
     pub(crate) fn session_ended(&self) {
         let mut state = self.lock();
+        dissolve(&mut state);
         let runs: Vec<_> = state.unacked.drain(..).collect();
         state.unacked_bytes = 0;
         for (_, disk, offset, len) in runs {
@@ -452,7 +693,7 @@ impl CaptureShared {
     /// now covers, and whether a flush asked for one.
     pub(crate) fn quiescent(&self) -> Option<(u64, bool)> {
         let mut state = self.lock();
-        if state.dirty.total_dirty_bytes() > 0 {
+        if state.dirty.total_dirty_bytes() > 0 || state.frozen.is_some() {
             return None;
         }
         let flush = std::mem::take(&mut state.flush_requested);
@@ -471,5 +712,273 @@ impl CaptureShared {
             *d = (*d).max(write_seq);
             advanced
         });
+    }
+}
+
+/// Gives up the frozen generation: its unsent runs go back to the dirty map, and copies
+/// that are still the blocks' current content go back to the buffer. Runs already sent in
+/// its epoch stay sent; that epoch now closes only when the map drains.
+fn dissolve(state: &mut CaptureState) {
+    let Some(frozen) = state.frozen.take() else {
+        return;
+    };
+    for (key, copy) in frozen.cache {
+        // A copy is still the block's content if the block was not written since the
+        // freeze (it would be dirty again) and is still to be sent. Copies for reads in
+        // progress are dropped: those reads now ship whatever they find, in an epoch that
+        // closes only when the map drains.
+        let unsent = frozen
+            .runs
+            .range((key.0, (key.1 * BLOCK).saturating_sub(MAX_RUN))..=(key.0, key.1 * BLOCK))
+            .any(|(&(_, offset), &len)| key.1 * BLOCK < offset + len);
+        if unsent && !state.dirty.is_dirty(key.0, key.1 * BLOCK) && !state.cache.contains_key(&key)
+        {
+            state.cache.insert(key, copy);
+        } else {
+            state.cache_bytes -= copy.len();
+        }
+    }
+    for ((disk, offset), len) in frozen.runs {
+        state.dirty.mark(disk, offset, len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The generations against a model: a receiver image that applies every run in the
+    //! order the sender takes it must, at every consistent point, equal the source
+    //! volume as it was when that point's generation was frozen (or, for a point cut
+    //! when the map drained, as it is then), whatever writes race with the sender.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    const BLOCKS: u64 = 48;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write {
+            block: u64,
+            blocks: u64,
+            byte: u8,
+        },
+        Zero {
+            block: u64,
+            blocks: u64,
+        },
+        /// The sender takes a run; when it must read the volume, these writes land
+        /// between taking the run and reading it (the worst moment).
+        Take {
+            racing: Vec<(u64, u8)>,
+        },
+        Freeze,
+        Close,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..BLOCKS, 1..6u64, 1..=255u8).prop_map(|(block, blocks, byte)| Op::Write { block, blocks, byte }),
+            1 => (0..BLOCKS, 1..4u64).prop_map(|(block, blocks)| Op::Zero { block, blocks }),
+            4 => proptest::collection::vec((0..BLOCKS, 1..=255u8), 0..3).prop_map(|racing| Op::Take { racing }),
+            1 => Just(Op::Freeze),
+            2 => Just(Op::Close),
+        ]
+    }
+
+    struct Model {
+        shared: Arc<CaptureShared>,
+        path: std::path::PathBuf,
+        image: Vec<u8>,
+        epoch: u64,
+        /// The volume's content at the freeze of the generation being shipped.
+        frozen_at: Option<Vec<u8>>,
+        /// Consistent points closed by a shipped generation.
+        points: usize,
+    }
+
+    impl Model {
+        fn volume(&self) -> Vec<u8> {
+            std::fs::read(&self.path).unwrap()
+        }
+
+        fn write(&self, block: u64, blocks: u64, byte: u8) {
+            let blocks = blocks.min(BLOCKS - block);
+            let data = vec![byte; (blocks * BLOCK) as usize];
+            self.shared.write(0, block * BLOCK, &data).unwrap();
+        }
+
+        fn take(&mut self, racing: &[(u64, u8)]) {
+            let Some(run) = self.shared.take_run(1 << 20, self.epoch) else {
+                return;
+            };
+            let data = match run.data.clone() {
+                Some(data) => data,
+                None => {
+                    for &(block, byte) in racing {
+                        self.write(block, 1, byte);
+                    }
+                    let mut data = self.shared.read_volume(0, run.offset, run.len).unwrap();
+                    self.shared.finish_read(&run, &mut data);
+                    data
+                }
+            };
+            let at = run.offset as usize;
+            self.image[at..at + data.len()].copy_from_slice(&data);
+        }
+
+        fn close(&mut self) {
+            match self.shared.generation_state() {
+                GenerationState::Shipped(_) => {
+                    let expected = self.frozen_at.take().expect("a generation was frozen");
+                    assert!(
+                        self.image == expected,
+                        "a frozen generation shipped content other than its own"
+                    );
+                    self.epoch += 1;
+                    self.points += 1;
+                }
+                GenerationState::Shipping => {}
+                GenerationState::Open => {
+                    if self.shared.quiescent().is_some() {
+                        assert!(
+                            self.image == self.volume(),
+                            "the map drained but the image differs"
+                        );
+                        self.epoch += 1;
+                    }
+                }
+            }
+        }
+
+        /// A dissolved generation has no point of its own any more.
+        fn forget_dissolved(&mut self) {
+            if self.shared.lock().frozen.is_none() {
+                self.frozen_at = None;
+            }
+        }
+    }
+
+    fn check(ops: &[Op], buffer: usize) -> usize {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk0.img");
+        std::fs::write(&path, vec![0u8; (BLOCKS * BLOCK) as usize]).unwrap();
+        let volume = Volume::open(&format!("disk0={}", path.display())).unwrap();
+        let capture = Capture::new(&[volume], buffer);
+        let mut model = Model {
+            shared: Arc::clone(capture.shared()),
+            image: vec![0u8; (BLOCKS * BLOCK) as usize],
+            path,
+            epoch: 1,
+            frozen_at: None,
+            points: 0,
+        };
+        for op in ops {
+            match op {
+                Op::Write {
+                    block,
+                    blocks,
+                    byte,
+                } => model.write(*block, *blocks, *byte),
+                Op::Zero { block, blocks } => {
+                    let blocks = (*blocks).min(BLOCKS - block);
+                    model
+                        .shared
+                        .write_zeroes(0, block * BLOCK, blocks * BLOCK)
+                        .unwrap();
+                }
+                Op::Take { racing } => model.take(racing),
+                Op::Freeze => {
+                    let before = model.volume();
+                    if model.shared.freeze() {
+                        model.frozen_at = Some(before);
+                    }
+                }
+                Op::Close => model.close(),
+            }
+            model.forget_dissolved();
+        }
+        // Drain: everything written reaches the image, a frozen generation first.
+        for _ in 0..2 {
+            model.forget_dissolved();
+            while let Some(run) = model.shared.take_run(1 << 20, model.epoch) {
+                let mut data = match run.data.clone() {
+                    Some(data) => data,
+                    None => model.shared.read_volume(0, run.offset, run.len).unwrap(),
+                };
+                model.shared.finish_read(&run, &mut data);
+                let at = run.offset as usize;
+                model.image[at..at + data.len()].copy_from_slice(&data);
+            }
+            model.close();
+        }
+        assert!(
+            model.image == model.volume(),
+            "the drained image differs from the volume"
+        );
+        let state = model.shared.lock();
+        let held: usize = state.cache.values().map(|c| c.len()).sum();
+        assert_eq!(state.cache_bytes, held, "the buffer's byte count drifted");
+        model.points
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn frozen_generations_ship_their_own_content(ops in proptest::collection::vec(op(), 1..120)) {
+            check(&ops, 1 << 20);
+        }
+
+        #[test]
+        fn a_buffer_too_small_for_copies_dissolves_but_never_lies(ops in proptest::collection::vec(op(), 1..120)) {
+            check(&ops, 3 * BLOCK as usize);
+        }
+    }
+
+    #[test]
+    fn a_hot_block_rewritten_while_frozen_keeps_its_frozen_content() {
+        let ops = [
+            Op::Write {
+                block: 3,
+                blocks: 1,
+                byte: 1,
+            },
+            Op::Write {
+                block: 9,
+                blocks: 3,
+                byte: 2,
+            },
+            Op::Freeze,
+            // Rewritten before the sender gets to it: the frozen copy must travel.
+            Op::Write {
+                block: 3,
+                blocks: 1,
+                byte: 7,
+            },
+            Op::Take { racing: vec![] },
+            // Rewritten between the take and the read.
+            Op::Take {
+                racing: vec![(9, 8), (10, 9)],
+            },
+            Op::Close,
+        ];
+        // Three blocks of buffer: blocks 9-11 are not buffered, so their run is read from
+        // the volume after the racing writes, and only the copies made for them can
+        // correct it.
+        assert_eq!(
+            check(&ops, 3 * BLOCK as usize),
+            1,
+            "the frozen generation closed a point"
+        );
+        assert_eq!(
+            check(&ops, 1 << 20),
+            1,
+            "the frozen generation closed a point"
+        );
+        assert_eq!(
+            check(&ops, 0),
+            0,
+            "without room for copies the generation dissolves"
+        );
     }
 }

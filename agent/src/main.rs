@@ -60,6 +60,10 @@ enum Command {
         /// they are re-read from the volume.
         #[arg(long, default_value_t = 256)]
         buffer_mib: usize,
+        /// Under a sustained workload, cut a crash-consistent point at least this often
+        /// (milliseconds). A quiet workload gets one as soon as its changes are sent.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+        epoch_interval_ms: u64,
     },
 }
 
@@ -107,6 +111,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             nbd_listen,
             sync_mode,
             buffer_mib,
+            epoch_interval_ms,
         } => {
             let credentials = Credentials::load(&credentials)
                 .with_context(|| format!("loading credentials from {}", credentials.display()))?;
@@ -115,6 +120,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             config.exit_when_synced = exit_when_synced;
             config.progress = progress;
             config.streams = streams;
+            config.epoch_interval = std::time::Duration::from_millis(epoch_interval_ms);
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone());
             let agent = Agent::with_buffer(&volumes, buffer_mib << 20);

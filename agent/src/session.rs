@@ -17,7 +17,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{AgentConfig, AgentStats};
-use crate::capture::CaptureShared;
+use crate::capture::{CaptureShared, GenerationState};
 use crate::credentials::Credentials;
 use crate::resources::ProcessSampler;
 use crate::volume::CHUNK;
@@ -192,6 +192,8 @@ pub(crate) struct Session<'a> {
     bytes_since_barrier: u64,
     heartbeat_every: Duration,
     last_heartbeat: Instant,
+    /// When the last consistent epoch was closed (or the last generation frozen).
+    last_consistent: Instant,
     sampler: ProcessSampler,
     shutdown: CancellationToken,
 }
@@ -229,6 +231,7 @@ pub(crate) async fn run(
         bytes_since_barrier: 0,
         heartbeat_every: Duration::from_secs(5),
         last_heartbeat: Instant::now(),
+        last_consistent: Instant::now(),
         sampler: ProcessSampler::new(),
         shutdown: shutdown.clone(),
     };
@@ -404,34 +407,53 @@ impl Session<'_> {
                     .store(true, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!("every disk's initial sync is durable at the receiver");
             }
-            // Continuous replication: an epoch closes whenever the dirty map drains, which
-            // makes it a crash-consistent point.
+            // Continuous replication: an epoch closes when the frozen generation has been
+            // shipped, or whenever the dirty map drains; either makes it a
+            // crash-consistent point.
             let mut barrier_sent = false;
-            if let Some((write_seq, flush)) = capture.quiescent() {
-                let due = self.changes_since_barrier > 0 || flush;
-                if due && synced && self.epoch - self.durable_epoch < MAX_UNACKED_BARRIERS {
-                    self.barrier(Vec::new()).await?;
-                    self.changes_since_barrier = 0;
-                    self.covers.push_back((self.epoch, write_seq));
-                    barrier_sent = true;
-                } else if due && synced {
-                    // Too many barriers in flight: ask again once one is acknowledged.
-                    capture.request_flush();
-                }
-                if synced
-                    && self.config.exit_when_synced
-                    && !due
-                    && self.durable_epoch == self.epoch
-                    && capture.backlog_bytes() == 0
-                {
-                    self.send(
-                        0,
-                        &Frame::Goodbye(Goodbye {
-                            message: "initial sync complete".into(),
-                        }),
-                    )
-                    .await?;
-                    return Ok(Outcome::Synced);
+            if synced {
+                match capture.generation_state() {
+                    GenerationState::Shipped(write_seq) => {
+                        self.consistent_barrier(write_seq).await?;
+                        barrier_sent = true;
+                    }
+                    GenerationState::Shipping => {}
+                    GenerationState::Open => {
+                        if let Some((write_seq, flush)) = capture.quiescent() {
+                            let due = self.changes_since_barrier > 0 || flush;
+                            if due && self.epoch - self.durable_epoch < MAX_UNACKED_BARRIERS {
+                                self.consistent_barrier(write_seq).await?;
+                                barrier_sent = true;
+                            } else if due {
+                                // Too many barriers in flight: ask again once one is
+                                // acknowledged.
+                                capture.request_flush();
+                            }
+                            if self.config.exit_when_synced
+                                && !due
+                                && self.durable_epoch == self.epoch
+                                && capture.backlog_bytes() == 0
+                            {
+                                self.send(
+                                    0,
+                                    &Frame::Goodbye(Goodbye {
+                                        message: "initial sync complete".into(),
+                                    }),
+                                )
+                                .await?;
+                                return Ok(Outcome::Synced);
+                            }
+                        } else if (self.last_consistent.elapsed() >= self.config.epoch_interval
+                            || capture.flush_requested())
+                            && self.epoch - self.durable_epoch < MAX_UNACKED_BARRIERS
+                        {
+                            // Writes keep coming: close the interval by freezing what is
+                            // dirty now, and ship that first.
+                            if capture.freeze() {
+                                self.last_consistent = Instant::now();
+                            }
+                        }
+                    }
                 }
             }
             if shipped > 0 || barrier_sent {
@@ -462,13 +484,16 @@ impl Session<'_> {
                 None => {
                     let reader = Arc::clone(&capture);
                     let (disk, offset, len) = (run.disk, run.offset, run.len);
-                    tokio::task::spawn_blocking(move || reader.read_volume(disk, offset, len))
-                        .await
-                        .map_err(|e| broken(&e.to_string()))?
-                        .map_err(|source| SessionError::Volume {
-                            disk: self.volumes[disk].name.clone(),
-                            source,
-                        })?
+                    let mut data =
+                        tokio::task::spawn_blocking(move || reader.read_volume(disk, offset, len))
+                            .await
+                            .map_err(|e| broken(&e.to_string()))?
+                            .map_err(|source| SessionError::Volume {
+                                disk: self.volumes[disk].name.clone(),
+                                source,
+                            })?;
+                    capture.finish_read(&run, &mut data);
+                    data
                 }
             };
             // A run may cross block groups; each piece goes on its group's stream.
@@ -615,6 +640,15 @@ impl Session<'_> {
                 "Welcome names epoch 0 as the next epoch".into(),
             ));
         }
+        Ok(())
+    }
+
+    /// Closes a crash-consistent epoch covering capture writes up to `write_seq`.
+    async fn consistent_barrier(&mut self, write_seq: u64) -> Result<(), SessionError> {
+        self.barrier(Vec::new()).await?;
+        self.changes_since_barrier = 0;
+        self.covers.push_back((self.epoch, write_seq));
+        self.last_consistent = Instant::now();
         Ok(())
     }
 

@@ -216,3 +216,87 @@ async fn changes_in_flight_survive_a_cut_connection() {
     running.stop().await;
     receiver.shutdown().await;
 }
+
+/// A workload that rewrites a hot set faster than the link can carry it never lets the
+/// dirty map drain; consistent points must keep coming anyway (every flush is answered
+/// while the writes go on), and the end is identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_points_keep_coming_while_a_hot_set_is_rewritten() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let receiver = start_receiver(&data).await;
+    let creds = credentials(&data, SERVER, &dir.path().join("creds"));
+    let size = 32 << 20;
+    let (source, _) = image(dir.path(), "src.img", size, 0.5, 1 << 20, 15);
+    let throttled = Arc::new(AtomicBool::new(false));
+    let proxy = throttling_proxy(receiver.local_addr(), 4 << 20, Arc::clone(&throttled)).await;
+    let volumes = vec![volume("disk0", &source)];
+    let mut config = agent_config(proxy, creds);
+    config.epoch_interval = Duration::from_millis(200);
+    // One stream: less queued between the map and the throttled link.
+    config.streams = 1;
+    let running = start_agent(Agent::new(&volumes), config, volumes);
+    running.wait_synced().await;
+    throttled.store(true, Ordering::Relaxed);
+
+    // 1024 hot blocks (4 MiB) rewritten without pause, 16 KiB at a time: many times
+    // what the 4 MiB/s link carries.
+    let capture = running.agent.capture().clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = tokio::spawn({
+        let (capture, stop, written) = (capture.clone(), Arc::clone(&stop), Arc::clone(&written));
+        async move {
+            let mut rng = Rng(0x4077);
+            while !stop.load(Ordering::Relaxed) {
+                let block = rng.next() % 1021;
+                let fill = (rng.next() % 255) as u8 + 1;
+                capture
+                    .write(0, block * 4096, vec![fill; 16384])
+                    .await
+                    .unwrap();
+                written.fetch_add(16384, Ordering::Relaxed);
+            }
+        }
+    });
+
+    let epoch_before = receiver.status().unwrap().servers[0].durable_epoch;
+    for round in 0..3 {
+        // Let a backlog build first: the flush then covers writes still in flight.
+        let start = written.load(Ordering::Relaxed);
+        while written.load(Ordering::Relaxed) < start + (32 << 20) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let target = capture.flush_local().await.unwrap();
+        let before = written.load(Ordering::Relaxed);
+        tokio::time::timeout(Duration::from_secs(60), capture.wait_durable(target))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("round {round}: no consistent point under a sustained workload")
+            });
+        assert!(!writer.is_finished(), "the writer is still writing");
+        let during = written.load(Ordering::Relaxed) - before;
+        assert!(
+            during > 0 && capture.backlog_bytes() > 0,
+            "round {round}: the point was cut while writes went on ({during} bytes) and \
+             changes were pending"
+        );
+    }
+    let epoch_after = receiver.status().unwrap().servers[0].durable_epoch;
+    assert!(
+        epoch_after >= epoch_before + 3,
+        "{epoch_before} -> {epoch_after}"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    throttled.store(false, Ordering::Relaxed);
+    running.flush().await;
+    assert_eq!(capture.backlog_bytes(), 0);
+    assert_identical(&source, &staging_image(&data, SERVER, "disk0"));
+    running.stop().await;
+    receiver.shutdown().await;
+}

@@ -5,14 +5,12 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The agent's capture buffer in this test.
 const BUFFER_MIB: u64 = 64;
@@ -20,28 +18,6 @@ const BUFFER_MIB: u64 = 64;
 /// 4 MiB), read-ahead (4 MiB), the dirty map, allocator slack. Measured at about 40 MiB
 /// on the development machine; the bound leaves room for allocator noise.
 const OVERHEAD_MIB: u64 = 96;
-
-/// Forwards agent→receiver bytes at about `rate` bytes/s while `throttled` is set.
-async fn throttling_proxy(target: SocketAddr, rate: u64, throttled: Arc<AtomicBool>) -> SocketAddr {
-    loopback_proxy(target, move |mut cr, mut cw, mut sr, mut sw| {
-        let throttled = Arc::clone(&throttled);
-        async move {
-            tokio::spawn(async move {
-                let _ = tokio::io::copy(&mut sr, &mut cw).await;
-            });
-            let mut buf = vec![0u8; 16 << 10];
-            while let Ok(n) = cr.read(&mut buf).await {
-                if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
-                    return;
-                }
-                if throttled.load(Ordering::Relaxed) {
-                    tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64)).await;
-                }
-            }
-        }
-    })
-    .await
-}
 
 /// Prints a file (the agent's log) if the test panics while this is alive.
 struct PrintOnPanic(std::path::PathBuf);

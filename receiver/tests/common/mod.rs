@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use blockferry_agent::{Agent, AgentConfig, AgentReport, Credentials, Volume};
@@ -128,6 +128,32 @@ where
         }
     });
     addr
+}
+
+/// Forwards agent→receiver bytes at about `rate` bytes/s while `throttled` is set.
+pub async fn throttling_proxy(
+    target: SocketAddr,
+    rate: u64,
+    throttled: Arc<AtomicBool>,
+) -> SocketAddr {
+    loopback_proxy(target, move |mut cr, mut cw, mut sr, mut sw| {
+        let throttled = Arc::clone(&throttled);
+        async move {
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut sr, &mut cw).await;
+            });
+            let mut buf = vec![0u8; 16 << 10];
+            while let Ok(n) = cr.read(&mut buf).await {
+                if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+                if throttled.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64)).await;
+                }
+            }
+        }
+    })
+    .await
 }
 
 /// A proxy that, once, drops every connection it carries as soon as `cut_after` bytes in
