@@ -13,8 +13,10 @@ use blockferry_storage::error_chain;
 
 use crate::credentials::Credentials;
 use crate::progress::{Progress, ProgressMode};
-use crate::session::{self, Outcome, SessionError};
+use crate::session::{self, Identity, Outcome, SessionError};
+use crate::state::{self, StateRecord};
 use crate::volume::Volume;
+use blockferry_proto::ResumeClaim;
 
 /// Default for [`AgentConfig::epoch_interval`].
 pub const DEFAULT_EPOCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -28,6 +30,13 @@ pub struct AgentConfig {
     pub progress: ProgressMode,
     /// Streams (TLS connections) to open, 1 to 5; the receiver may grant fewer.
     pub streams: u8,
+    /// Where the clean-shutdown state record lives; without one, every restart rescans.
+    pub state_dir: Option<std::path::PathBuf>,
+    /// Rescan every disk by checksum at start (for writes made behind the agent's back).
+    pub rescan: bool,
+    /// At a clean shutdown, how long to keep sending changes before saving the rest in
+    /// the state record.
+    pub drain_timeout: Duration,
     /// Under a sustained workload, how often a consistent point is cut (the dirty runs
     /// are frozen and shipped ahead of later writes). With a quiet workload a point is
     /// cut as soon as the changes are sent.
@@ -46,6 +55,9 @@ impl AgentConfig {
             progress: ProgressMode::Quiet,
             streams: 4,
             epoch_interval: DEFAULT_EPOCH_INTERVAL,
+            state_dir: None,
+            rescan: false,
+            drain_timeout: Duration::from_secs(30),
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
         }
@@ -63,6 +75,10 @@ pub struct AgentStats {
     pub wire_bytes: AtomicU64,
     /// Sessions that got as far as Welcome.
     pub sessions: AtomicU64,
+    /// Bytes compared by checksum with the receiver's copy.
+    pub rescanned_bytes: AtomicU64,
+    /// Bytes a rescan found different and marked to be sent again.
+    pub rescan_marked_bytes: AtomicU64,
     pub synced: AtomicBool,
     sizes: Vec<u64>,
     positions: Vec<AtomicU64>,
@@ -78,6 +94,8 @@ impl AgentStats {
             zero_fill_bytes: AtomicU64::new(0),
             wire_bytes: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
+            rescanned_bytes: AtomicU64::new(0),
+            rescan_marked_bytes: AtomicU64::new(0),
             synced: AtomicBool::new(false),
             sizes: volumes.iter().map(|v| v.size).collect(),
             positions: volumes.iter().map(|_| AtomicU64::new(0)).collect(),
@@ -190,6 +208,12 @@ impl Agent {
         shutdown: CancellationToken,
     ) -> Result<AgentReport, AgentError> {
         let started = Instant::now();
+        let mut identity = Identity {
+            series: *uuid::Uuid::new_v4().as_bytes(),
+            claim: self.initial_claim(config, volumes),
+            next_seq: 1,
+            checkpoints: config.state_dir.is_some(),
+        };
         let progress = Progress::start(config.progress, Arc::clone(&self.stats));
         let mut backoff = config.initial_backoff;
         let result = loop {
@@ -200,9 +224,14 @@ impl Agent {
                 &self.stats,
                 self.capture.shared(),
                 &shutdown,
+                &mut identity,
             )
             .await
             {
+                Ok(Outcome::Checkpointed(seq)) => {
+                    self.save_state(config, volumes, identity.series, seq);
+                    break Ok(Outcome::Shutdown);
+                }
                 Ok(outcome @ (Outcome::Synced | Outcome::Shutdown)) => break Ok(outcome),
                 Ok(Outcome::Closed(why)) => tracing::info!(%why, "session closed; reconnecting"),
                 Err(SessionError::Stopping) => break Ok(Outcome::Shutdown),
@@ -237,6 +266,80 @@ impl Agent {
             elapsed: started.elapsed(),
             outcome,
         })
+    }
+}
+
+impl Agent {
+    /// What the first Hello claims: a clean shutdown's record restores the dirty map;
+    /// anything else means the receiver must have the disks rescanned.
+    fn initial_claim(&self, config: &AgentConfig, volumes: &[Volume]) -> ResumeClaim {
+        let Some(dir) = &config.state_dir else {
+            return if config.rescan {
+                ResumeClaim::RescanRequested
+            } else {
+                ResumeClaim::NoRecord
+            };
+        };
+        // Read (and so consumed) even when a rescan is asked for: it must never be
+        // trusted later.
+        let record = state::take(dir, volumes);
+        if config.rescan {
+            tracing::info!("rescan requested: every disk is compared with the receiver");
+            return ResumeClaim::RescanRequested;
+        }
+        match record {
+            Ok(Some(record)) => {
+                for (disk, runs) in record.dirty.iter().enumerate() {
+                    for &(offset, len) in runs {
+                        self.capture.shared().mark_dirty(disk, offset, len);
+                    }
+                }
+                tracing::info!(
+                    seq = record.seq,
+                    dirty = self.capture.backlog_bytes(),
+                    "resuming from the clean-shutdown state record"
+                );
+                ResumeClaim::Checkpoint {
+                    series: record.series,
+                    seq: record.seq,
+                }
+            }
+            Ok(None) => {
+                tracing::info!(
+                    "no clean-shutdown state record: the disks will be rescanned by checksum"
+                );
+                ResumeClaim::NoRecord
+            }
+            Err(err) => {
+                tracing::warn!(error = %error_chain(&err), "not trusting the state record: the disks will be rescanned by checksum");
+                ResumeClaim::InvalidRecord
+            }
+        }
+    }
+
+    /// Saves the dirty map under the checkpoint the receiver recorded. A failure leaves
+    /// no record, so the next start rescans: slower, never wrong.
+    fn save_state(&self, config: &AgentConfig, volumes: &[Volume], series: [u8; 16], seq: u64) {
+        let Some(dir) = &config.state_dir else { return };
+        let record = StateRecord {
+            series,
+            seq,
+            dirty: self.capture.shared().dirty_runs(),
+        };
+        let dirty: u64 = record.dirty.iter().flatten().map(|r| r.1).sum();
+        match state::save(dir, volumes, &record) {
+            Ok(()) => tracing::info!(
+                path = %state::path(dir).display(),
+                seq,
+                dirty,
+                "saved the state record: the next start resumes without a rescan"
+            ),
+            Err(err) => tracing::error!(
+                path = %state::path(dir).display(),
+                error = %err,
+                "cannot save the state record: the next start rescans"
+            ),
+        }
     }
 }
 

@@ -58,6 +58,8 @@ pub enum CaptureError {
         len: u64,
         size: u64,
     },
+    #[error("the agent is stopping: writes to {disk} are no longer accepted")]
+    Stopping { disk: String },
     #[error("cannot write to volume {disk}")]
     Io {
         disk: String,
@@ -111,6 +113,8 @@ struct CaptureState {
     frozen: Option<Frozen>,
     /// Counts freezes, so that a copy made for one generation is never filed in another.
     generation: u64,
+    /// Set at shutdown: the dirty map is about to be saved, so no write may change it.
+    sealed: bool,
 }
 
 /// The dirty runs of one closed interval, shipped with their content as of the freeze.
@@ -190,6 +194,7 @@ impl Capture {
                     next_disk: 0,
                     frozen: None,
                     generation: 0,
+                    sealed: false,
                 }),
                 changed: Notify::new(),
                 durable_writes: watch::channel(0).0,
@@ -337,6 +342,7 @@ impl CaptureShared {
         let _order = self.write_order[disk]
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
+        self.refuse_if_sealed(disk)?;
         self.preserve_frozen(disk, offset, len)?;
         self.volume_file(disk)?
             .write_all_at(data, offset)
@@ -356,6 +362,7 @@ impl CaptureShared {
         let _order = self.write_order[disk]
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
+        self.refuse_if_sealed(disk)?;
         self.preserve_frozen(disk, offset, len)?;
         let file = self.volume_file(disk)?;
         let zeros = vec![0u8; (len.min(1 << 20)) as usize];
@@ -371,6 +378,68 @@ impl CaptureShared {
         }
         self.record(disk, offset, len, None);
         Ok(())
+    }
+
+    fn refuse_if_sealed(&self, disk: usize) -> Result<(), CaptureError> {
+        if self.lock().sealed {
+            return Err(CaptureError::Stopping {
+                disk: self.volumes[disk].name.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Stops accepting writes (they fail with [`CaptureError::Stopping`]) so that the
+    /// dirty map can be saved complete. Waits for writes in progress to be recorded.
+    pub(crate) fn seal(&self) {
+        self.lock().sealed = true;
+        for order in &self.write_order {
+            drop(order.lock().unwrap_or_else(|poison| poison.into_inner()));
+        }
+    }
+
+    /// Marks `[offset, offset + len)` of `disk` as changed, whatever the sync cursor: a
+    /// restored state record or a rescan found it different from the receiver's copy.
+    pub(crate) fn mark_dirty(&self, disk: usize, offset: u64, len: u64) {
+        let mut state = self.lock();
+        state.dirty.mark(disk, offset, len);
+        // A buffered copy may predate whatever made the block differ; the volume decides.
+        for block in offset / BLOCK..(offset + len).div_ceil(BLOCK) {
+            if let Some(copy) = state.cache.remove(&(disk, block)) {
+                state.cache_bytes -= copy.len();
+            }
+        }
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
+    /// Whether `disk` has nothing waiting to be sent (neither in the map nor frozen).
+    pub(crate) fn disk_clean(&self, disk: usize) -> bool {
+        let state = self.lock();
+        state.dirty.dirty_bytes(disk) == 0
+            && state.frozen.as_ref().is_none_or(|f| {
+                !f.runs.keys().any(|&(d, _)| d == disk) && !f.reading.iter().any(|r| r.0 == disk)
+            })
+    }
+
+    /// Every disk's dirty runs (after [`Self::session_ended`] has put back what was
+    /// unacknowledged), for the state record. The map is left as it was.
+    pub(crate) fn dirty_runs(&self) -> Vec<Vec<(u64, u64)>> {
+        let mut state = self.lock();
+        dissolve(&mut state);
+        let mut all = Vec::with_capacity(self.volumes.len());
+        for disk in 0..self.volumes.len() {
+            let mut runs = Vec::new();
+            while let Some(run) = state.dirty.pop_run(disk, MAX_RUN) {
+                runs.push(run);
+            }
+            for &(offset, len) in &runs {
+                state.dirty.mark(disk, offset, len);
+            }
+            runs.sort_unstable();
+            all.push(runs);
+        }
+        all
     }
 
     /// Copies aside the current content of every block of `[offset, offset + len)` that

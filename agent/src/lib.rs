@@ -9,8 +9,10 @@ pub mod dirty;
 pub mod inventory;
 pub mod nbd;
 mod progress;
+mod rescan;
 pub mod resources;
 mod session;
+pub mod state;
 pub mod volume;
 
 pub use agent::{Agent, AgentConfig, AgentError, AgentReport, AgentStats};

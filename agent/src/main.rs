@@ -64,6 +64,19 @@ enum Command {
         /// (milliseconds). A quiet workload gets one as soon as its changes are sent.
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
         epoch_interval_ms: u64,
+        /// Directory for the clean-shutdown state record (`agent-state`). With it, a
+        /// clean stop (SIGTERM, SIGINT) saves what is not yet at the receiver and the next
+        /// start resumes without a rescan; without it, every start rescans by checksum.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Rescan every disk by checksum at start, whatever the state record says: for
+        /// writes made to a volume while the agent was not running.
+        #[arg(long)]
+        rescan: bool,
+        /// At a clean stop, how long to keep sending changes (seconds) before saving the
+        /// rest in the state record.
+        #[arg(long, default_value_t = 30)]
+        drain_timeout_secs: u64,
     },
 }
 
@@ -112,6 +125,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             sync_mode,
             buffer_mib,
             epoch_interval_ms,
+            state_dir,
+            rescan,
+            drain_timeout_secs,
         } => {
             let credentials = Credentials::load(&credentials)
                 .with_context(|| format!("loading credentials from {}", credentials.display()))?;
@@ -121,6 +137,13 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             config.progress = progress;
             config.streams = streams;
             config.epoch_interval = std::time::Duration::from_millis(epoch_interval_ms);
+            config.rescan = rescan;
+            config.drain_timeout = std::time::Duration::from_secs(drain_timeout_secs);
+            if let Some(dir) = &state_dir {
+                blockferry_storage::durable::create_dir_durable(dir, 0o700)
+                    .with_context(|| format!("creating the state dir {}", dir.display()))?;
+            }
+            config.state_dir = state_dir;
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone());
             let agent = Agent::with_buffer(&volumes, buffer_mib << 20);
@@ -145,7 +168,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 "agent finished"
             );
             Ok(match report.outcome {
-                Outcome::Synced | Outcome::Shutdown => ExitCode::SUCCESS,
+                Outcome::Synced | Outcome::Shutdown | Outcome::Checkpointed(_) => ExitCode::SUCCESS,
                 Outcome::Closed(_) => ExitCode::FAILURE,
             })
         }
@@ -165,7 +188,8 @@ fn limit_allocator_retention() {
     }
 }
 
-/// SIGTERM (systemctl stop) and SIGINT (Ctrl-C) stop the agent cleanly.
+/// SIGTERM (systemctl stop) and SIGINT (Ctrl-C) stop the agent cleanly; a second one
+/// stops it at once (without a state record, so the next start rescans).
 fn spawn_signal_handler(shutdown: CancellationToken) {
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -179,7 +203,13 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        tracing::info!("stopping");
+        tracing::info!("stopping (a second signal stops at once)");
         shutdown.cancel();
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("stopping at once: no state record, the next start rescans");
+        std::process::exit(130);
     });
 }

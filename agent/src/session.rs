@@ -6,9 +6,12 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeSet;
+
 use blockferry_proto::{
-    Barrier, ErrorCode, ErrorFrame, Frame, FrameBuffer, Goodbye, Heartbeat, Hello, JoinStream,
-    SyncProgress, Welcome, WriteFlags, WriteHeader, encode_write,
+    Barrier, Checkpoint, ErrorCode, ErrorFrame, Frame, FrameBuffer, Goodbye, Heartbeat, Hello,
+    JoinStream, ResumeClaim, SumReply, SyncProgress, Welcome, WriteFlags, WriteHeader,
+    encode_write,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -19,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{AgentConfig, AgentStats};
 use crate::capture::{CaptureShared, GenerationState};
 use crate::credentials::Credentials;
+use crate::rescan::{RescanEvent, RescanJob};
 use crate::resources::ProcessSampler;
 use crate::volume::CHUNK;
 use crate::volume::{ChunkReader, Volume, zero_runs};
@@ -33,6 +37,10 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Captured changes sent between two initial-sync chunks: changes go first, but the sync
 /// is never starved.
 const CHANGE_BATCH: u64 = 4 << 20;
+/// How long the receiver has to record a clean shutdown's checkpoint.
+const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Checksum replies waiting for the rescan task (it keeps at most 16 requests in flight).
+const SUM_REPLY_QUEUE: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -109,6 +117,9 @@ pub enum Outcome {
     Shutdown,
     /// The receiver ended the session (shutdown, replaced); reconnect.
     Closed(String),
+    /// The agent is shutting down cleanly and the receiver recorded checkpoint `seq`: the
+    /// state record may now be saved under it.
+    Checkpointed(u64),
 }
 
 /// What the receiver's frames mean to the sender.
@@ -116,6 +127,7 @@ pub enum Outcome {
 enum Event {
     Welcome(Welcome),
     Durable(u64),
+    CheckpointSaved(u64),
     Refused(ErrorFrame),
     Goodbye(String),
     Broken(String),
@@ -195,19 +207,52 @@ pub(crate) struct Session<'a> {
     /// When the last consistent epoch was closed (or the last generation frozen).
     last_consistent: Instant,
     sampler: ProcessSampler,
-    shutdown: CancellationToken,
+    /// What ends waits early: the shutdown request while replicating, then the drain's
+    /// and the checkpoint's deadlines while stopping cleanly.
+    stop: CancellationToken,
+    series: [u8; 16],
+    /// Set once every disk's initial sync is durable.
+    sync_done: bool,
+    /// Disks whose rescan is not yet durable at the receiver.
+    rescans_pending: BTreeSet<usize>,
+    /// Disks whose rescan has marked everything, with when it finished; each is claimed
+    /// done in the first barrier sent once the disk has nothing left to send.
+    rescans_finished: Vec<(usize, Instant)>,
+    /// (epoch, disks) of rescan-done claims not yet durable.
+    rescan_claims: VecDeque<(u64, Vec<usize>)>,
+    /// When the generation being shipped was frozen.
+    frozen_at: Option<Instant>,
+    sum_replies: Option<mpsc::Receiver<SumReply>>,
+    rescan_task: Option<tokio::task::JoinHandle<()>>,
+    /// Whether Welcome has come: only then can a clean stop record a checkpoint.
+    welcomed: bool,
 }
 
-/// Connects, says Hello, and runs the session to its end.
+/// What the agent tells the receiver about itself at Hello.
+#[derive(Debug)]
+pub(crate) struct Identity {
+    pub(crate) series: [u8; 16],
+    /// Turned into [`ResumeClaim::Live`] once a Hello has carried it.
+    pub(crate) claim: ResumeClaim,
+    /// The checkpoint number a clean shutdown of this session would use.
+    pub(crate) next_seq: u64,
+    /// Whether a clean shutdown saves a state record (there is a state dir).
+    pub(crate) checkpoints: bool,
+}
+
+/// Connects, says Hello, and runs the session to its end. When `shutdown` fires, the
+/// session drains what it can, then asks the receiver to record a checkpoint.
 pub(crate) async fn run(
     config: &AgentConfig,
     volumes: &[Volume],
     stats: &Arc<AgentStats>,
     capture: &Arc<CaptureShared>,
     shutdown: &CancellationToken,
+    identity: &mut Identity,
 ) -> Result<Outcome, SessionError> {
     let stream = connect(&config.receiver, &config.credentials).await?;
     let (events_tx, events) = mpsc::channel(256);
+    let (sums_tx, sums) = mpsc::channel(SUM_REPLY_QUEUE);
     let (reader, writer) = tokio::io::split(stream);
     let mut session = Session {
         config,
@@ -222,7 +267,11 @@ pub(crate) async fn run(
             events_tx.clone(),
             Arc::clone(stats),
         )],
-        readers: vec![tokio::spawn(read_frames(reader, events_tx.clone()))],
+        readers: vec![tokio::spawn(read_frames(
+            reader,
+            events_tx.clone(),
+            sums_tx.clone(),
+        ))],
         events,
         events_tx,
         epoch: 0,
@@ -233,11 +282,26 @@ pub(crate) async fn run(
         last_heartbeat: Instant::now(),
         last_consistent: Instant::now(),
         sampler: ProcessSampler::new(),
-        shutdown: shutdown.clone(),
+        stop: shutdown.clone(),
+        series: identity.series,
+        sync_done: false,
+        rescans_pending: BTreeSet::new(),
+        rescans_finished: Vec::new(),
+        rescan_claims: VecDeque::new(),
+        frozen_at: None,
+        sum_replies: Some(sums),
+        rescan_task: None,
+        welcomed: false,
     };
+    let claim = std::mem::replace(&mut identity.claim, ResumeClaim::Live);
     // Stopping is noticed between frames, never inside one, so the Goodbye is the last
     // whole frame the receiver reads.
-    let result = match session.drive().await {
+    let result = match session.drive(claim, sums_tx).await {
+        Err(SessionError::Stopping) if session.welcomed && identity.checkpoints => {
+            let seq = identity.next_seq;
+            identity.next_seq += 1;
+            session.stop_cleanly(seq).await
+        }
         Err(SessionError::Stopping) => {
             let _ = session
                 .send(
@@ -251,6 +315,9 @@ pub(crate) async fn run(
         }
         other => other,
     };
+    if let Some(task) = session.rescan_task.take() {
+        task.abort();
+    }
     session.close().await;
     // Changes sent in this session but not durable are changes again.
     capture.session_ended();
@@ -294,7 +361,11 @@ pub fn stream_for(disk: u16, offset: u64, streams: usize) -> usize {
 }
 
 impl Session<'_> {
-    async fn drive(&mut self) -> Result<Outcome, SessionError> {
+    async fn drive(
+        &mut self,
+        claim: ResumeClaim,
+        sums_tx: mpsc::Sender<SumReply>,
+    ) -> Result<Outcome, SessionError> {
         let hello = Hello {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             inventory: crate::inventory::collect(),
@@ -307,10 +378,12 @@ impl Session<'_> {
                 })
                 .collect(),
             streams: self.config.streams,
+            series: self.series,
+            resume: claim,
         };
         self.send(0, &Frame::Hello(hello)).await?;
         let welcome = tokio::select! {
-            () = self.shutdown.cancelled() => return Err(SessionError::Stopping),
+            () = self.stop.cancelled() => return Err(SessionError::Stopping),
             welcome = tokio::time::timeout(WELCOME_TIMEOUT, self.events.recv()) => welcome,
         };
         let welcome = match welcome {
@@ -320,19 +393,34 @@ impl Session<'_> {
             Ok(None) => return Err(broken("the connection closed before Welcome")),
         };
         self.check_welcome(&welcome)?;
+        self.welcomed = true;
         self.epoch = welcome.next_epoch.saturating_sub(1);
         self.durable_epoch = self.epoch;
         self.heartbeat_every =
             Duration::from_millis(u64::from(welcome.settings.heartbeat_interval_ms.max(500)));
         let barrier_interval = welcome.settings.barrier_interval.max(1 << 20);
-        self.join_streams(&welcome).await?;
+        self.join_streams(&welcome, &sums_tx).await?;
         self.stats
             .sessions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 
         let capture = Arc::clone(self.capture);
         let mut to_sync = VecDeque::new();
+        let mut rescans = Vec::new();
         for (index, (volume, resume)) in self.volumes.iter().zip(&welcome.disks).enumerate() {
+            if resume.rescan.is_some() && resume.sync_watermark > 0 {
+                tracing::info!(
+                    disk = %volume.name,
+                    reason = %resume.rescan,
+                    bytes = resume.sync_watermark,
+                    "the receiver asks for a rescan"
+                );
+                rescans.push(RescanJob {
+                    disk: index,
+                    end: resume.sync_watermark.min(volume.size),
+                });
+                self.rescans_pending.insert(index);
+            }
             self.stats.set_durable(index, resume.sync_watermark);
             self.stats.set_position(index, resume.sync_watermark);
             // Writes below the sync cursor are changes; at or above it, the sync reads them.
@@ -345,11 +433,28 @@ impl Session<'_> {
                 capture.set_sync_sent(index, u64::MAX);
             }
         }
+        let (rescan_tx, mut rescan_events) = mpsc::channel(16);
+        if !rescans.is_empty() {
+            let senders = self.streams.iter().map(|s| s.frames.clone()).collect();
+            let replies = self
+                .sum_replies
+                .take()
+                .expect("one rescan task per session");
+            self.rescan_task = Some(tokio::spawn(crate::rescan::run(
+                rescans,
+                self.volumes.to_vec(),
+                Arc::clone(&capture),
+                senders,
+                replies,
+                rescan_tx,
+                Arc::clone(self.stats),
+            )));
+        }
+        drop(sums_tx);
         let mut syncing: Option<(usize, ChunkReader)> = None;
         // The epoch of the last initial-sync barrier: the sync is complete once it is
         // durable.
         let mut last_sync_epoch = self.epoch;
-        let mut synced = false;
         loop {
             // Registered first, so that a write landing during this iteration wakes the
             // wait at its end.
@@ -357,6 +462,9 @@ impl Session<'_> {
             tokio::pin!(changed);
             changed.as_mut().enable();
             self.poll_events()?;
+            while let Ok(event) = rescan_events.try_recv() {
+                self.on_rescan_event(event)?;
+            }
             if self.last_heartbeat.elapsed() >= self.heartbeat_every {
                 self.heartbeat().await?;
             }
@@ -383,7 +491,7 @@ impl Session<'_> {
             if let Some((disk, reader)) = &mut syncing {
                 let disk = *disk;
                 let chunk = tokio::select! {
-                    () = self.shutdown.cancelled() => return Err(SessionError::Stopping),
+                    () = self.stop.cancelled() => return Err(SessionError::Stopping),
                     chunk = reader.recv() => chunk,
                 };
                 match chunk {
@@ -400,13 +508,12 @@ impl Session<'_> {
                 continue;
             }
 
-            if !synced && self.durable_epoch >= last_sync_epoch {
-                synced = true;
-                self.stats
-                    .synced
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            if !self.sync_done && self.durable_epoch >= last_sync_epoch {
+                self.sync_done = true;
                 tracing::info!("every disk's initial sync is durable at the receiver");
+                self.update_synced();
             }
+            let synced = self.sync_done;
             // Continuous replication: an epoch closes when the frozen generation has been
             // shipped, or whenever the dirty map drains; either makes it a
             // crash-consistent point.
@@ -414,15 +521,18 @@ impl Session<'_> {
             if synced {
                 match capture.generation_state() {
                     GenerationState::Shipped(write_seq) => {
-                        self.consistent_barrier(write_seq).await?;
+                        let frozen_at = self.frozen_at.take();
+                        self.consistent_barrier(write_seq, frozen_at).await?;
                         barrier_sent = true;
                     }
                     GenerationState::Shipping => {}
                     GenerationState::Open => {
                         if let Some((write_seq, flush)) = capture.quiescent() {
-                            let due = self.changes_since_barrier > 0 || flush;
+                            let due = self.changes_since_barrier > 0
+                                || flush
+                                || !self.rescans_finished.is_empty();
                             if due && self.epoch - self.durable_epoch < MAX_UNACKED_BARRIERS {
-                                self.consistent_barrier(write_seq).await?;
+                                self.consistent_barrier(write_seq, None).await?;
                                 barrier_sent = true;
                             } else if due {
                                 // Too many barriers in flight: ask again once one is
@@ -431,6 +541,7 @@ impl Session<'_> {
                             }
                             if self.config.exit_when_synced
                                 && !due
+                                && self.rescans_pending.is_empty()
                                 && self.durable_epoch == self.epoch
                                 && capture.backlog_bytes() == 0
                             {
@@ -451,6 +562,7 @@ impl Session<'_> {
                             // dirty now, and ship that first.
                             if capture.freeze() {
                                 self.last_consistent = Instant::now();
+                                self.frozen_at = Some(self.last_consistent);
                             }
                         }
                     }
@@ -460,8 +572,9 @@ impl Session<'_> {
                 continue;
             }
             tokio::select! {
-                () = self.shutdown.cancelled() => return Err(SessionError::Stopping),
+                () = self.stop.cancelled() => return Err(SessionError::Stopping),
                 () = &mut changed => {}
+                Some(event) = rescan_events.recv() => self.on_rescan_event(event)?,
                 event = tokio::time::timeout(self.heartbeat_every, self.events.recv()) => match event {
                     Err(_) => {}
                     Ok(Some(event)) => self.on_event(event)?,
@@ -590,7 +703,11 @@ impl Session<'_> {
     }
 
     /// Opens the streams the receiver granted beyond the first.
-    async fn join_streams(&mut self, welcome: &Welcome) -> Result<(), SessionError> {
+    async fn join_streams(
+        &mut self,
+        welcome: &Welcome,
+        sums_tx: &mpsc::Sender<SumReply>,
+    ) -> Result<(), SessionError> {
         let granted = welcome
             .settings
             .max_streams
@@ -599,8 +716,11 @@ impl Session<'_> {
         for index in 1..granted {
             let stream = connect(&self.config.receiver, &self.config.credentials).await?;
             let (reader, writer) = tokio::io::split(stream);
-            self.readers
-                .push(tokio::spawn(read_frames(reader, self.events_tx.clone())));
+            self.readers.push(tokio::spawn(read_frames(
+                reader,
+                self.events_tx.clone(),
+                sums_tx.clone(),
+            )));
             self.streams.push(StreamSender::start(
                 writer,
                 index,
@@ -643,9 +763,14 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Closes a crash-consistent epoch covering capture writes up to `write_seq`.
-    async fn consistent_barrier(&mut self, write_seq: u64) -> Result<(), SessionError> {
-        self.barrier(Vec::new()).await?;
+    /// Closes a crash-consistent epoch covering capture writes up to `write_seq` (and,
+    /// for a shipped generation, everything marked before `frozen_at`).
+    async fn consistent_barrier(
+        &mut self,
+        write_seq: u64,
+        frozen_at: Option<Instant>,
+    ) -> Result<(), SessionError> {
+        self.barrier_with(Vec::new(), frozen_at).await?;
         self.changes_since_barrier = 0;
         self.covers.push_back((self.epoch, write_seq));
         self.last_consistent = Instant::now();
@@ -656,11 +781,38 @@ impl Session<'_> {
     /// barriers are unacknowledged, so that a broken connection never loses more than a
     /// few intervals of work.
     async fn barrier(&mut self, sync_progress: Vec<SyncProgress>) -> Result<(), SessionError> {
+        self.barrier_with(sync_progress, None).await
+    }
+
+    async fn barrier_with(
+        &mut self,
+        sync_progress: Vec<SyncProgress>,
+        frozen_at: Option<Instant>,
+    ) -> Result<(), SessionError> {
         while self.epoch - self.durable_epoch >= MAX_UNACKED_BARRIERS {
             let event = self.next_event().await?;
             self.on_event(event)?;
         }
+        // A finished rescan is claimed once nothing it marked can still be unsent: the
+        // disk has nothing waiting, or its marks were all in the generation just shipped.
+        let capture = Arc::clone(self.capture);
+        let (claimed, waiting): (Vec<_>, Vec<_>) =
+            self.rescans_finished.iter().partition(|&&(disk, at)| {
+                capture.disk_clean(disk) || frozen_at.is_some_and(|frozen| at < frozen)
+            });
+        self.rescans_finished = waiting;
+        let rescan_done: Vec<usize> = claimed.into_iter().map(|(disk, _)| disk).collect();
         self.epoch += 1;
+        if !rescan_done.is_empty() {
+            self.rescan_claims
+                .push_back((self.epoch, rescan_done.clone()));
+        }
+        let mut rescan_done = Some(
+            rescan_done
+                .into_iter()
+                .map(|d| u16::try_from(d).expect("at most MAX_DISKS volumes"))
+                .collect::<Vec<_>>(),
+        );
         self.barriers_sent += 1;
         self.bytes_since_barrier = 0;
         for p in &sync_progress {
@@ -674,10 +826,113 @@ impl Session<'_> {
             let frame = Frame::Barrier(Barrier {
                 epoch: self.epoch,
                 sync_progress: progress.take().unwrap_or_default(),
+                rescan_done: rescan_done.take().unwrap_or_default(),
             });
             self.send(stream, &frame).await?;
         }
         Ok(())
+    }
+
+    fn on_rescan_event(&mut self, event: RescanEvent) -> Result<(), SessionError> {
+        match event {
+            RescanEvent::Done(disk) => {
+                tracing::info!(disk = %self.volumes[disk].name, "rescan compared every block");
+                self.rescans_finished.push((disk, Instant::now()));
+                Ok(())
+            }
+            RescanEvent::Failed { disk, error } => Err(SessionError::Volume {
+                disk: self.volumes[disk].name.clone(),
+                source: error,
+            }),
+        }
+    }
+
+    /// Every initial sync and every rescan is durable: the disks are in step.
+    fn update_synced(&self) {
+        if self.sync_done && self.rescans_pending.is_empty() {
+            self.stats
+                .synced
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// A clean stop: sends what is dirty (for at most the drain timeout) and makes it
+    /// durable, then has the receiver record checkpoint `seq`. What was not sent stays in
+    /// the dirty map, which the caller saves under that checkpoint.
+    async fn stop_cleanly(&mut self, seq: u64) -> Result<Outcome, SessionError> {
+        if let Some(task) = self.rescan_task.take() {
+            // The receiver keeps the rescan's reason: the next start rescans again.
+            task.abort();
+        }
+        self.capture.seal();
+        tracing::info!(
+            backlog = self.capture.backlog_bytes(),
+            timeout_s = self.config.drain_timeout.as_secs(),
+            "stopping: sending what is left"
+        );
+        self.stop = deadline_token(self.config.drain_timeout);
+        match self.drain().await {
+            Ok(()) => {}
+            Err(SessionError::Stopping) => tracing::warn!(
+                backlog = self.capture.backlog_bytes(),
+                "drain timed out; the rest is saved in the state record"
+            ),
+            Err(err) => return Err(err),
+        }
+        self.stop = deadline_token(CHECKPOINT_TIMEOUT);
+        self.send(0, &Frame::Checkpoint(Checkpoint { seq })).await?;
+        loop {
+            match self.next_event().await {
+                Ok(Event::CheckpointSaved(saved)) if saved == seq => break,
+                Ok(Event::CheckpointSaved(other)) => {
+                    return Err(SessionError::Protocol(format!(
+                        "the receiver saved checkpoint {other}, the agent asked for {seq}"
+                    )));
+                }
+                Ok(event) => self.on_event(event)?,
+                Err(SessionError::Stopping) => {
+                    return Err(SessionError::Timeout(
+                        "the receiver to record the checkpoint",
+                    ));
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        self.send(
+            0,
+            &Frame::Goodbye(Goodbye {
+                message: "agent stopping (clean shutdown)".into(),
+            }),
+        )
+        .await?;
+        Ok(Outcome::Checkpointed(seq))
+    }
+
+    /// Ships every change and waits until the last epoch is durable.
+    async fn drain(&mut self) -> Result<(), SessionError> {
+        loop {
+            self.poll_events()?;
+            let shipped = self.ship_changes(u64::MAX).await?;
+            if shipped > 0 || self.capture.generation_state() != GenerationState::Open {
+                continue;
+            }
+            if let Some((write_seq, _)) = self.capture.quiescent() {
+                if self.changes_since_barrier > 0 {
+                    if self.sync_done {
+                        self.consistent_barrier(write_seq, None).await?;
+                    } else {
+                        self.barrier(Vec::new()).await?;
+                        self.changes_since_barrier = 0;
+                    }
+                    continue;
+                }
+                if self.durable_epoch == self.epoch {
+                    return Ok(());
+                }
+            }
+            let event = self.next_event().await?;
+            self.on_event(event)?;
+        }
     }
 
     async fn heartbeat(&mut self) -> Result<(), SessionError> {
@@ -705,7 +960,7 @@ impl Session<'_> {
 
     async fn next_event(&mut self) -> Result<Event, SessionError> {
         tokio::select! {
-            () = self.shutdown.cancelled() => Err(SessionError::Stopping),
+            () = self.stop.cancelled() => Err(SessionError::Stopping),
             event = tokio::time::timeout(STALL_TIMEOUT, self.events.recv()) => match event {
                 Ok(Some(event)) => Ok(event),
                 Ok(None) => Err(broken("the connection closed")),
@@ -735,6 +990,14 @@ impl Session<'_> {
                         self.capture.writes_durable(write_seq);
                         self.covers.pop_front();
                     }
+                    while self.rescan_claims.front().is_some_and(|(e, _)| *e <= epoch) {
+                        let (_, disks) = self.rescan_claims.pop_front().expect("checked");
+                        for disk in disks {
+                            self.rescans_pending.remove(&disk);
+                            tracing::info!(disk = %self.volumes[disk].name, "rescan complete and durable");
+                        }
+                        self.update_synced();
+                    }
                 }
                 Ok(())
             }
@@ -754,9 +1017,9 @@ impl Session<'_> {
                 format!("the receiver ended the session: {message}"),
             ))),
             Event::Broken(why) => Err(broken(&why)),
-            Event::Welcome(_) | Event::Durable(_) => Err(SessionError::Protocol(
-                "unexpected frame from the receiver".into(),
-            )),
+            Event::Welcome(_) | Event::Durable(_) | Event::CheckpointSaved(_) => Err(
+                SessionError::Protocol("unexpected frame from the receiver".into()),
+            ),
         }
     }
 
@@ -768,7 +1031,7 @@ impl Session<'_> {
 
     async fn send_bytes(&mut self, stream: usize, bytes: Vec<u8>) -> Result<(), SessionError> {
         let sent = tokio::select! {
-            () = self.shutdown.cancelled() => return Err(SessionError::Stopping),
+            () = self.stop.cancelled() => return Err(SessionError::Stopping),
             sent = tokio::time::timeout(STALL_TIMEOUT, self.streams[stream].frames.send(bytes)) => sent,
         };
         match sent {
@@ -783,7 +1046,7 @@ impl Session<'_> {
                     tokio::time::timeout_at(deadline, self.events.recv()).await
                 {
                     match event {
-                        Event::Durable(_) => {}
+                        Event::Durable(_) | Event::CheckpointSaved(_) => {}
                         Event::Broken(why) => broken_reason = Some(why),
                         other => return self.ended(other).map(drop),
                     }
@@ -810,6 +1073,17 @@ impl Session<'_> {
     }
 }
 
+/// A token cancelled after `after`.
+fn deadline_token(after: Duration) -> CancellationToken {
+    let token = CancellationToken::new();
+    let guard = token.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        guard.cancel();
+    });
+    token
+}
+
 fn broken(why: &str) -> SessionError {
     SessionError::Connection(std::io::Error::new(
         std::io::ErrorKind::ConnectionAborted,
@@ -817,7 +1091,11 @@ fn broken(why: &str) -> SessionError {
     ))
 }
 
-async fn read_frames(mut reader: ReadHalf<TlsStream<TcpStream>>, events: mpsc::Sender<Event>) {
+async fn read_frames(
+    mut reader: ReadHalf<TlsStream<TcpStream>>,
+    events: mpsc::Sender<Event>,
+    sums: mpsc::Sender<SumReply>,
+) {
     let mut buf = FrameBuffer::new();
     loop {
         loop {
@@ -825,6 +1103,12 @@ async fn read_frames(mut reader: ReadHalf<TlsStream<TcpStream>>, events: mpsc::S
                 Ok(None) => break,
                 Ok(Some(Frame::Welcome(w))) => Event::Welcome(w),
                 Ok(Some(Frame::Durable(d))) => Event::Durable(d.epoch),
+                Ok(Some(Frame::CheckpointSaved(c))) => Event::CheckpointSaved(c.seq),
+                Ok(Some(Frame::SumReply(reply))) => {
+                    // No rescan task (any more): nobody is waiting for it.
+                    let _ = sums.send(reply).await;
+                    continue;
+                }
                 Ok(Some(Frame::Error(e))) => Event::Refused(e),
                 Ok(Some(Frame::Goodbye(g))) => Event::Goodbye(g.message),
                 Ok(Some(Frame::Unknown { kind, .. })) => {
@@ -837,7 +1121,10 @@ async fn read_frames(mut reader: ReadHalf<TlsStream<TcpStream>>, events: mpsc::S
                 )),
                 Err(err) => Event::Broken(format!("undecodable frame from the receiver: {err}")),
             };
-            let last = !matches!(event, Event::Welcome(_) | Event::Durable(_));
+            let last = !matches!(
+                event,
+                Event::Welcome(_) | Event::Durable(_) | Event::CheckpointSaved(_)
+            );
             if events.send(event).await.is_err() || last {
                 return;
             }

@@ -44,3 +44,16 @@ pub const MAX_IPS: usize = 256;
 
 /// Most parallel streams (TCP connections) one agent session may open: a product limit.
 pub const MAX_STREAMS: u8 = 5;
+
+/// Most block digests one `SumRequest` may ask for (and one `SumReply` carries): 8192
+/// xxh3-128 digests are 128 KiB, a control-sized frame, and at 4 KiB blocks they cover
+/// 32 MiB, enough to keep the receiver's reads large.
+pub const MAX_SUM_BLOCKS: u32 = 8192;
+
+/// Smallest and largest digest block: the dirty map's block, up to one write frame.
+pub const MIN_SUM_BLOCK_SIZE: u32 = 4096;
+pub const MAX_SUM_BLOCK_SIZE: u32 = 1 << 20;
+
+/// Most bytes one `SumRequest` may make the receiver read, so that one request is a
+/// bounded amount of work whatever its block size.
+pub const MAX_SUM_RANGE: u64 = 64 << 20;

@@ -8,7 +8,7 @@ use std::fmt;
 use crate::codec::{DecodeError, Put, Reader, finish_frame, start_frame};
 use crate::limits::{
     MAX_CPUS, MAX_DISK_NAME_LEN, MAX_DISKS, MAX_INVENTORY_DISKS, MAX_IPS, MAX_STRING_LEN,
-    MAX_WRITE_DATA,
+    MAX_SUM_BLOCK_SIZE, MAX_SUM_BLOCKS, MAX_SUM_RANGE, MAX_WRITE_DATA, MIN_SUM_BLOCK_SIZE,
 };
 
 /// The kind byte of a frame. Unknown kinds are carried through as [`Frame::Unknown`].
@@ -25,6 +25,10 @@ impl FrameKind {
     pub const HEARTBEAT: Self = Self(7);
     pub const ERROR: Self = Self(8);
     pub const GOODBYE: Self = Self(9);
+    pub const SUM_REQUEST: Self = Self(10);
+    pub const SUM_REPLY: Self = Self(11);
+    pub const CHECKPOINT: Self = Self(12);
+    pub const CHECKPOINT_SAVED: Self = Self(13);
 
     fn name(self) -> Option<&'static str> {
         Some(match self {
@@ -37,6 +41,10 @@ impl FrameKind {
             Self::HEARTBEAT => "Heartbeat",
             Self::ERROR => "Error",
             Self::GOODBYE => "Goodbye",
+            Self::SUM_REQUEST => "SumRequest",
+            Self::SUM_REPLY => "SumReply",
+            Self::CHECKPOINT => "Checkpoint",
+            Self::CHECKPOINT_SAVED => "CheckpointSaved",
             _ => return None,
         })
     }
@@ -69,6 +77,10 @@ pub enum Frame {
     Heartbeat(Heartbeat),
     Error(ErrorFrame),
     Goodbye(Goodbye),
+    SumRequest(SumRequest),
+    SumReply(SumReply),
+    Checkpoint(Checkpoint),
+    CheckpointSaved(Checkpoint),
     /// A frame of a kind this version does not know, kept whole so that it can be logged
     /// or forwarded rather than mistaken for something else.
     Unknown {
@@ -90,6 +102,151 @@ pub struct Hello {
     /// Streams (TCP connections) the agent would like for this session; the receiver
     /// grants at most [`crate::limits::MAX_STREAMS`] in [`Settings::max_streams`].
     pub streams: u8,
+    /// Random per agent process: a reconnect of the same process names the same series,
+    /// and a clean shutdown's checkpoint is recorded under it.
+    pub series: [u8; 16],
+    /// What the agent knows about the changes made since its last session.
+    pub resume: ResumeClaim,
+}
+
+/// Why an agent believes (or does not) that its dirty map holds every change the
+/// receiver is missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeClaim {
+    /// The same process as the session with this Hello's series: its dirty map is
+    /// complete.
+    Live,
+    /// A new process that loaded the state record of a clean shutdown.
+    Checkpoint { series: [u8; 16], seq: u64 },
+    /// No state record: the agent crashed, the machine rebooted hard, or it is new.
+    NoRecord,
+    /// A state record that is damaged or does not fit the disks.
+    InvalidRecord,
+    /// The operator asked for a rescan (`--rescan`).
+    RescanRequested,
+    /// A claim this version does not know; treated as no trustworthy record.
+    Unknown(u8),
+}
+
+impl ResumeClaim {
+    fn tag(self) -> u8 {
+        match self {
+            Self::Live => 0,
+            Self::Checkpoint { .. } => 1,
+            Self::NoRecord => 2,
+            Self::InvalidRecord => 3,
+            Self::RescanRequested => 4,
+            Self::Unknown(tag) => tag,
+        }
+    }
+}
+
+/// Why a disk is rescanned (or fully synced). Unknown values are kept.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct RescanReason(pub u8);
+
+impl RescanReason {
+    /// No rescan.
+    pub const NONE: Self = Self(0);
+    pub const FIRST_CONTACT: Self = Self(1);
+    pub const UNCLEAN_SHUTDOWN: Self = Self(2);
+    pub const AGENT_REINSTALLED: Self = Self(3);
+    pub const DISK_ADDED: Self = Self(4);
+    pub const DISK_RESIZED: Self = Self(5);
+    pub const STATE_MISMATCH: Self = Self(6);
+    pub const OPERATOR_REQUEST: Self = Self(7);
+
+    /// The reason code as shown in status, metrics and events.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::NONE => "none",
+            Self::FIRST_CONTACT => "first_contact",
+            Self::UNCLEAN_SHUTDOWN => "unclean_shutdown",
+            Self::AGENT_REINSTALLED => "agent_reinstalled",
+            Self::DISK_ADDED => "disk_added",
+            Self::DISK_RESIZED => "disk_resized",
+            Self::STATE_MISMATCH => "state_mismatch",
+            Self::OPERATOR_REQUEST => "operator_request",
+            _ => "unknown",
+        }
+    }
+
+    /// The reason named `name` (as [`Self::name`] spells it).
+    pub fn from_name(name: &str) -> Option<Self> {
+        (0..=7).map(Self).find(|r| r.name() == name)
+    }
+
+    pub fn is_some(self) -> bool {
+        self != Self::NONE
+    }
+}
+
+impl fmt::Display for RescanReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.name() {
+            "unknown" => write!(f, "unknown({})", self.0),
+            name => f.write_str(name),
+        }
+    }
+}
+
+impl fmt::Debug for RescanReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Agent → receiver: the xxh3-128 digest of each of `count` blocks of `block_size` bytes
+/// of `disk`, starting at block `first_block`. The decoder enforces
+/// [`MAX_SUM_BLOCKS`], a power-of-two block size within
+/// [`MIN_SUM_BLOCK_SIZE`]..=[`MAX_SUM_BLOCK_SIZE`], and at most [`MAX_SUM_RANGE`] bytes;
+/// the receiver checks the range against the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SumRequest {
+    pub disk: u16,
+    pub first_block: u64,
+    pub count: u32,
+    pub block_size: u32,
+}
+
+impl SumRequest {
+    /// Byte offset of the first block.
+    pub fn offset(&self) -> Option<u64> {
+        self.first_block.checked_mul(u64::from(self.block_size))
+    }
+
+    /// Bytes covered.
+    pub fn len(&self) -> u64 {
+        u64::from(self.count) * u64::from(self.block_size)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+/// The digest a [`SumReply`] carries for one block: xxh3-128 of its bytes. Both sides
+/// call this, so what "equal" means is defined in one place.
+pub fn block_digest(block: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(block)
+}
+
+/// Receiver → agent: the digests of a [`SumRequest`]'s blocks, in order. A block that
+/// ends past the disk's end is hashed over the bytes that exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SumReply {
+    pub disk: u16,
+    pub first_block: u64,
+    pub block_size: u32,
+    pub digests: Vec<u128>,
+}
+
+/// Agent → receiver at a clean shutdown: record `seq` under the session's series as the
+/// chain id of the state the agent is about to save. The receiver answers with
+/// `CheckpointSaved` carrying the same value once it is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub seq: u64,
 }
 
 /// What the agent found on its source server.
@@ -154,6 +311,9 @@ pub struct DiskResume {
     /// Bytes of the initial sync durably in place: the agent resumes reading here.
     pub sync_watermark: u64,
     pub state: DiskState,
+    /// Why the agent must rescan this disk by checksum; [`RescanReason::NONE`] when its
+    /// dirty map can be trusted (or the initial sync is not complete).
+    pub rescan: RescanReason,
 }
 
 /// Replication state of a disk, as shown in status and metrics.
@@ -272,6 +432,9 @@ pub struct Barrier {
     /// disk below `watermark` was sent before this barrier. The receiver records it only
     /// once the barrier is durable.
     pub sync_progress: Vec<SyncProgress>,
+    /// Disks whose rescan the agent claims complete: every block found different was
+    /// sent before this barrier.
+    pub rescan_done: Vec<u16>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -370,6 +533,10 @@ impl Frame {
             Self::Heartbeat(_) => FrameKind::HEARTBEAT,
             Self::Error(_) => FrameKind::ERROR,
             Self::Goodbye(_) => FrameKind::GOODBYE,
+            Self::SumRequest(_) => FrameKind::SUM_REQUEST,
+            Self::SumReply(_) => FrameKind::SUM_REPLY,
+            Self::Checkpoint(_) => FrameKind::CHECKPOINT,
+            Self::CheckpointSaved(_) => FrameKind::CHECKPOINT_SAVED,
             Self::Unknown { kind, .. } => *kind,
         }
     }
@@ -400,7 +567,27 @@ impl Frame {
                     out.put_u16(p.disk);
                     out.put_u64(p.watermark);
                 }
+                out.put_count(m.rescan_done.len(), MAX_DISKS);
+                for &disk in &m.rescan_done {
+                    out.put_u16(disk);
+                }
             }
+            Self::SumRequest(m) => {
+                out.put_u16(m.disk);
+                out.put_u64(m.first_block);
+                out.put_u32(m.count);
+                out.put_u32(m.block_size);
+            }
+            Self::SumReply(m) => {
+                out.put_u16(m.disk);
+                out.put_u64(m.first_block);
+                out.put_u32(m.block_size);
+                out.put_count(m.digests.len(), MAX_SUM_BLOCKS as usize);
+                for d in &m.digests {
+                    out.extend_from_slice(&d.to_be_bytes());
+                }
+            }
+            Self::Checkpoint(m) | Self::CheckpointSaved(m) => out.put_u64(m.seq),
             Self::Durable(m) => out.put_u64(m.epoch),
             Self::Heartbeat(m) => {
                 out.put_u32(m.cpu_permille);
@@ -442,7 +629,21 @@ impl Frame {
                         watermark: r.u64("sync_progress.watermark")?,
                     })
                 })?,
+                rescan_done: r.list("rescan_done", MAX_DISKS, |r| r.u16("rescan_done.disk"))?,
             }),
+            FrameKind::SUM_REQUEST => Self::SumRequest(decode_sum_request(&mut r)?),
+            FrameKind::SUM_REPLY => Self::SumReply(SumReply {
+                disk: r.u16("disk")?,
+                first_block: r.u64("first_block")?,
+                block_size: r.u32("block_size")?,
+                digests: r.list("digests", MAX_SUM_BLOCKS as usize, |r| {
+                    let hi = u128::from(r.u64("digest")?);
+                    let lo = u128::from(r.u64("digest")?);
+                    Ok(hi << 64 | lo)
+                })?,
+            }),
+            FrameKind::CHECKPOINT => Self::Checkpoint(Checkpoint { seq: r.u64("seq")? }),
+            FrameKind::CHECKPOINT_SAVED => Self::CheckpointSaved(Checkpoint { seq: r.u64("seq")? }),
             FrameKind::DURABLE => Self::Durable(Durable {
                 epoch: r.u64("epoch")?,
             }),
@@ -466,6 +667,42 @@ impl Frame {
         r.finish()?;
         Ok(frame)
     }
+}
+
+fn decode_sum_request(r: &mut Reader<'_>) -> Result<SumRequest, DecodeError> {
+    let request = SumRequest {
+        disk: r.u16("disk")?,
+        first_block: r.u64("first_block")?,
+        count: r.u32("count")?,
+        block_size: r.u32("block_size")?,
+    };
+    if request.count > MAX_SUM_BLOCKS {
+        return Err(DecodeError::FieldTooLong {
+            kind: r.kind(),
+            field: "count",
+            len: request.count as usize,
+            max: MAX_SUM_BLOCKS as usize,
+        });
+    }
+    if request.count == 0 {
+        return Err(r.invalid("count", "a SumRequest must ask for at least one block"));
+    }
+    if !request.block_size.is_power_of_two()
+        || !(MIN_SUM_BLOCK_SIZE..=MAX_SUM_BLOCK_SIZE).contains(&request.block_size)
+    {
+        return Err(r.invalid("block_size", "must be a power of two from 4 KiB to 1 MiB"));
+    }
+    if request.len() > MAX_SUM_RANGE {
+        return Err(r.invalid("count", "the request covers more than MAX_SUM_RANGE bytes"));
+    }
+    if request
+        .offset()
+        .and_then(|o| o.checked_add(request.len()))
+        .is_none()
+    {
+        return Err(r.invalid("first_block", "the range overflows"));
+    }
+    Ok(request)
 }
 
 /// Encodes a complete Write frame whose data is `data`, without first copying the data
@@ -561,6 +798,12 @@ impl Hello {
         }
         put_disks(out, &self.disks, MAX_DISKS);
         out.put_u8(self.streams);
+        out.extend_from_slice(&self.series);
+        out.put_u8(self.resume.tag());
+        if let ResumeClaim::Checkpoint { series, seq } = self.resume {
+            out.extend_from_slice(&series);
+            out.put_u64(seq);
+        }
     }
 
     fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
@@ -582,11 +825,32 @@ impl Hello {
             })?,
         };
         let disks = get_disks(r, "disks", MAX_DISKS)?;
+        let streams = r.u8("streams")?;
+        let series = r.bytes16("series")?;
+        let resume = match r.u8("resume")? {
+            0 => ResumeClaim::Live,
+            1 => ResumeClaim::Checkpoint {
+                series: r.bytes16("resume.series")?,
+                seq: r.u64("resume.seq")?,
+            },
+            2 => ResumeClaim::NoRecord,
+            3 => ResumeClaim::InvalidRecord,
+            4 => ResumeClaim::RescanRequested,
+            // A newer agent's claim may carry fields this version cannot parse; it is
+            // kept as "no trustworthy record", never guessed at.
+            other => {
+                let rest = r.remaining().len();
+                r.take(rest, "resume")?;
+                ResumeClaim::Unknown(other)
+            }
+        };
         Ok(Self {
             agent_version,
             inventory,
             disks,
-            streams: r.u8("streams")?,
+            streams,
+            series,
+            resume,
         })
     }
 }
@@ -629,6 +893,7 @@ impl Welcome {
             out.put_u64(d.size);
             out.put_u64(d.sync_watermark);
             out.put_u8(d.state.0);
+            out.put_u8(d.rescan.0);
         }
     }
 
@@ -650,6 +915,7 @@ impl Welcome {
                     size: r.u64("disk.size")?,
                     sync_watermark: r.u64("disk.sync_watermark")?,
                     state: DiskState(r.u8("disk.state")?),
+                    rescan: RescanReason(r.u8("disk.rescan")?),
                 })
             })?,
         })

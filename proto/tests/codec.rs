@@ -27,6 +27,19 @@ fn sample_frames() -> Vec<Frame> {
             disks: inventory.disks.clone(),
             inventory,
             streams: 4,
+            series: [3; 16],
+            resume: ResumeClaim::Checkpoint {
+                series: [4; 16],
+                seq: 9,
+            },
+        }),
+        Frame::Hello(Hello {
+            agent_version: "0.1.0".into(),
+            disks: Vec::new(),
+            inventory: Inventory::default(),
+            streams: 1,
+            series: [5; 16],
+            resume: ResumeClaim::NoRecord,
         }),
         Frame::Welcome(Welcome {
             session_id: [7; 16],
@@ -44,6 +57,7 @@ fn sample_frames() -> Vec<Frame> {
                 size: 100 << 30,
                 sync_watermark: 1 << 30,
                 state: DiskState::INITIAL_SYNC,
+                rescan: RescanReason::UNCLEAN_SHUTDOWN,
             }],
         }),
         Frame::JoinStream(JoinStream {
@@ -76,8 +90,23 @@ fn sample_frames() -> Vec<Frame> {
                 disk: 0,
                 watermark: 1 << 20,
             }],
+            rescan_done: vec![1, 3],
         }),
         Frame::Durable(Durable { epoch: 42 }),
+        Frame::SumRequest(SumRequest {
+            disk: 2,
+            first_block: 1 << 20,
+            count: MAX_SUM_BLOCKS,
+            block_size: 4096,
+        }),
+        Frame::SumReply(SumReply {
+            disk: 2,
+            first_block: 1 << 20,
+            block_size: 4096,
+            digests: vec![u128::MAX, 0, 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210],
+        }),
+        Frame::Checkpoint(Checkpoint { seq: 7 }),
+        Frame::CheckpointSaved(Checkpoint { seq: 7 }),
         Frame::Heartbeat(Heartbeat {
             cpu_permille: 51,
             rss_bytes: 40 << 20,
@@ -260,31 +289,41 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         proptest::collection::vec(arb_disk(), 0..4),
         proptest::collection::vec(arb_string(40), 0..4),
         proptest::collection::vec(arb_disk(), 0..4),
-        any::<u8>(),
+        (any::<u8>(), any::<[u8; 16]>(), 0u8..5, any::<u64>()),
     )
-        .prop_map(|(v, host, id, cpus, ram, inv_disks, ips, disks, streams)| {
-            Frame::Hello(Hello {
-                agent_version: v,
-                inventory: Inventory {
-                    host_name: host,
-                    host_id: id.clone(),
-                    cpus: cpus
-                        .into_iter()
-                        .map(|(model, cores)| Cpu { model, cores })
-                        .collect(),
-                    ram_bytes: ram,
-                    os: id,
-                    disks: inv_disks,
-                    private_ips: ips,
-                },
-                disks,
-                streams,
-            })
-        });
+        .prop_map(
+            |(v, host, id, cpus, ram, inv_disks, ips, disks, (streams, series, claim, seq))| {
+                Frame::Hello(Hello {
+                    agent_version: v,
+                    inventory: Inventory {
+                        host_name: host,
+                        host_id: id.clone(),
+                        cpus: cpus
+                            .into_iter()
+                            .map(|(model, cores)| Cpu { model, cores })
+                            .collect(),
+                        ram_bytes: ram,
+                        os: id,
+                        disks: inv_disks,
+                        private_ips: ips,
+                    },
+                    disks,
+                    streams,
+                    series,
+                    resume: match claim {
+                        0 => ResumeClaim::Live,
+                        1 => ResumeClaim::Checkpoint { series, seq },
+                        2 => ResumeClaim::NoRecord,
+                        3 => ResumeClaim::InvalidRecord,
+                        _ => ResumeClaim::RescanRequested,
+                    },
+                })
+            },
+        );
     let welcome = (
         any::<([u8; 16], u64)>(),
         any::<(u64, u8, u32, u32, u64, u32)>(),
-        proptest::collection::vec((arb_disk(), any::<u64>(), any::<u8>()), 0..4),
+        proptest::collection::vec((arb_disk(), any::<u64>(), any::<(u8, u8)>()), 0..4),
     )
         .prop_map(|((session_id, next_epoch), s, disks)| {
             Frame::Welcome(Welcome {
@@ -300,11 +339,12 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                 },
                 disks: disks
                     .into_iter()
-                    .map(|(d, w, st)| DiskResume {
+                    .map(|(d, w, (st, rescan))| DiskResume {
                         name: d.name,
                         size: d.size,
                         sync_watermark: w,
                         state: DiskState(st),
+                        rescan: RescanReason(rescan),
                     })
                     .collect(),
             })
@@ -337,14 +377,44 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
     let barrier = (
         any::<u64>(),
         proptest::collection::vec(any::<(u16, u64)>(), 0..8),
+        proptest::collection::vec(any::<u16>(), 0..8),
     )
-        .prop_map(|(epoch, p)| {
+        .prop_map(|(epoch, p, rescan_done)| {
             Frame::Barrier(Barrier {
                 epoch,
                 sync_progress: p
                     .into_iter()
                     .map(|(disk, watermark)| SyncProgress { disk, watermark })
                     .collect(),
+                rescan_done,
+            })
+        });
+    let sums = (
+        any::<u16>(),
+        0u64..(1 << 40),
+        1u32..=MAX_SUM_BLOCKS,
+        12u32..=20,
+    )
+        .prop_map(|(disk, first_block, count, shift)| {
+            let block_size = 1u32 << shift;
+            let count = count.min((MAX_SUM_RANGE / u64::from(block_size)) as u32);
+            Frame::SumRequest(SumRequest {
+                disk,
+                first_block,
+                count,
+                block_size,
+            })
+        });
+    let reply = (
+        any::<(u16, u64, u32)>(),
+        proptest::collection::vec(any::<u128>(), 0..64),
+    )
+        .prop_map(|((disk, first_block, block_size), digests)| {
+            Frame::SumReply(SumReply {
+                disk,
+                first_block,
+                block_size,
+                digests,
             })
         });
     prop_oneof![
@@ -352,6 +422,10 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         welcome,
         write,
         barrier,
+        sums,
+        reply,
+        any::<u64>().prop_map(|seq| Frame::Checkpoint(Checkpoint { seq })),
+        any::<u64>().prop_map(|seq| Frame::CheckpointSaved(Checkpoint { seq })),
         any::<([u8; 16], u8)>().prop_map(|(session_id, stream_index)| Frame::JoinStream(
             JoinStream {
                 session_id,
@@ -369,7 +443,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             message
         })),
         arb_string(200).prop_map(|message| Frame::Goodbye(Goodbye { message })),
-        (10u8..=255, proptest::collection::vec(any::<u8>(), 0..64)).prop_map(|(kind, payload)| {
+        (14u8..=255, proptest::collection::vec(any::<u8>(), 0..64)).prop_map(|(kind, payload)| {
             Frame::Unknown {
                 kind: FrameKind(kind),
                 payload,
@@ -412,4 +486,69 @@ proptest! {
         }
         let _ = decode(&bytes);
     }
+}
+
+#[test]
+fn malformed_sum_requests_are_refused_by_name() {
+    let encode = |disk: u16, first_block: u64, count: u32, block_size: u32| {
+        let mut payload = Vec::new();
+        payload.extend_from_slice(&disk.to_be_bytes());
+        payload.extend_from_slice(&first_block.to_be_bytes());
+        payload.extend_from_slice(&count.to_be_bytes());
+        payload.extend_from_slice(&block_size.to_be_bytes());
+        Frame::Unknown {
+            kind: FrameKind::SUM_REQUEST,
+            payload,
+        }
+        .to_bytes()
+    };
+    let refused = |bytes: Vec<u8>| decode(&bytes).unwrap_err().to_string();
+    let over = refused(encode(0, 0, MAX_SUM_BLOCKS + 1, 4096));
+    assert!(over.contains("count"), "{over}");
+    let zero = refused(encode(0, 0, 0, 4096));
+    assert!(zero.contains("count"), "{zero}");
+    let odd = refused(encode(0, 0, 16, 5000));
+    assert!(odd.contains("block_size"), "{odd}");
+    let small = refused(encode(0, 0, 16, 512));
+    assert!(small.contains("block_size"), "{small}");
+    let range = refused(encode(0, 0, MAX_SUM_BLOCKS, 1 << 20));
+    assert!(range.contains("MAX_SUM_RANGE"), "{range}");
+    let overflow = refused(encode(0, u64::MAX / 4096, 2, 4096));
+    assert!(overflow.contains("overflows"), "{overflow}");
+    let fine = encode(1, 10, 16, 4096);
+    assert!(matches!(
+        decode(&fine).unwrap(),
+        Some((
+            Frame::SumRequest(SumRequest {
+                disk: 1,
+                first_block: 10,
+                count: 16,
+                block_size: 4096
+            }),
+            _
+        ))
+    ));
+}
+
+#[test]
+fn an_unknown_resume_claim_is_kept_as_untrusted() {
+    let hello = Frame::Hello(Hello {
+        agent_version: "9.9".into(),
+        inventory: Inventory::default(),
+        disks: Vec::new(),
+        streams: 1,
+        series: [1; 16],
+        resume: ResumeClaim::NoRecord,
+    });
+    let mut bytes = hello.to_bytes();
+    // Claim tag 99 followed by fields this version cannot know.
+    let claim_at = bytes.len() - 1;
+    bytes[claim_at] = 99;
+    bytes.extend_from_slice(&[0xaa; 5]);
+    let len = (bytes.len() - FRAME_HEADER_LEN) as u32;
+    bytes[4..8].copy_from_slice(&len.to_be_bytes());
+    let Some((Frame::Hello(decoded), _)) = decode(&bytes).unwrap() else {
+        panic!("a Hello");
+    };
+    assert_eq!(decoded.resume, ResumeClaim::Unknown(99));
 }

@@ -27,13 +27,28 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
 #[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
 pub enum AdminRequest {
     Status,
+    /// Rescan `disk` (every disk when absent) of `server_id` at the agent's next session;
+    /// a connected agent is made to reconnect at once.
+    Rescan {
+        server_id: String,
+        disk: Option<String>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AdminResponse {
     Status(StatusReport),
+    Rescan(RescanAnswer),
     Error(String),
+}
+
+/// What a rescan request did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RescanAnswer {
+    pub disks: Vec<String>,
+    /// Whether the agent was connected (and so reconnects and rescans now).
+    pub connected: bool,
 }
 
 pub(crate) fn bind(data_dir: &Path) -> io::Result<UnixListener> {
@@ -92,6 +107,28 @@ async fn answer(stream: UnixStream, ctx: &SessionContext) -> io::Result<()> {
             .await
             {
                 Ok(Ok(report)) => AdminResponse::Status(report),
+                Ok(Err(err)) => AdminResponse::Error(error_chain(&err)),
+                Err(err) => AdminResponse::Error(err.to_string()),
+            }
+        }
+        Ok(AdminRequest::Rescan { server_id, disk }) => {
+            let catalog = Arc::clone(&ctx.catalog);
+            let server = server_id.clone();
+            match tokio::task::spawn_blocking(move || {
+                catalog.request_rescan(&server, disk.as_deref())
+            })
+            .await
+            {
+                Ok(Ok(disks)) => {
+                    let session = ctx.registry.session_of(&server_id);
+                    let connected = session.is_some();
+                    if let Some(session) = session {
+                        session
+                            .restart("an operator asked for a rescan; reconnect to start it")
+                            .await;
+                    }
+                    AdminResponse::Rescan(RescanAnswer { disks, connected })
+                }
                 Ok(Err(err)) => AdminResponse::Error(error_chain(&err)),
                 Err(err) => AdminResponse::Error(err.to_string()),
             }

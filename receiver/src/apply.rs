@@ -31,6 +31,12 @@ pub(crate) struct StagingDisk {
     /// start → end of each write in flight; the ranges never overlap.
     in_flight: Mutex<BTreeMap<u64, u64>>,
     range_released: Notify,
+    /// Whether the agent is rescanning this disk in this session.
+    pub(crate) rescanning: std::sync::atomic::AtomicBool,
+    /// Bytes compared by checksum in the current rescan.
+    pub(crate) rescanned_bytes: std::sync::atomic::AtomicU64,
+    /// Bytes of changes written while the rescan runs.
+    pub(crate) resent_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl StagingDisk {
@@ -40,7 +46,18 @@ impl StagingDisk {
             store,
             in_flight: Mutex::new(BTreeMap::new()),
             range_released: Notify::new(),
+            rescanning: std::sync::atomic::AtomicBool::new(false),
+            rescanned_bytes: std::sync::atomic::AtomicU64::new(0),
+            resent_bytes: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Starts counting a rescan, from the counters already recorded for it.
+    pub(crate) fn start_rescan(&self, rescanned: u64, resent: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.rescanned_bytes.store(rescanned, Relaxed);
+        self.resent_bytes.store(resent, Relaxed);
+        self.rescanning.store(true, Relaxed);
     }
 
     /// Waits until no in-flight write overlaps `[start, end)`, then claims it.

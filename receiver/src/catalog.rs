@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use blockferry_proto::{DiskState, Hello, Inventory};
+use blockferry_proto::{DiskState, Hello, Inventory, RescanReason, ResumeClaim};
 use blockferry_storage::Flushed;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -76,6 +76,26 @@ pub struct ServerRecord {
     /// Unix milliseconds when `durable_epoch` became durable (0: never).
     #[serde(default)]
     pub consistent_at_ms: u64,
+    /// The series (hex) of the agent process of the latest session: a reconnect of that
+    /// process may resume from its in-memory dirty map.
+    #[serde(default)]
+    pub live_series: String,
+    /// The chain id recorded at the agent's last clean shutdown; consumed by the next
+    /// session, whatever it claims.
+    #[serde(default)]
+    pub checkpoint: Option<ChainId>,
+}
+
+/// Series (hex) and sequence number of an agent's clean-shutdown state record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChainId {
+    pub series: String,
+    pub seq: u64,
+}
+
+/// Lower-case hex of a series id.
+pub fn series_hex(series: &[u8; 16]) -> String {
+    series.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -144,11 +164,39 @@ pub struct DiskRecord {
     pub image: PathBuf,
     /// Unix seconds.
     pub updated: u64,
+    /// Why the disk must be rescanned, while a rescan is pending or running ("" when
+    /// none): it survives reconnects until the agent's rescan is durable.
+    #[serde(default)]
+    pub rescan_reason: String,
+    /// An operator asked for a rescan (`blockferry-receiver rescan`); taken by the next
+    /// session.
+    #[serde(default)]
+    pub rescan_requested: bool,
+    /// The reason of the latest rescan, kept after it completes ("" if there was none).
+    #[serde(default)]
+    pub last_rescan_reason: String,
+    /// Bytes compared by checksum in the latest rescan.
+    #[serde(default)]
+    pub rescanned_bytes: u64,
+    /// Bytes written to the disk (other than its initial sync) while the latest rescan
+    /// ran: the blocks found different, plus changes made meanwhile.
+    #[serde(default)]
+    pub resent_bytes: u64,
 }
 
 impl DiskRecord {
     pub fn sync_complete(&self) -> bool {
         self.sync_watermark >= self.size
+    }
+
+    /// Why the agent must rescan this disk now.
+    pub fn rescan(&self) -> RescanReason {
+        if self.rescan_reason.is_empty() {
+            RescanReason::NONE
+        } else {
+            // A reason written by a newer receiver is still a reason to rescan.
+            RescanReason::from_name(&self.rescan_reason).unwrap_or(RescanReason::STATE_MISMATCH)
+        }
     }
 
     pub fn disk_state(&self) -> DiskState {
@@ -168,6 +216,53 @@ impl DiskRecord {
         self.state = state.name().to_owned();
         self.reason = reason.to_owned();
         self.updated = now();
+    }
+}
+
+/// A rescan's counters at a durable barrier, and whether the agent claimed it complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RescanProgress {
+    pub disk: String,
+    pub rescanned_bytes: u64,
+    pub resent_bytes: u64,
+    pub done: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RescanRequestError {
+    #[error("no source server {0} in the catalog (see `blockferry-receiver status`)")]
+    NoSuchServer(String),
+    #[error("source server {server} has no disk named {disk:?}")]
+    NoSuchDisk { server: String, disk: String },
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
+
+/// Why the agent's claim about its changes cannot be trusted, or `None` if it can.
+fn resume_verdict(
+    previous: &ServerRecord,
+    identity: &AgentIdentity,
+    hello: &Hello,
+) -> Option<RescanReason> {
+    if previous.agent_id != identity.agent_id {
+        return Some(RescanReason::AGENT_REINSTALLED);
+    }
+    match hello.resume {
+        ResumeClaim::Live if previous.live_series == series_hex(&hello.series) => None,
+        ResumeClaim::Checkpoint { series, seq }
+            if previous
+                .checkpoint
+                .as_ref()
+                .is_some_and(|c| c.series == series_hex(&series) && c.seq == seq) =>
+        {
+            None
+        }
+        ResumeClaim::NoRecord => Some(RescanReason::UNCLEAN_SHUTDOWN),
+        ResumeClaim::RescanRequested => Some(RescanReason::OPERATOR_REQUEST),
+        ResumeClaim::Live
+        | ResumeClaim::Checkpoint { .. }
+        | ResumeClaim::InvalidRecord
+        | ResumeClaim::Unknown(_) => Some(RescanReason::STATE_MISMATCH),
     }
 }
 
@@ -208,9 +303,10 @@ impl Catalog {
     }
 
     /// Records a new session of `identity`: the server's inventory, and each disk of the
-    /// Hello, created or resumed. Returns the server's consistent epoch and the disks in
-    /// Hello order. A disk whose size changed starts its initial sync again into the
-    /// resized image.
+    /// Hello, created or resumed, with the reason it must be rescanned if the agent's
+    /// claim about its changes cannot be trusted. Returns the server's consistent epoch
+    /// and the disks in Hello order. A disk whose size changed starts its initial sync
+    /// again into the resized image.
     pub fn register_session(
         &self,
         identity: &AgentIdentity,
@@ -227,6 +323,10 @@ impl Catalog {
                 Some(raw) => Some(decode(&identity.server_id, raw.value())?),
                 None => None,
             };
+            // Whether the changes the receiver lacks are exactly the agent's dirty map.
+            let untrusted = previous
+                .as_ref()
+                .and_then(|p| resume_verdict(p, identity, hello));
             let record = ServerRecord {
                 server_id: identity.server_id.clone(),
                 agent_id: identity.agent_id.clone(),
@@ -236,6 +336,9 @@ impl Catalog {
                 last_seen: now,
                 durable_epoch: previous.as_ref().map_or(0, |p| p.durable_epoch),
                 consistent_at_ms: previous.as_ref().map_or(0, |p| p.consistent_at_ms),
+                live_series: series_hex(&hello.series),
+                // A checkpoint is good for one resume, matched or not.
+                checkpoint: None,
             };
             durable_epoch = record.durable_epoch;
             servers.insert(identity.server_id.as_str(), encode(&record).as_slice())?;
@@ -248,10 +351,32 @@ impl Catalog {
                     None => None,
                 };
                 let mut disk = match existing {
-                    Some(d) if d.size == spec.size => d,
+                    Some(d) if d.size == spec.size => {
+                        let mut d = d;
+                        let reason = if !d.rescan_reason.is_empty() {
+                            // An unfinished rescan goes on, for its original reason.
+                            None
+                        } else if d.rescan_requested {
+                            Some(RescanReason::OPERATOR_REQUEST)
+                        } else {
+                            untrusted
+                        };
+                        // Nothing below the watermark is in place for a disk that has
+                        // not synced anything yet: no rescan needed.
+                        if let Some(reason) = reason.filter(|_| d.sync_watermark > 0) {
+                            d.rescan_reason = reason.name().to_owned();
+                            d.last_rescan_reason = d.rescan_reason.clone();
+                            d.rescanned_bytes = 0;
+                            d.resent_bytes = 0;
+                        }
+                        d.rescan_requested = false;
+                        d
+                    }
                     Some(mut d) => {
                         d.size = spec.size;
                         d.sync_watermark = 0;
+                        d.rescan_reason.clear();
+                        d.rescan_requested = false;
                         d.set_state(DiskState::INITIAL_SYNC, "disk_resized");
                         d
                     }
@@ -266,13 +391,26 @@ impl Catalog {
                                 .join(&identity.server_id)
                                 .join(format!("{}.img", spec.name)),
                             updated: 0,
+                            rescan_reason: String::new(),
+                            rescan_requested: false,
+                            last_rescan_reason: String::new(),
+                            rescanned_bytes: 0,
+                            resent_bytes: 0,
                         };
-                        d.set_state(DiskState::INITIAL_SYNC, "first_contact");
+                        let reason = if previous.is_some() {
+                            RescanReason::DISK_ADDED
+                        } else {
+                            RescanReason::FIRST_CONTACT
+                        };
+                        d.set_state(DiskState::INITIAL_SYNC, reason.name());
                         d
                     }
                 };
                 if disk.sync_complete() {
-                    if disk.disk_state() != DiskState::CONTINUOUS {
+                    if !disk.rescan_reason.is_empty() {
+                        let reason = disk.rescan_reason.clone();
+                        disk.set_state(DiskState::RESCAN, &reason);
+                    } else if disk.disk_state() != DiskState::CONTINUOUS {
                         disk.set_state(DiskState::CONTINUOUS, "reconnected");
                     }
                 } else if disk.disk_state() != DiskState::INITIAL_SYNC {
@@ -286,6 +424,85 @@ impl Catalog {
         Ok((durable_epoch, disks_out))
     }
 
+    /// Records the chain id of the state an agent is about to save at a clean shutdown.
+    /// Durable when this returns.
+    pub fn record_checkpoint(
+        &self,
+        server_id: &str,
+        series: &[u8; 16],
+        seq: u64,
+    ) -> Result<(), CatalogError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut servers = txn.open_table(SERVERS)?;
+            let server = match servers.get(server_id)? {
+                Some(raw) => Some(decode::<ServerRecord>(server_id, raw.value())?),
+                None => None,
+            };
+            if let Some(mut server) = server {
+                server.checkpoint = Some(ChainId {
+                    series: series_hex(series),
+                    seq,
+                });
+                servers.insert(server_id, encode(&server).as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Asks for a rescan of `disk` (or every disk) of `server_id` at the agent's next
+    /// session. Returns the disks marked; an unknown server or disk is an error.
+    pub fn request_rescan(
+        &self,
+        server_id: &str,
+        disk: Option<&str>,
+    ) -> Result<Vec<String>, RescanRequestError> {
+        let txn = self.db.begin_write().map_err(CatalogError::from)?;
+        let mut marked = Vec::new();
+        {
+            let servers = txn.open_table(SERVERS).map_err(CatalogError::from)?;
+            if servers
+                .get(server_id)
+                .map_err(CatalogError::from)?
+                .is_none()
+            {
+                return Err(RescanRequestError::NoSuchServer(server_id.to_owned()));
+            }
+            let mut disks = txn.open_table(DISKS).map_err(CatalogError::from)?;
+            let mut records = Vec::new();
+            for entry in disks.range((server_id, "")..).map_err(CatalogError::from)? {
+                let (key, value) = entry.map_err(CatalogError::from)?;
+                let (disk_server, name) = key.value();
+                if disk_server != server_id {
+                    break;
+                }
+                if disk.is_none_or(|d| d == name) {
+                    records.push(decode::<DiskRecord>(name, value.value())?);
+                }
+            }
+            if records.is_empty() {
+                return Err(RescanRequestError::NoSuchDisk {
+                    server: server_id.to_owned(),
+                    disk: disk.unwrap_or_default().to_owned(),
+                });
+            }
+            for mut record in records {
+                record.rescan_requested = true;
+                record.updated = now();
+                disks
+                    .insert(
+                        (server_id, record.name.as_str()),
+                        encode(&record).as_slice(),
+                    )
+                    .map_err(CatalogError::from)?;
+                marked.push(record.name);
+            }
+        }
+        txn.commit().map_err(CatalogError::from)?;
+        Ok(marked)
+    }
+
     /// Records that `epoch` is durable for `server_id`, with the initial-sync progress the
     /// barrier claimed (disk name, watermark). Watermarks only move forward.
     pub fn record_durable(
@@ -294,6 +511,7 @@ impl Catalog {
         server_id: &str,
         epoch: u64,
         progress: &[(String, u64)],
+        rescans: &[RescanProgress],
     ) -> Result<(), CatalogError> {
         let txn = self.db.begin_write()?;
         {
@@ -322,7 +540,29 @@ impl Catalog {
                 disk.sync_watermark = watermark;
                 disk.updated = now();
                 if disk.sync_complete() {
-                    disk.set_state(DiskState::CONTINUOUS, "initial_sync_complete");
+                    if disk.rescan_reason.is_empty() {
+                        disk.set_state(DiskState::CONTINUOUS, "initial_sync_complete");
+                    } else {
+                        let reason = disk.rescan_reason.clone();
+                        disk.set_state(DiskState::RESCAN, &reason);
+                    }
+                }
+                disks.insert(key, encode(&disk).as_slice())?;
+            }
+            for rescan in rescans {
+                let key = (server_id, rescan.disk.as_str());
+                let disk = match disks.get(key)? {
+                    Some(raw) => Some(decode::<DiskRecord>(&rescan.disk, raw.value())?),
+                    None => None,
+                };
+                let Some(mut disk) = disk else { continue };
+                disk.rescanned_bytes = rescan.rescanned_bytes;
+                disk.resent_bytes = rescan.resent_bytes;
+                if rescan.done && !disk.rescan_reason.is_empty() {
+                    disk.rescan_reason.clear();
+                    if disk.sync_complete() {
+                        disk.set_state(DiskState::CONTINUOUS, "rescan_complete");
+                    }
                 }
                 disks.insert(key, encode(&disk).as_slice())?;
             }

@@ -62,6 +62,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Have an agent rescan a source server's disks by checksum (for changes no tracker
+    /// saw): at its next session, or at once if it is connected.
+    Rescan {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The source server id (as in `status`).
+        #[arg(long)]
+        server: String,
+        /// Only this disk (default: every disk of the server).
+        #[arg(long)]
+        disk: Option<String>,
+    },
     /// Replicate a generated image through a local receiver and agent, and verify it.
     Demo {
         /// Size of the generated source image (half random, half zeros): e.g. 256M, 1G.
@@ -152,6 +164,23 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Rescan {
+            data_dir,
+            server,
+            disk,
+        } => {
+            let answer = rescan(&data_dir, server.clone(), disk).await?;
+            println!(
+                "rescan requested for {} of server {server}: {}",
+                answer.disks.join(", "),
+                if answer.connected {
+                    "the agent is reconnecting to start it now"
+                } else {
+                    "it starts when the agent next connects"
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo {
             size,
             data_dir,
@@ -179,6 +208,7 @@ async fn status(data_dir: &std::path::Path) -> anyhow::Result<StatusReport> {
     match admin::request(data_dir, &AdminRequest::Status).await {
         Ok(Some(AdminResponse::Status(report))) => return Ok(report),
         Ok(Some(AdminResponse::Error(err))) => bail!("the running receiver answered: {err}"),
+        Ok(Some(other)) => bail!("unexpected answer from the running receiver: {other:?}"),
         Ok(None) => {}
         Err(err) => {
             return Err(err).context("asking the running receiver through its admin socket");
@@ -191,6 +221,39 @@ async fn status(data_dir: &std::path::Path) -> anyhow::Result<StatusReport> {
         }
         Err(err) => Err(err.into()),
     }
+}
+
+/// Through the running receiver, or in the catalog directly when none runs.
+async fn rescan(
+    data_dir: &std::path::Path,
+    server_id: String,
+    disk: Option<String>,
+) -> anyhow::Result<admin::RescanAnswer> {
+    if !data_dir.join("catalog.redb").exists() {
+        bail!(
+            "{} is not a receiver data dir (no catalog.redb)",
+            data_dir.display()
+        );
+    }
+    let request = AdminRequest::Rescan {
+        server_id: server_id.clone(),
+        disk: disk.clone(),
+    };
+    match admin::request(data_dir, &request).await {
+        Ok(Some(AdminResponse::Rescan(answer))) => return Ok(answer),
+        Ok(Some(AdminResponse::Error(err))) => bail!("{err}"),
+        Ok(Some(other)) => bail!("unexpected answer from the running receiver: {other:?}"),
+        Ok(None) => {}
+        Err(err) => {
+            return Err(err).context("asking the running receiver through its admin socket");
+        }
+    }
+    let catalog = Catalog::open(data_dir)?;
+    let disks = catalog.request_rescan(&server_id, disk.as_deref())?;
+    Ok(admin::RescanAnswer {
+        disks,
+        connected: false,
+    })
 }
 
 async fn wait_for_signal() {

@@ -28,6 +28,8 @@ pub(crate) struct Sealed {
     pub(crate) through: u64,
     /// Initial-sync progress claimed by the barriers: (disk index, watermark).
     pub(crate) progress: Vec<(u16, u64)>,
+    /// Disks whose rescan the barriers claim complete.
+    pub(crate) rescan_done: Vec<u16>,
 }
 
 #[derive(Debug)]
@@ -45,6 +47,7 @@ struct State {
     arrived: u8,
     through: u64,
     progress: Vec<(u16, u64)>,
+    rescan_done: Vec<u16>,
     applied_through: u64,
 }
 
@@ -58,6 +61,7 @@ impl EpochGate {
                 arrived: 0,
                 through: 0,
                 progress: Vec::new(),
+                rescan_done: Vec::new(),
                 applied_through: first_epoch.saturating_sub(1),
             }),
             applied: Notify::new(),
@@ -72,6 +76,7 @@ impl EpochGate {
         epoch: u64,
         through: u64,
         progress: &[(u16, u64)],
+        rescan_done: &[u16],
     ) -> Result<Option<Sealed>, GateError> {
         let mut state = lock(&self.state);
         if epoch != state.next {
@@ -93,6 +98,11 @@ impl EpochGate {
                 None => state.progress.push((disk, watermark)),
             }
         }
+        for &disk in rescan_done {
+            if !state.rescan_done.contains(&disk) {
+                state.rescan_done.push(disk);
+            }
+        }
         if state.arrived.count_ones() < u32::from(self.streams) {
             return Ok(None);
         }
@@ -100,6 +110,7 @@ impl EpochGate {
             epoch,
             through: state.through,
             progress: std::mem::take(&mut state.progress),
+            rescan_done: std::mem::take(&mut state.rescan_done),
         };
         state.next = epoch + 1;
         state.arrived = 0;
@@ -138,9 +149,9 @@ mod tests {
     #[test]
     fn an_epoch_seals_when_every_stream_delivered_it() {
         let gate = EpochGate::new(3, 10);
-        assert_eq!(gate.arrive(0, 10, 5, &[(0, 100)]), Ok(None));
-        assert_eq!(gate.arrive(2, 10, 9, &[(0, 300), (1, 7)]), Ok(None));
-        let sealed = gate.arrive(1, 10, 7, &[]).unwrap().unwrap();
+        assert_eq!(gate.arrive(0, 10, 5, &[(0, 100)], &[]), Ok(None));
+        assert_eq!(gate.arrive(2, 10, 9, &[(0, 300), (1, 7)], &[]), Ok(None));
+        let sealed = gate.arrive(1, 10, 7, &[], &[]).unwrap().unwrap();
         assert_eq!(sealed.epoch, 10);
         assert_eq!(
             sealed.through, 9,
@@ -148,19 +159,19 @@ mod tests {
         );
         assert_eq!(sealed.progress, vec![(0, 300), (1, 7)]);
         // The next epoch starts empty.
-        assert_eq!(gate.arrive(0, 11, 10, &[]), Ok(None));
+        assert_eq!(gate.arrive(0, 11, 10, &[], &[]), Ok(None));
     }
 
     #[test]
     fn out_of_order_and_duplicate_barriers_are_refused() {
         let gate = EpochGate::new(2, 1);
         assert!(matches!(
-            gate.arrive(0, 2, 0, &[]),
+            gate.arrive(0, 2, 0, &[], &[]),
             Err(GateError::WrongEpoch { expected: 1, .. })
         ));
-        gate.arrive(0, 1, 0, &[]).unwrap();
+        gate.arrive(0, 1, 0, &[], &[]).unwrap();
         assert!(matches!(
-            gate.arrive(0, 1, 0, &[]),
+            gate.arrive(0, 1, 0, &[], &[]),
             Err(GateError::Duplicate { .. })
         ));
     }
@@ -168,7 +179,7 @@ mod tests {
     #[tokio::test]
     async fn streams_wait_at_a_barrier_until_its_epoch_is_applied() {
         let gate = Arc::new(EpochGate::new(2, 1));
-        gate.arrive(0, 1, 3, &[]).unwrap();
+        gate.arrive(0, 1, 3, &[], &[]).unwrap();
         let waiter = tokio::spawn({
             let gate = Arc::clone(&gate);
             async move { gate.wait_applied(1).await }
@@ -178,7 +189,7 @@ mod tests {
             !waiter.is_finished(),
             "stream 0 must not pass barrier 1 before it is applied"
         );
-        gate.arrive(1, 1, 4, &[]).unwrap().unwrap();
+        gate.arrive(1, 1, 4, &[], &[]).unwrap().unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished(), "sealed is not applied");
         gate.mark_applied(1);

@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use blockferry_proto::limits::{MAX_STREAMS, MAX_WRITE_DATA};
 use blockferry_proto::{
-    Barrier, DiskResume, Durable, ErrorCode, ErrorFrame, Frame, FrameBuffer, Goodbye, Heartbeat,
-    Hello, JoinStream, Settings, Welcome, Write, WriteFlags,
+    Barrier, Checkpoint, DiskResume, Durable, ErrorCode, ErrorFrame, Frame, FrameBuffer, Goodbye,
+    Heartbeat, Hello, JoinStream, Settings, SumReply, SumRequest, Welcome, Write, WriteFlags,
+    block_digest,
 };
 pub(crate) use blockferry_storage::error_chain;
 use blockferry_storage::{BlockStore, Engine, FileStore};
@@ -29,7 +30,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::apply::{ApplyPipeline, StagingDisk};
-use crate::catalog::{Catalog, DurableEvidence, now_ms};
+use crate::catalog::{Catalog, DurableEvidence, RescanProgress, now_ms};
 use crate::gate::{EpochGate, Sealed};
 use crate::lock;
 use crate::pki::{AgentIdentity, validate_name};
@@ -46,6 +47,9 @@ const BARRIER_QUEUE: usize = 64;
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a stream waits at a barrier for the session's other streams.
 const BARRIER_WAIT: Duration = Duration::from_secs(60);
+/// Checksum queries of one session answered at once; more wait, and their stream with
+/// them (the agent keeps many in flight, so the disks stay busy).
+const SUMS_IN_PARALLEL: usize = 4;
 
 /// What every session of a receiver shares.
 #[derive(Debug)]
@@ -199,6 +203,10 @@ pub(crate) struct Session {
     /// Sequence number of the last write covered by a sealed epoch.
     sealed_through: AtomicU64,
     last_heartbeat: Mutex<Option<Heartbeat>>,
+    /// The agent process's series, under which a clean shutdown's checkpoint is saved.
+    series: [u8; 16],
+    /// Permits for checksum queries being answered.
+    sums: Arc<tokio::sync::Semaphore>,
 }
 
 /// What `status` shows of a live session.
@@ -226,6 +234,20 @@ impl Session {
             },
             heartbeat,
         }
+    }
+
+    /// Ends the session so that the agent reconnects (and learns what changed, such as a
+    /// requested rescan, from the next Welcome).
+    pub(crate) async fn restart(&self, why: &str) {
+        tracing::info!(
+            reason = why,
+            "ending the session for the agent to reconnect"
+        );
+        self.broadcast(Frame::Goodbye(Goodbye {
+            message: why.to_owned(),
+        }))
+        .await;
+        self.end.cancel();
     }
 
     /// Sends Durable for `epoch` on every stream that is still up.
@@ -273,7 +295,11 @@ async fn run_primary(
         let store = open_store(&record.image, record.size, ctx.engine.clone()).map_err(|e| {
             SessionError::Storage(format!("disk {}: {}", record.name, error_chain(&*e)))
         })?;
-        disks.push(Arc::new(StagingDisk::new(record.name.clone(), store)));
+        let disk = StagingDisk::new(record.name.clone(), store);
+        if record.rescan().is_some() {
+            disk.start_rescan(record.rescanned_bytes, record.resent_bytes);
+        }
+        disks.push(Arc::new(disk));
     }
     let streams = hello
         .streams
@@ -299,6 +325,8 @@ async fn run_primary(
         consistent: Mutex::new((durable_epoch, 0)),
         sealed_through: AtomicU64::new(0),
         last_heartbeat: Mutex::new(None),
+        series: hello.series,
+        sums: Arc::new(tokio::sync::Semaphore::new(SUMS_IN_PARALLEL)),
     });
     let disk_names: Vec<String> = records.iter().map(|r| r.name.clone()).collect();
 
@@ -321,6 +349,7 @@ async fn run_primary(
                 size: r.size,
                 sync_watermark: r.sync_watermark,
                 state: r.disk_state(),
+                rescan: r.rescan(),
             })
             .collect(),
     };
@@ -331,6 +360,7 @@ async fn run_primary(
             watermark = r.sync_watermark,
             state = %r.state,
             reason = %r.reason,
+            rescan = %r.rescan(),
             "disk resumes"
         );
     }
@@ -347,7 +377,7 @@ async fn run_primary(
     );
 
     let result = tokio::select! {
-        result = stream_frames(ctx, reader, &session, 0) => result,
+        result = stream_frames(ctx, reader, &session, 0, outgoing) => result,
         () = guard.cancelled() => Ok(End::Replaced),
     };
     match &result {
@@ -425,7 +455,7 @@ async fn run_joined(
     }
     let _tracked = session.joined_streams.token();
     tracing::info!(stream = index, "stream joined");
-    let result = stream_frames(ctx, reader, &session, index).await;
+    let result = stream_frames(ctx, reader, &session, index, outgoing).await;
     session.end.cancel();
     result.map(End::describe)
 }
@@ -433,8 +463,9 @@ async fn run_joined(
 async fn stream_frames(
     ctx: &SessionContext,
     reader: &mut FrameReader,
-    session: &Session,
+    session: &Arc<Session>,
     stream: u8,
+    outgoing: &mpsc::Sender<Frame>,
 ) -> Result<End, SessionError> {
     let pipeline = &session.pipeline;
     loop {
@@ -449,8 +480,48 @@ async fn stream_frames(
         match frame {
             None => return Ok(End::AgentClosed),
             Some(Frame::Write(write)) => {
-                validate_write(pipeline, &write)?;
+                let disk = validate_write(pipeline, &write)?;
+                if !write.header.flags.contains(WriteFlags::INITIAL_SYNC)
+                    && disk.rescanning.load(Ordering::Relaxed)
+                {
+                    disk.resent_bytes
+                        .fetch_add(u64::from(write.header.len), Ordering::Relaxed);
+                }
                 pipeline.submit(write.header, write.data).await;
+            }
+            Some(Frame::SumRequest(request)) => {
+                let disk = validate_sum_request(pipeline, &request)?;
+                // Bounded: beyond SUMS_IN_PARALLEL, this stream waits for a permit.
+                let permit = Arc::clone(&session.sums)
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| SessionError::Protocol("session closing".into()))?;
+                let (session, outgoing) = (Arc::clone(session), outgoing.clone());
+                tokio::spawn(
+                    async move {
+                        let _permit = permit;
+                        answer_sums(&session, &disk, request, &outgoing).await;
+                    }
+                    .in_current_span(),
+                );
+            }
+            Some(Frame::Checkpoint(checkpoint)) => {
+                let catalog = Arc::clone(&ctx.catalog);
+                let (server_id, series) = (session.identity.server_id.clone(), session.series);
+                tokio::task::spawn_blocking(move || {
+                    catalog.record_checkpoint(&server_id, &series, checkpoint.seq)
+                })
+                .await
+                .map_err(|e| SessionError::Storage(e.to_string()))?
+                .map_err(|e| SessionError::Storage(error_chain(&e)))?;
+                tracing::info!(seq = checkpoint.seq, "agent checkpoint recorded");
+                send(
+                    outgoing,
+                    Frame::CheckpointSaved(Checkpoint {
+                        seq: checkpoint.seq,
+                    }),
+                )
+                .await?;
             }
             Some(Frame::Barrier(barrier)) => {
                 let epoch = barrier.epoch;
@@ -458,7 +529,7 @@ async fn stream_frames(
                 let through = pipeline.last_submitted();
                 let sealed = session
                     .gate
-                    .arrive(stream, epoch, through, &progress)
+                    .arrive(stream, epoch, through, &progress, &barrier.rescan_done)
                     .map_err(|e| SessionError::Protocol(e.to_string()))?;
                 if let Some(sealed) = sealed {
                     // Every write of the epoch, on every stream, completes before any
@@ -515,7 +586,9 @@ async fn stream_frames(
                 other @ (Frame::Hello(_)
                 | Frame::Welcome(_)
                 | Frame::JoinStream(_)
-                | Frame::Durable(_)),
+                | Frame::Durable(_)
+                | Frame::SumReply(_)
+                | Frame::CheckpointSaved(_)),
             ) => {
                 return Err(SessionError::Protocol(format!(
                     "unexpected {} frame during replication",
@@ -580,7 +653,10 @@ fn validate_hello(hello: &Hello) -> Result<(), SessionError> {
 /// Flags this receiver knows how to apply.
 const KNOWN_FLAGS: u16 = WriteFlags::ZERO_FILL.0 | WriteFlags::INITIAL_SYNC.0;
 
-fn validate_write(pipeline: &ApplyPipeline, write: &Write) -> Result<(), SessionError> {
+fn validate_write(
+    pipeline: &ApplyPipeline,
+    write: &Write,
+) -> Result<Arc<StagingDisk>, SessionError> {
     let h = &write.header;
     let disk = pipeline.disks().get(usize::from(h.disk)).ok_or_else(|| {
         SessionError::Protocol(format!(
@@ -598,7 +674,7 @@ fn validate_write(pipeline: &ApplyPipeline, write: &Write) -> Result<(), Session
     debug_assert!(h.len <= MAX_WRITE_DATA);
     let size = disk.store.size();
     match h.offset.checked_add(u64::from(h.len)) {
-        Some(end) if end <= size => Ok(()),
+        Some(end) if end <= size => Ok(Arc::clone(disk)),
         _ => Err(SessionError::OutOfRange(format!(
             "write of {} bytes at offset {} is beyond the end of disk {} ({} bytes)",
             h.len, h.offset, disk.name, size
@@ -606,10 +682,89 @@ fn validate_write(pipeline: &ApplyPipeline, write: &Write) -> Result<(), Session
     }
 }
 
+/// A checksum query must name a disk of the session and start inside it; its last block
+/// may run past the end (it is hashed over the bytes that exist). Count and block size
+/// were checked by the decoder.
+fn validate_sum_request(
+    pipeline: &ApplyPipeline,
+    request: &SumRequest,
+) -> Result<Arc<StagingDisk>, SessionError> {
+    let disk = pipeline
+        .disks()
+        .get(usize::from(request.disk))
+        .ok_or_else(|| {
+            SessionError::Protocol(format!(
+                "SumRequest for disk index {}, but the session has {} disks",
+                request.disk,
+                pipeline.disks().len()
+            ))
+        })?;
+    let size = disk.store.size();
+    let block = u64::from(request.block_size);
+    let in_range = request.offset().is_some_and(|offset| {
+        offset < size && offset + request.len() <= size.div_ceil(block) * block
+    });
+    if !in_range {
+        return Err(SessionError::OutOfRange(format!(
+            "SumRequest for {} blocks of {} bytes from block {} is beyond the end of disk {} ({} bytes)",
+            request.count, request.block_size, request.first_block, disk.name, size
+        )));
+    }
+    Ok(Arc::clone(disk))
+}
+
+/// Reads the blocks a query names from the staging store, once every write received
+/// before it has been applied, and sends their digests back on the query's stream. A
+/// read failure ends the session (the agent reconnects and rescans again).
+async fn answer_sums(
+    session: &Session,
+    disk: &StagingDisk,
+    request: SumRequest,
+    outgoing: &mpsc::Sender<Frame>,
+) {
+    let pipeline = &session.pipeline;
+    pipeline.wait_through(pipeline.last_submitted()).await;
+    let size = disk.store.size();
+    let offset = request.offset().unwrap_or(size);
+    let len = request.len().min(size.saturating_sub(offset));
+    let data = match disk.store.read_at(offset, len as usize).await {
+        Ok(data) => data,
+        Err(err) => {
+            tracing::warn!(disk = %disk.name, error = %error_chain(&err), "cannot answer a checksum query; ending the session");
+            session.end.cancel();
+            return;
+        }
+    };
+    disk.rescanned_bytes.fetch_add(len, Ordering::Relaxed);
+    let digests = tokio::task::spawn_blocking(move || {
+        data.chunks(request.block_size as usize)
+            .map(block_digest)
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    let reply = Frame::SumReply(SumReply {
+        disk: request.disk,
+        first_block: request.first_block,
+        block_size: request.block_size,
+        digests,
+    });
+    let _ = tokio::time::timeout(SEND_TIMEOUT, outgoing.send(reply)).await;
+}
+
 fn validate_barrier(
     pipeline: &ApplyPipeline,
     barrier: &Barrier,
 ) -> Result<Vec<(u16, u64)>, SessionError> {
+    if let Some(&disk) = barrier
+        .rescan_done
+        .iter()
+        .find(|&&d| usize::from(d) >= pipeline.disks().len())
+    {
+        return Err(SessionError::Protocol(format!(
+            "barrier claims the rescan of disk index {disk}, which does not exist"
+        )));
+    }
     barrier
         .sync_progress
         .iter()
@@ -678,14 +833,39 @@ async fn make_durable(
         .iter()
         .map(|&(disk, watermark)| (pipeline.disks()[usize::from(disk)].name.clone(), watermark))
         .collect();
+    let rescans: Vec<RescanProgress> = pipeline
+        .disks()
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.rescanning.load(Ordering::Relaxed))
+        .map(|(index, d)| RescanProgress {
+            disk: d.name.clone(),
+            rescanned_bytes: d.rescanned_bytes.load(Ordering::Relaxed),
+            resent_bytes: d.resent_bytes.load(Ordering::Relaxed),
+            done: sealed.rescan_done.iter().any(|&i| usize::from(i) == index),
+        })
+        .collect();
     let catalog = Arc::clone(catalog);
     let (server_id, epoch) = (session.identity.server_id.clone(), sealed.epoch);
+    let recorded = rescans.clone();
     tokio::task::spawn_blocking(move || {
-        catalog.record_durable(evidence, &server_id, epoch, &progress)
+        catalog.record_durable(evidence, &server_id, epoch, &progress, &recorded)
     })
     .await
     .map_err(|e| SessionError::Storage(e.to_string()))?
-    .map_err(|e| SessionError::Storage(error_chain(&e)))
+    .map_err(|e| SessionError::Storage(error_chain(&e)))?;
+    for rescan in rescans.iter().filter(|r| r.done) {
+        if let Some(disk) = pipeline.disks().iter().find(|d| d.name == rescan.disk) {
+            disk.rescanning.store(false, Ordering::Relaxed);
+            tracing::info!(
+                disk = %disk.name,
+                rescanned = rescan.rescanned_bytes,
+                resent = rescan.resent_bytes,
+                "rescan complete"
+            );
+        }
+    }
+    Ok(())
 }
 
 fn open_store(

@@ -54,6 +54,19 @@ pub struct DiskStatus {
     pub state: String,
     pub reason: String,
     pub image: String,
+    /// Why the disk is being rescanned by checksum (null when it is not): first_contact,
+    /// unclean_shutdown, agent_reinstalled, disk_added, disk_resized, state_mismatch,
+    /// operator_request.
+    pub rescan_reason: Option<String>,
+    /// An operator asked for a rescan that the agent has not started yet.
+    pub rescan_requested: bool,
+    /// The reason of the latest rescan, also after it completed (null if none ever ran).
+    pub last_rescan_reason: Option<String>,
+    /// Bytes the latest rescan compared by checksum so far.
+    pub rescanned_bytes: u64,
+    /// Bytes written to the disk while the latest rescan ran: the blocks it found
+    /// different, plus changes made meanwhile.
+    pub resent_bytes: u64,
 }
 
 impl StatusReport {
@@ -87,6 +100,12 @@ impl StatusReport {
                             size: d.size,
                             state: d.state,
                             reason: d.reason,
+                            rescan_reason: (!d.rescan_reason.is_empty()).then_some(d.rescan_reason),
+                            rescan_requested: d.rescan_requested,
+                            last_rescan_reason: (!d.last_rescan_reason.is_empty())
+                                .then_some(d.last_rescan_reason),
+                            rescanned_bytes: d.rescanned_bytes,
+                            resent_bytes: d.resent_bytes,
                         })
                         .collect(),
                     server_id: server.server_id,

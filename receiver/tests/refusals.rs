@@ -144,6 +144,8 @@ fn hello(disk_size: u64) -> Frame {
             size: disk_size,
         }],
         streams: 1,
+        series: [1; 16],
+        resume: blockferry_proto::ResumeClaim::Live,
     })
 }
 

@@ -95,12 +95,14 @@ async fn streams_join_their_own_session_up_to_the_limit() {
         .send(&Frame::Barrier(Barrier {
             epoch: 1,
             sync_progress: vec![],
+            rescan_done: vec![],
         }))
         .await;
     for s in &mut joined[..3] {
         s.send(&Frame::Barrier(Barrier {
             epoch: 1,
             sync_progress: vec![],
+            rescan_done: vec![],
         }))
         .await;
     }
@@ -115,6 +117,7 @@ async fn streams_join_their_own_session_up_to_the_limit() {
         .send(&Frame::Barrier(Barrier {
             epoch: 1,
             sync_progress: vec![],
+            rescan_done: vec![],
         }))
         .await;
     assert_eq!(
@@ -137,6 +140,7 @@ async fn streams_join_their_own_session_up_to_the_limit() {
         .send(&Frame::Barrier(Barrier {
             epoch: 7,
             sync_progress: vec![],
+            rescan_done: vec![],
         }))
         .await;
     refused_with(

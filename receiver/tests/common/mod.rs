@@ -262,6 +262,8 @@ pub fn raw_hello(size: u64, streams: u8) -> blockferry_proto::Frame {
             size,
         }],
         streams,
+        series: [0x5a; 16],
+        resume: blockferry_proto::ResumeClaim::Live,
     })
 }
 
