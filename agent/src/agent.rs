@@ -73,6 +73,8 @@ pub struct AgentStats {
     pub zero_fill_bytes: AtomicU64,
     /// Every byte of every frame sent (before TLS).
     pub wire_bytes: AtomicU64,
+    /// Every byte of every frame received from the receiver (after TLS).
+    pub received_bytes: AtomicU64,
     /// Sessions that got as far as Welcome.
     pub sessions: AtomicU64,
     /// Bytes compared by checksum with the receiver's copy.
@@ -93,6 +95,7 @@ impl AgentStats {
             payload_bytes: AtomicU64::new(0),
             zero_fill_bytes: AtomicU64::new(0),
             wire_bytes: AtomicU64::new(0),
+            received_bytes: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
             rescanned_bytes: AtomicU64::new(0),
             rescan_marked_bytes: AtomicU64::new(0),

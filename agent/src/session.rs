@@ -271,6 +271,7 @@ pub(crate) async fn run(
             reader,
             events_tx.clone(),
             sums_tx.clone(),
+            Arc::clone(stats),
         ))],
         events,
         events_tx,
@@ -720,6 +721,7 @@ impl Session<'_> {
                 reader,
                 self.events_tx.clone(),
                 sums_tx.clone(),
+                Arc::clone(self.stats),
             )));
             self.streams.push(StreamSender::start(
                 writer,
@@ -828,7 +830,8 @@ impl Session<'_> {
                 sync_progress: progress.take().unwrap_or_default(),
                 rescan_done: rescan_done.take().unwrap_or_default(),
             });
-            self.send(stream, &frame).await?;
+            self.send_bytes_until(stream, frame.to_bytes(), false)
+                .await?;
         }
         Ok(())
     }
@@ -1030,8 +1033,24 @@ impl Session<'_> {
     }
 
     async fn send_bytes(&mut self, stream: usize, bytes: Vec<u8>) -> Result<(), SessionError> {
+        self.send_bytes_until(stream, bytes, true).await
+    }
+
+    /// Sends, giving up when `stop` fires only if `interruptible`: a barrier must reach
+    /// every stream or none, or the streams' epochs would part ways.
+    async fn send_bytes_until(
+        &mut self,
+        stream: usize,
+        bytes: Vec<u8>,
+        interruptible: bool,
+    ) -> Result<(), SessionError> {
+        let stop = if interruptible {
+            self.stop.clone()
+        } else {
+            CancellationToken::new()
+        };
         let sent = tokio::select! {
-            () = self.stop.cancelled() => return Err(SessionError::Stopping),
+            () = stop.cancelled() => return Err(SessionError::Stopping),
             sent = tokio::time::timeout(STALL_TIMEOUT, self.streams[stream].frames.send(bytes)) => sent,
         };
         match sent {
@@ -1095,6 +1114,7 @@ async fn read_frames(
     mut reader: ReadHalf<TlsStream<TcpStream>>,
     events: mpsc::Sender<Event>,
     sums: mpsc::Sender<SumReply>,
+    stats: Arc<AgentStats>,
 ) {
     let mut buf = FrameBuffer::new();
     loop {
@@ -1136,7 +1156,12 @@ async fn read_frames(
                     .await;
                 return;
             }
-            Ok(n) => buf.filled(n),
+            Ok(n) => {
+                stats
+                    .received_bytes
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                buf.filled(n);
+            }
             Err(err) => {
                 let _ = events
                     .send(Event::Broken(format!("read failed: {err}")))

@@ -20,6 +20,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 mod continuous;
+mod rescan;
 
 #[derive(Parser)]
 #[command(name = "blockferry-bench", about = "blockferry benchmarks")]
@@ -66,6 +67,22 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Rescan by checksum after scattered untracked changes vs. rsync --inplace
+    /// --no-whole-file on the same data, and vs. reading both images (the lower bound).
+    Rescan {
+        /// Image size, e.g. 1G, 4G.
+        #[arg(long, default_value = "4G", value_parser = parse_size)]
+        size: u64,
+        /// Runs (each changes a new 1% of the blocks); medians are reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Percentage of 4 KiB blocks changed per run, scattered.
+        #[arg(long, default_value_t = 1.0)]
+        changed_percent: f64,
+        /// Directory on the file system to measure (default: a temp dir under /var/tmp).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -92,6 +109,15 @@ fn main() -> anyhow::Result<()> {
         } => {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(continuous::run(&rates, seconds, size, dir))
+        }
+        Command::Rescan {
+            size,
+            runs,
+            changed_percent,
+            dir,
+        } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(rescan::run(size, runs.max(1), changed_percent, dir))
         }
     }
 }

@@ -231,7 +231,12 @@ impl RawStream {
     }
 
     pub async fn send(&mut self, frame: &blockferry_proto::Frame) {
-        self.stream.write_all(&frame.to_bytes()).await.unwrap();
+        self.send_bytes(&frame.to_bytes()).await;
+    }
+
+    /// Sends bytes as they are: for frames no encoder would produce.
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
         self.stream.flush().await.unwrap();
     }
 
