@@ -911,7 +911,8 @@ impl Session<'_> {
         Ok(Outcome::Checkpointed(seq))
     }
 
-    /// Ships every change and waits until the last epoch is durable.
+    /// Ships every change that can go now and waits until the last epoch is durable.
+    /// Changes that wait for an initial sync (which no longer runs) stay dirty.
     async fn drain(&mut self) -> Result<(), SessionError> {
         loop {
             self.poll_events()?;
@@ -919,19 +920,20 @@ impl Session<'_> {
             if shipped > 0 || self.capture.generation_state() != GenerationState::Open {
                 continue;
             }
-            if let Some((write_seq, _)) = self.capture.quiescent() {
-                if self.changes_since_barrier > 0 {
-                    if self.sync_done {
+            if self.changes_since_barrier > 0 {
+                match self.capture.quiescent() {
+                    Some((write_seq, _)) if self.sync_done => {
                         self.consistent_barrier(write_seq, None).await?;
-                    } else {
+                    }
+                    _ => {
                         self.barrier(Vec::new()).await?;
                         self.changes_since_barrier = 0;
                     }
-                    continue;
                 }
-                if self.durable_epoch == self.epoch {
-                    return Ok(());
-                }
+                continue;
+            }
+            if self.durable_epoch == self.epoch {
+                return Ok(());
             }
             let event = self.next_event().await?;
             self.on_event(event)?;

@@ -222,7 +222,7 @@ fn read_both(a: &Path, b: &Path) -> anyhow::Result<Duration> {
 
 fn change_blocks(path: &Path, blocks: u64, count: u64, seed: u64) -> anyhow::Result<()> {
     let file = std::fs::OpenOptions::new().write(true).open(path)?;
-    let mut x = seed | 1;
+    let mut x = (seed << 1) | 1;
     let mut next = || {
         x ^= x << 13;
         x ^= x >> 7;
