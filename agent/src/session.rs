@@ -70,6 +70,12 @@ pub enum SessionError {
     },
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
+    /// The receiver refused this agent's certificate after the handshake (TLS 1.3
+    /// reports a refused client certificate on the first read).
+    #[error(
+        "the receiver refused this agent's certificate ({0}): it is revoked, expired or not issued by the receiver's CA; enroll again"
+    )]
+    CertificateRefused(String),
     /// The agent was asked to stop; the session ends at the next frame boundary.
     #[error("the agent is stopping")]
     Stopping,
@@ -81,7 +87,7 @@ impl SessionError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Refused { code, .. } => code.is_retryable(),
-            Self::Protocol(_) => false,
+            Self::Protocol(_) | Self::CertificateRefused(_) => false,
             Self::Handshake { source, .. } => !is_certificate_problem(source),
             _ => true,
         }
@@ -129,6 +135,7 @@ enum Event {
     Durable(u64),
     CheckpointSaved(u64),
     Refused(ErrorFrame),
+    CertificateRefused(String),
     Goodbye(String),
     Broken(String),
 }
@@ -1022,6 +1029,7 @@ impl Session<'_> {
                 format!("the receiver ended the session: {message}"),
             ))),
             Event::Broken(why) => Err(broken(&why)),
+            Event::CertificateRefused(why) => Err(SessionError::CertificateRefused(why)),
             Event::Welcome(_) | Event::Durable(_) | Event::CheckpointSaved(_) => Err(
                 SessionError::Protocol("unexpected frame from the receiver".into()),
             ),
@@ -1165,9 +1173,12 @@ async fn read_frames(
                 buf.filled(n);
             }
             Err(err) => {
-                let _ = events
-                    .send(Event::Broken(format!("read failed: {err}")))
-                    .await;
+                let event = if is_certificate_problem(&err) {
+                    Event::CertificateRefused(err.to_string())
+                } else {
+                    Event::Broken(format!("read failed: {err}"))
+                };
+                let _ = events.send(event).await;
                 return;
             }
         }

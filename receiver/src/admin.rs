@@ -33,6 +33,10 @@ pub enum AdminRequest {
         server_id: String,
         disk: Option<String>,
     },
+    /// Revoke agent `agent_id`: its handshakes fail from now on, its live session ends.
+    RevokeAgent {
+        agent_id: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -40,7 +44,17 @@ pub enum AdminRequest {
 pub enum AdminResponse {
     Status(StatusReport),
     Rescan(RescanAnswer),
+    Revoked(RevokeAnswer),
     Error(String),
+}
+
+/// What a revocation did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RevokeAnswer {
+    /// The source server the agent last replicated, if it ever connected.
+    pub server_id: Option<String>,
+    /// Live sessions closed.
+    pub sessions_closed: usize,
 }
 
 /// What a rescan request did.
@@ -128,6 +142,26 @@ async fn answer(stream: UnixStream, ctx: &SessionContext) -> io::Result<()> {
                             .await;
                     }
                     AdminResponse::Rescan(RescanAnswer { disks, connected })
+                }
+                Ok(Err(err)) => AdminResponse::Error(error_chain(&err)),
+                Err(err) => AdminResponse::Error(err.to_string()),
+            }
+        }
+        Ok(AdminRequest::RevokeAgent { agent_id }) => {
+            let catalog = Arc::clone(&ctx.catalog);
+            let id = agent_id.clone();
+            match tokio::task::spawn_blocking(move || catalog.revoke_agent(&id)).await {
+                Ok(Ok(server_id)) => {
+                    // Recorded first, then refused at every handshake, then cut off.
+                    ctx.revocations.insert(&agent_id);
+                    let sessions = ctx.registry.sessions_of_agent(&agent_id);
+                    for session in &sessions {
+                        session.revoke().await;
+                    }
+                    AdminResponse::Revoked(RevokeAnswer {
+                        server_id,
+                        sessions_closed: sessions.len(),
+                    })
                 }
                 Ok(Err(err)) => AdminResponse::Error(error_chain(&err)),
                 Err(err) => AdminResponse::Error(err.to_string()),

@@ -19,6 +19,8 @@ use crate::pki::AgentIdentity;
 const SERVERS: TableDefinition<&str, &[u8]> = TableDefinition::new("servers");
 /// (server id, disk name) → [`DiskRecord`] as JSON.
 const DISKS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("disks");
+/// agent id → Unix seconds of its revocation.
+const REVOKED: TableDefinition<&str, u64> = TableDefinition::new("revoked_agents");
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -298,6 +300,7 @@ impl Catalog {
         let txn = db.begin_write()?;
         txn.open_table(SERVERS)?;
         txn.open_table(DISKS)?;
+        txn.open_table(REVOKED)?;
         txn.commit()?;
         Ok(Self { db })
     }
@@ -617,6 +620,40 @@ impl Catalog {
                 server_disks.push(decode(disk_name, value.value())?);
             }
             out.push((server, server_disks));
+        }
+        Ok(out)
+    }
+
+    /// Revokes `agent_id` for good. Returns the server it last connected for, if any
+    /// (an agent that never connected can be revoked too).
+    pub fn revoke_agent(&self, agent_id: &str) -> Result<Option<String>, CatalogError> {
+        let txn = self.db.begin_write()?;
+        let mut server = None;
+        {
+            let servers = txn.open_table(SERVERS)?;
+            for entry in servers.iter()? {
+                let (key, value) = entry?;
+                let record: ServerRecord = decode(key.value(), value.value())?;
+                if record.agent_id == agent_id {
+                    server = Some(record.server_id);
+                }
+            }
+            let mut revoked = txn.open_table(REVOKED)?;
+            if revoked.get(agent_id)?.is_none() {
+                revoked.insert(agent_id, now())?;
+            }
+        }
+        txn.commit()?;
+        Ok(server)
+    }
+
+    /// Every revoked agent id.
+    pub fn revoked_agents(&self) -> Result<Vec<String>, CatalogError> {
+        let txn = self.db.begin_read()?;
+        let revoked = txn.open_table(REVOKED)?;
+        let mut out = Vec::new();
+        for entry in revoked.iter()? {
+            out.push(entry?.0.value().to_owned());
         }
         Ok(out)
     }

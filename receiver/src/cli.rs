@@ -105,6 +105,14 @@ pub enum AgentCommand {
         #[arg(long, default_value_t = 365)]
         valid_days: u32,
     },
+    /// Revoke an agent for good: its handshakes fail from now on and its live session is
+    /// closed (at once when the receiver runs, at its next start otherwise).
+    Revoke {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The agent id (as in `status`).
+        agent_id: String,
+    },
 }
 
 pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
@@ -153,6 +161,20 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!(
                 "copy that directory to the source server and run: blockferry-agent run --receiver HOST:1500 --credentials DIR --disk /dev/sdX"
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agent(AgentCommand::Revoke { data_dir, agent_id }) => {
+            crate::pki::validate_name("agent id", &agent_id)?;
+            let answer = revoke(&data_dir, &agent_id).await?;
+            match &answer.server_id {
+                Some(server) => println!(
+                    "revoked agent {agent_id} of source server {server}; {} live session(s) closed",
+                    answer.sessions_closed
+                ),
+                None => println!(
+                    "revoked agent {agent_id} (it never connected); its certificate is refused from now on"
+                ),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { data_dir, json } => {
@@ -221,6 +243,33 @@ async fn status(data_dir: &std::path::Path) -> anyhow::Result<StatusReport> {
         }
         Err(err) => Err(err.into()),
     }
+}
+
+/// Through the running receiver, or in the catalog directly when none runs.
+async fn revoke(data_dir: &std::path::Path, agent_id: &str) -> anyhow::Result<admin::RevokeAnswer> {
+    if !data_dir.join("catalog.redb").exists() {
+        bail!(
+            "{} is not a receiver data dir (no catalog.redb)",
+            data_dir.display()
+        );
+    }
+    let request = AdminRequest::RevokeAgent {
+        agent_id: agent_id.to_owned(),
+    };
+    match admin::request(data_dir, &request).await {
+        Ok(Some(AdminResponse::Revoked(answer))) => return Ok(answer),
+        Ok(Some(AdminResponse::Error(err))) => bail!("{err}"),
+        Ok(Some(other)) => bail!("unexpected answer from the running receiver: {other:?}"),
+        Ok(None) => {}
+        Err(err) => {
+            return Err(err).context("asking the running receiver through its admin socket");
+        }
+    }
+    let catalog = Catalog::open(data_dir)?;
+    Ok(admin::RevokeAnswer {
+        server_id: catalog.revoke_agent(agent_id)?,
+        sessions_closed: 0,
+    })
 }
 
 /// Through the running receiver, or in the catalog directly when none runs.

@@ -10,6 +10,7 @@ pub mod demo;
 mod gate;
 pub mod pki;
 mod registry;
+pub mod revocation;
 mod server;
 mod session;
 pub mod status;

@@ -94,6 +94,16 @@ impl SessionRegistry {
         lock(&self.joinable).get(&id).and_then(Weak::upgrade)
     }
 
+    /// The published sessions of agent `agent_id` (one at most, unless a successor is
+    /// taking over).
+    pub(crate) fn sessions_of_agent(&self, agent_id: &str) -> Vec<Arc<Session>> {
+        lock(&self.joinable)
+            .values()
+            .filter_map(Weak::upgrade)
+            .filter(|s| s.agent_id() == agent_id)
+            .collect()
+    }
+
     /// The live session of `server_id`, once it has been published.
     pub(crate) fn session_of(&self, server_id: &str) -> Option<Arc<Session>> {
         let id = lock(&self.live).get(server_id)?.id;

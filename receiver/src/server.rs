@@ -18,6 +18,7 @@ use crate::admin;
 use crate::catalog::{Catalog, CatalogError};
 use crate::pki::{AgentIdentity, CertificateAuthority, PkiError};
 use crate::registry::SessionRegistry;
+use crate::revocation::Revocations;
 use crate::session::{self, SessionContext, SessionSettings};
 use crate::status::StatusReport;
 use crate::tls::{self, RefusalReason, TlsSetupError};
@@ -155,8 +156,9 @@ impl Receiver {
             }
         })?;
         let ca = CertificateAuthority::load_or_create(&data_dir)?;
-        let tls_config = tls::server_config(&ca)?;
         let catalog = Arc::new(Catalog::open(&data_dir)?);
+        let revocations = Arc::new(Revocations::new(catalog.revoked_agents()?));
+        let tls_config = tls::server_config(&ca, Arc::clone(&revocations))?;
         let engine = Engine::start(config.io_engine, config.writer_threads)?;
         tracing::info!(engine = %engine.kind(), "staging I/O engine ready");
 
@@ -189,6 +191,7 @@ impl Receiver {
                 idle_timeout: config.idle_timeout,
             },
             registry: Arc::new(SessionRegistry::default()),
+            revocations,
             shutdown: shutdown.clone(),
             global_budget: Arc::new(Semaphore::new(
                 config.global_in_flight.max(config.session_in_flight) as usize,

@@ -62,6 +62,7 @@ pub(crate) struct SessionContext {
     pub(crate) shutdown: CancellationToken,
     /// Bytes of writes in flight across all sessions.
     pub(crate) global_budget: Arc<tokio::sync::Semaphore>,
+    pub(crate) revocations: Arc<crate::revocation::Revocations>,
 }
 
 #[derive(Debug, Clone)]
@@ -234,6 +235,25 @@ impl Session {
             },
             heartbeat,
         }
+    }
+
+    /// Ends the session for good: the agent was revoked. It hears why, and gives up.
+    pub(crate) async fn revoke(&self) {
+        tracing::warn!(agent = %self.identity.agent_id, "agent revoked: closing its session");
+        self.broadcast(Frame::Error(ErrorFrame {
+            code: ErrorCode::NOT_AUTHORIZED,
+            message: format!(
+                "agent {} has been revoked by an operator; enroll again to replicate",
+                self.identity.agent_id
+            ),
+        }))
+        .await;
+        self.end.cancel();
+    }
+
+    /// The agent this session speaks for.
+    pub(crate) fn agent_id(&self) -> &str {
+        &self.identity.agent_id
     }
 
     /// Ends the session so that the agent reconnects (and learns what changed, such as a

@@ -7,6 +7,7 @@ use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
 
 use crate::pki::{CertificateAuthority, PkiError};
+use crate::revocation::{RevocationCheckingVerifier, Revocations};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
@@ -20,23 +21,33 @@ pub enum TlsSetupError {
     Config(#[source] rustls::Error),
 }
 
+/// The replication port's configuration; agents in `revoked` fail the handshake.
 pub fn server_config(
     ca: &CertificateAuthority,
+    revoked: Arc<Revocations>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = RootCertStore::empty();
     roots
         .add(ca.cert_der().clone())
         .map_err(TlsSetupError::Anchor)?;
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let verifier = Arc::new(RevocationCheckingVerifier {
+        inner: WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()?,
+        revoked,
+    });
     let (chain, key) = ca.receiver_certificate()?;
-    let config = rustls::ServerConfig::builder_with_provider(provider)
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsSetupError::Config)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(TlsSetupError::Config)?;
+    // No session resumption: a resumed session skips the client certificate check, so a
+    // revoked or expired agent could come back on an old ticket. Every connection does a
+    // full handshake (a few per agent per session: the cost is nothing).
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -53,7 +64,9 @@ pub enum RefusalReason {
     UnknownIssuer,
     /// Expired or not yet valid.
     CertificateExpired,
-    /// Any other certificate problem (bad usage, bad encoding, revoked).
+    /// The agent was revoked by an operator.
+    CertificateRevoked,
+    /// Any other certificate problem (bad usage, bad encoding).
     BadCertificate,
     /// Verified, but the certificate does not name an agent and a server.
     NoIdentity,
@@ -64,12 +77,13 @@ pub enum RefusalReason {
 }
 
 impl RefusalReason {
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::NotTls,
         Self::ProtocolVersion,
         Self::NoClientCertificate,
         Self::UnknownIssuer,
         Self::CertificateExpired,
+        Self::CertificateRevoked,
         Self::BadCertificate,
         Self::NoIdentity,
         Self::HandshakeTimeout,
@@ -83,6 +97,7 @@ impl RefusalReason {
             Self::NoClientCertificate => "no_client_certificate",
             Self::UnknownIssuer => "unknown_issuer",
             Self::CertificateExpired => "certificate_expired",
+            Self::CertificateRevoked => "certificate_revoked",
             Self::BadCertificate => "bad_certificate",
             Self::NoIdentity => "no_identity",
             Self::HandshakeTimeout => "handshake_timeout",
@@ -116,6 +131,7 @@ impl RefusalReason {
                 | CertificateError::NotValidYet
                 | CertificateError::NotValidYetContext { .. },
             ) => Self::CertificateExpired,
+            Error::InvalidCertificate(CertificateError::Revoked) => Self::CertificateRevoked,
             Error::InvalidCertificate(_) => Self::BadCertificate,
             _ => Self::HandshakeFailed,
         }
