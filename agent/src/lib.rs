@@ -6,6 +6,7 @@ mod agent;
 pub mod capture;
 pub mod credentials;
 pub mod dirty;
+pub mod enroll;
 pub mod inventory;
 pub mod nbd;
 mod progress;

@@ -25,15 +25,34 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Enroll with the receiver using a token from `blockferry-receiver token create`:
+    /// verifies the receiver against the CA fingerprint in the token, generates this
+    /// agent's key (it never leaves the state dir) and stores the issued certificate.
+    Enroll {
+        /// The token, as printed by `token create`.
+        #[arg(long)]
+        token: String,
+        /// The control API's HOST:PORT, if not the address in the token.
+        #[arg(long)]
+        receiver: Option<String>,
+        /// Where to keep the key (agent.key, 0600), certificates and enrollment.json.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// This source server's id (default: its machine-id or DMI product UUID).
+        #[arg(long)]
+        server_id: Option<String>,
+    },
     /// Replicate volumes to a receiver until stopped.
     Run {
-        /// The receiver's replication address, HOST:PORT (port 1500 by default).
+        /// The receiver's replication address, HOST:PORT (port 1500 by default). Not
+        /// needed after `enroll`: it is read from the state dir.
         #[arg(long)]
-        receiver: String,
+        receiver: Option<String>,
         /// Directory holding agent.key (mode 0600), agent.crt and ca.crt, as written by
-        /// `blockferry-receiver agent issue`.
+        /// `blockferry-receiver agent issue`. Not needed after `enroll` (the state dir
+        /// holds them).
         #[arg(long)]
-        credentials: PathBuf,
+        credentials: Option<PathBuf>,
         /// A volume to replicate: a block device or image file, as PATH (named after its
         /// last path component) or NAME=PATH. Repeat for more disks (at most 50).
         #[arg(long = "disk", required = true)]
@@ -114,6 +133,36 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Enroll {
+            token,
+            receiver,
+            state_dir,
+            server_id,
+        } => {
+            let server_id = server_id.unwrap_or_else(blockferry_agent::inventory::host_id);
+            if server_id.is_empty() {
+                anyhow::bail!(
+                    "this machine has no machine-id or DMI product UUID; pass --server-id"
+                );
+            }
+            let enrollment = blockferry_agent::enroll::enroll(
+                &token,
+                receiver.as_deref(),
+                &server_id,
+                &state_dir,
+            )
+            .await
+            .context("enrolling")?;
+            println!(
+                "enrolled as agent {} of source server {}; replicating to {}",
+                enrollment.agent_id, enrollment.server_id, enrollment.receiver
+            );
+            println!(
+                "next: blockferry-agent run --state-dir {} --disk /dev/sdX",
+                state_dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run {
             receiver,
             credentials,
@@ -129,6 +178,25 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             rescan,
             drain_timeout_secs,
         } => {
+            let enrollment = match &state_dir {
+                Some(dir) => blockferry_agent::enroll::Enrollment::load(dir)
+                    .with_context(|| format!("reading the enrollment in {}", dir.display()))?,
+                None => None,
+            };
+            let credentials = match (credentials, &state_dir, &enrollment) {
+                (Some(dir), _, _) => dir,
+                (None, Some(dir), Some(_)) => dir.clone(),
+                _ => anyhow::bail!(
+                    "no credentials: pass --credentials DIR, or enroll first (blockferry-agent enroll --token TOKEN --state-dir DIR) and pass --state-dir DIR"
+                ),
+            };
+            let receiver = match (receiver, &enrollment) {
+                (Some(receiver), _) => receiver,
+                (None, Some(enrollment)) => enrollment.receiver.clone(),
+                (None, None) => anyhow::bail!(
+                    "no receiver: pass --receiver HOST:1500, or enroll first and pass --state-dir"
+                ),
+            };
             let credentials = Credentials::load(&credentials)
                 .with_context(|| format!("loading credentials from {}", credentials.display()))?;
             let volumes = Volume::open_all(&disks)?;

@@ -12,8 +12,10 @@
 
 mod buffer;
 mod codec;
+pub mod control;
 pub mod limits;
 mod message;
+pub mod token;
 
 pub use buffer::FrameBuffer;
 pub use codec::{DecodeError, FRAME_HEADER_LEN, MAGIC, PROTOCOL_VERSION, decode};

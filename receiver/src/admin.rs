@@ -13,6 +13,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::catalog::TokenRecord;
 use crate::session::{SessionContext, error_chain};
 use crate::status::StatusReport;
 
@@ -37,6 +38,14 @@ pub enum AdminRequest {
     RevokeAgent {
         agent_id: String,
     },
+    /// Store a new enrollment token (only its hash travels here).
+    AddToken {
+        record: TokenRecord,
+    },
+    ListTokens,
+    RevokeToken {
+        id: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -45,6 +54,8 @@ pub enum AdminResponse {
     Status(StatusReport),
     Rescan(RescanAnswer),
     Revoked(RevokeAnswer),
+    Tokens(Vec<TokenRecord>),
+    Done,
     Error(String),
 }
 
@@ -147,6 +158,27 @@ async fn answer(stream: UnixStream, ctx: &SessionContext) -> io::Result<()> {
                 Err(err) => AdminResponse::Error(err.to_string()),
             }
         }
+        Ok(AdminRequest::AddToken { record }) => {
+            let catalog = Arc::clone(&ctx.catalog);
+            blocking(move || catalog.add_token(&record).map(|()| AdminResponse::Done)).await
+        }
+        Ok(AdminRequest::ListTokens) => {
+            let catalog = Arc::clone(&ctx.catalog);
+            blocking(move || catalog.tokens().map(AdminResponse::Tokens)).await
+        }
+        Ok(AdminRequest::RevokeToken { id }) => {
+            let catalog = Arc::clone(&ctx.catalog);
+            blocking(move || {
+                catalog.revoke_token(&id).map(|found| {
+                    if found {
+                        AdminResponse::Done
+                    } else {
+                        AdminResponse::Error(format!("no token with id {id} (see `token list`)"))
+                    }
+                })
+            })
+            .await
+        }
         Ok(AdminRequest::RevokeAgent { agent_id }) => {
             let catalog = Arc::clone(&ctx.catalog);
             let id = agent_id.clone();
@@ -173,6 +205,17 @@ async fn answer(stream: UnixStream, ctx: &SessionContext) -> io::Result<()> {
     out.push(b'\n');
     write.write_all(&out).await?;
     write.shutdown().await
+}
+
+/// Runs a catalog operation off the async threads and turns its error into an answer.
+async fn blocking(
+    op: impl FnOnce() -> Result<AdminResponse, crate::catalog::CatalogError> + Send + 'static,
+) -> AdminResponse {
+    match tokio::task::spawn_blocking(op).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(err)) => AdminResponse::Error(error_chain(&err)),
+        Err(err) => AdminResponse::Error(err.to_string()),
+    }
 }
 
 /// Sends `request` to the receiver running on `data_dir`. `Ok(None)` means no receiver

@@ -21,6 +21,8 @@ const SERVERS: TableDefinition<&str, &[u8]> = TableDefinition::new("servers");
 const DISKS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("disks");
 /// agent id → Unix seconds of its revocation.
 const REVOKED: TableDefinition<&str, u64> = TableDefinition::new("revoked_agents");
+/// token id → [`TokenRecord`] as JSON. Only a hash of each secret is stored.
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("enrollment_tokens");
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -221,6 +223,51 @@ impl DiskRecord {
     }
 }
 
+/// An enrollment token as stored: the SHA-256 of its secret (hex), never the secret.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// The first 16 hex digits of the hash: what `token list` shows and `token revoke`
+    /// takes.
+    pub id: String,
+    pub secret_sha256: String,
+    /// Unix seconds.
+    pub created: u64,
+    pub expires: u64,
+    /// Enrollments allowed, and made.
+    pub uses: u32,
+    pub used: u32,
+    pub revoked: bool,
+}
+
+/// The id of the token whose secret hashes to `secret_sha256`.
+pub fn token_id(secret_sha256: &str) -> String {
+    secret_sha256.chars().take(16).collect()
+}
+
+/// Why a token was not accepted. The enrollment API tells the agent which.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenRefusal {
+    #[error(
+        "the enrollment token is not known to this receiver (forged, mistyped, or from another receiver)"
+    )]
+    Unknown,
+    #[error(
+        "the enrollment token has expired; create a new one with `blockferry-receiver token create`"
+    )]
+    Expired,
+    #[error("the enrollment token has already been used as many times as it allows")]
+    UsedUp,
+    #[error("the enrollment token was revoked by an operator")]
+    Revoked,
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
+
+/// Compares secrets without leaking where they differ through timing.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// A rescan's counters at a durable barrier, and whether the agent claimed it complete.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RescanProgress {
@@ -301,6 +348,7 @@ impl Catalog {
         txn.open_table(SERVERS)?;
         txn.open_table(DISKS)?;
         txn.open_table(REVOKED)?;
+        txn.open_table(TOKENS)?;
         txn.commit()?;
         Ok(Self { db })
     }
@@ -645,6 +693,95 @@ impl Catalog {
         }
         txn.commit()?;
         Ok(server)
+    }
+
+    /// Stores a new enrollment token (its secret's hash, never the secret).
+    pub fn add_token(&self, record: &TokenRecord) -> Result<(), CatalogError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(TOKENS)?
+            .insert(record.id.as_str(), encode(record).as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Uses the token whose secret hashes to `secret_sha256`, once: checks that it exists,
+    /// is not revoked, expired or used up, and counts the use, in one transaction.
+    pub fn use_token(&self, secret_sha256: &str) -> Result<TokenRecord, TokenRefusal> {
+        let txn = self.db.begin_write().map_err(CatalogError::from)?;
+        let record = {
+            let mut tokens = txn.open_table(TOKENS).map_err(CatalogError::from)?;
+            let id = token_id(secret_sha256);
+            let record = match tokens.get(id.as_str()).map_err(CatalogError::from)? {
+                Some(raw) => decode::<TokenRecord>(&id, raw.value())?,
+                None => return Err(TokenRefusal::Unknown),
+            };
+            // The id is a prefix of the hash; the whole hash must match.
+            if !constant_time_eq(record.secret_sha256.as_bytes(), secret_sha256.as_bytes()) {
+                return Err(TokenRefusal::Unknown);
+            }
+            if record.revoked {
+                return Err(TokenRefusal::Revoked);
+            }
+            if now() >= record.expires {
+                return Err(TokenRefusal::Expired);
+            }
+            if record.used >= record.uses {
+                return Err(TokenRefusal::UsedUp);
+            }
+            let mut record = record;
+            record.used += 1;
+            tokens
+                .insert(id.as_str(), encode(&record).as_slice())
+                .map_err(CatalogError::from)?;
+            record
+        };
+        txn.commit().map_err(CatalogError::from)?;
+        Ok(record)
+    }
+
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>, CatalogError> {
+        let txn = self.db.begin_read()?;
+        let tokens = txn.open_table(TOKENS)?;
+        let mut out = Vec::new();
+        for entry in tokens.iter()? {
+            let (key, value) = entry?;
+            out.push(decode(key.value(), value.value())?);
+        }
+        out.sort_by_key(|t: &TokenRecord| t.created);
+        Ok(out)
+    }
+
+    /// Revokes token `id`; returns whether it existed.
+    pub fn revoke_token(&self, id: &str) -> Result<bool, CatalogError> {
+        let txn = self.db.begin_write()?;
+        let found = {
+            let mut tokens = txn.open_table(TOKENS)?;
+            let record = match tokens.get(id)? {
+                Some(raw) => Some(decode::<TokenRecord>(id, raw.value())?),
+                None => None,
+            };
+            match record {
+                Some(mut record) => {
+                    record.revoked = true;
+                    tokens.insert(id, encode(&record).as_slice())?;
+                    true
+                }
+                None => false,
+            }
+        };
+        txn.commit()?;
+        Ok(found)
+    }
+
+    /// The agent that last connected for `server_id`, if any.
+    pub fn agent_of(&self, server_id: &str) -> Result<Option<String>, CatalogError> {
+        let txn = self.db.begin_read()?;
+        let servers = txn.open_table(SERVERS)?;
+        let raw = servers.get(server_id)?;
+        Ok(raw
+            .map(|raw| decode::<ServerRecord>(server_id, raw.value()))
+            .transpose()?
+            .map(|s| s.agent_id))
     }
 
     /// Every revoked agent id.

@@ -50,7 +50,17 @@ pub enum Command {
         /// Streams (TLS connections) granted to one agent, 1 to 5.
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8).range(1..=5))]
         max_streams: u8,
+        /// Control API (HTTPS: enrollment, renewal, status) address; "off" disables it.
+        #[arg(long, default_value = "0.0.0.0:8443", value_parser = parse_control)]
+        control: Control,
+        /// Lifetime of agent certificates issued by the control API, in hours; agents
+        /// renew well before it ends.
+        #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=8760))]
+        agent_cert_hours: u64,
     },
+    /// Enrollment tokens for new agents.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Provision agents offline.
     #[command(subcommand)]
     Agent(AgentCommand),
@@ -86,6 +96,68 @@ pub enum Command {
         #[arg(long, default_value = "auto")]
         io_engine: IoEngine,
     },
+}
+
+/// Where the control API listens, if anywhere.
+#[derive(Debug, Clone, Copy)]
+pub struct Control(Option<SocketAddr>);
+
+fn parse_control(text: &str) -> Result<Control, String> {
+    if text == "off" {
+        return Ok(Control(None));
+    }
+    text.parse()
+        .map(|addr| Control(Some(addr)))
+        .map_err(|e| format!("{text:?} is not HOST:PORT or \"off\": {e}"))
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print it (the only time its secret is shown).
+    Create {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// How long it stays valid: e.g. 30m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: std::time::Duration,
+        /// How many agents may enroll with it.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100000))]
+        uses: u32,
+        /// The control API address agents should dial, HOST:PORT (default: this host's
+        /// name, port 8443).
+        #[arg(long)]
+        address: Option<String>,
+    },
+    /// List tokens: id, created, expires, uses, state (never the secrets).
+    List {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Revoke a token by the id `token list` shows.
+    Revoke {
+        #[arg(long)]
+        data_dir: PathBuf,
+        id: String,
+    },
+}
+
+/// A duration as a number and a unit: s, m, h or d.
+fn parse_ttl(text: &str) -> Result<std::time::Duration, String> {
+    let (number, unit) = text.split_at(text.len().saturating_sub(1));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a number and a unit, e.g. 30m, 1h, 7d"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("{text:?}: the unit must be s, m, h or d")),
+    };
+    if secs == 0 || secs > 365 * 86400 {
+        return Err(format!("{text:?}: must be between 1s and 365d"));
+    }
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 #[derive(Debug, Subcommand)]
@@ -124,6 +196,8 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             writer_threads,
             barrier_interval_mib,
             max_streams,
+            control,
+            agent_cert_hours,
         } => {
             if barrier_interval_mib == 0 {
                 bail!("--barrier-interval-mib must be at least 1");
@@ -134,6 +208,8 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             config.writer_threads = writer_threads.max(1);
             config.barrier_interval = barrier_interval_mib << 20;
             config.max_streams = max_streams;
+            config.control = control.0;
+            config.agent_cert_lifetime = std::time::Duration::from_secs(agent_cert_hours * 3600);
             let receiver = Receiver::start(config).await?;
             wait_for_signal().await;
             tracing::info!("shutting down: finishing sessions");
@@ -161,6 +237,79 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!(
                 "copy that directory to the source server and run: blockferry-agent run --receiver HOST:1500 --credentials DIR --disk /dev/sdX"
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token(TokenCommand::Create {
+            data_dir,
+            ttl,
+            uses,
+            address,
+        }) => {
+            let ca = crate::pki::CertificateAuthority::load_or_create(&data_dir)?;
+            let address = match address {
+                Some(address) => address,
+                None => format!("{}:8443", crate::control::host_name()),
+            };
+            let (token, record) = crate::control::new_token(ca.fingerprint(), &address, ttl, uses);
+            let request = AdminRequest::AddToken {
+                record: record.clone(),
+            };
+            admin_or_catalog(&data_dir, request, |catalog| {
+                catalog.add_token(&record).map(|()| AdminResponse::Done)
+            })
+            .await?;
+            println!("{token}");
+            eprintln!(
+                "token {} for {address}: valid {}, {uses} use(s). On the source server: blockferry-agent enroll --token TOKEN --state-dir /var/lib/blockferry-agent",
+                record.id,
+                humantime(ttl.as_secs())
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token(TokenCommand::List { data_dir }) => {
+            let AdminResponse::Tokens(tokens) =
+                admin_or_catalog(&data_dir, AdminRequest::ListTokens, |catalog| {
+                    catalog.tokens().map(AdminResponse::Tokens)
+                })
+                .await?
+            else {
+                bail!("unexpected answer from the running receiver");
+            };
+            println!(
+                "{:<18} {:>12} {:>12} {:>6}  STATE",
+                "ID", "CREATED", "EXPIRES", "USED"
+            );
+            let now = crate::catalog::now();
+            for t in tokens {
+                let state = if t.revoked {
+                    "revoked"
+                } else if now >= t.expires {
+                    "expired"
+                } else if t.used >= t.uses {
+                    "used"
+                } else {
+                    "valid"
+                };
+                println!(
+                    "{:<18} {:>12} {:>12} {:>3}/{:<2}  {state}",
+                    t.id, t.created, t.expires, t.used, t.uses
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token(TokenCommand::Revoke { data_dir, id }) => {
+            let request = AdminRequest::RevokeToken { id: id.clone() };
+            admin_or_catalog(&data_dir, request, |catalog| {
+                catalog.revoke_token(&id).map(|found| {
+                    if found {
+                        AdminResponse::Done
+                    } else {
+                        AdminResponse::Error(format!("no token with id {id} (see `token list`)"))
+                    }
+                })
+            })
+            .await?;
+            println!("token {id} revoked");
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent(AgentCommand::Revoke { data_dir, agent_id }) => {
@@ -242,6 +391,41 @@ async fn status(data_dir: &std::path::Path) -> anyhow::Result<StatusReport> {
             Err(err).context("a receiver holds the catalog but its admin socket does not answer")
         }
         Err(err) => Err(err.into()),
+    }
+}
+
+/// Asks the running receiver, or does `offline` on the catalog when none runs; an
+/// `Error` answer either way becomes the command's error.
+async fn admin_or_catalog(
+    data_dir: &std::path::Path,
+    request: AdminRequest,
+    offline: impl FnOnce(&Catalog) -> Result<AdminResponse, CatalogError>,
+) -> anyhow::Result<AdminResponse> {
+    if !data_dir.join("catalog.redb").exists() {
+        bail!(
+            "{} is not a receiver data dir (no catalog.redb): start the receiver once first",
+            data_dir.display()
+        );
+    }
+    let answer = match admin::request(data_dir, &request).await {
+        Ok(Some(answer)) => answer,
+        Ok(None) => offline(&Catalog::open(data_dir)?)?,
+        Err(err) => {
+            return Err(err).context("asking the running receiver through its admin socket");
+        }
+    };
+    match answer {
+        AdminResponse::Error(err) => bail!("{err}"),
+        answer => Ok(answer),
+    }
+}
+
+fn humantime(secs: u64) -> String {
+    match secs {
+        s if s % 86400 == 0 => format!("{}d", s / 86400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
     }
 }
 

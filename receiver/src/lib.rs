@@ -6,6 +6,7 @@ pub mod admin;
 mod apply;
 pub mod catalog;
 pub mod cli;
+pub mod control;
 pub mod demo;
 mod gate;
 pub mod pki;

@@ -48,6 +48,8 @@ pub enum PkiError {
     },
     #[error("cannot generate a key or certificate")]
     Generate(#[from] rcgen::Error),
+    #[error("the certificate signing request is not valid (unreadable, or not signed by its key)")]
+    Csr(#[source] rcgen::Error),
     #[error("agent certificate: {0}")]
     Identity(String),
     #[error("invalid {what} {value:?}: use 1 to 64 characters from A-Z a-z 0-9 . _ -")]
@@ -224,31 +226,72 @@ impl CertificateAuthority {
         identity: &AgentIdentity,
         validity: Duration,
     ) -> Result<IssuedCertificate, PkiError> {
-        validate_name("agent id", &identity.agent_id)?;
-        validate_name("server id", &identity.server_id)?;
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(
-            DnType::CommonName,
-            format!("blockferry agent {}", identity.agent_id),
-        );
-        params.subject_alt_names = vec![
-            SanType::URI(format!("{AGENT_URI}{}", identity.agent_id).try_into()?),
-            SanType::URI(format!("{SERVER_URI}{}", identity.server_id).try_into()?),
-        ];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - Duration::minutes(5);
-        params.not_after = now + validity;
-        let cert = params.signed_by(&key, &self.issuer()?)?;
+        let cert = agent_params(identity, validity)?.signed_by(&key, &self.issuer()?)?;
         Ok(IssuedCertificate {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
     }
+
+    /// Issues an agent certificate for the key of a certificate signing request (online
+    /// enrollment: the key never leaves the agent). The CSR's signature is checked (the
+    /// requester holds the key); everything else it asks for — names, CA status, key
+    /// usages — is ignored: the certificate says what [`agent_params`] says.
+    pub fn issue_for_csr(
+        &self,
+        identity: &AgentIdentity,
+        csr_pem: &str,
+        validity: Duration,
+    ) -> Result<String, PkiError> {
+        let csr =
+            rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(PkiError::Csr)?;
+        let request = rcgen::CertificateSigningRequestParams {
+            params: agent_params(identity, validity)?,
+            public_key: csr.public_key,
+        };
+        Ok(request.signed_by(&self.issuer()?)?.pem())
+    }
+
+    /// SHA-256 of the CA certificate: what enrollment tokens carry.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        sha256(&self.cert_der)
+    }
+}
+
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+/// What every agent certificate is: client authentication only, not a CA, naming the
+/// agent and its source server, valid for `validity` from now.
+fn agent_params(
+    identity: &AgentIdentity,
+    validity: Duration,
+) -> Result<CertificateParams, PkiError> {
+    validate_name("agent id", &identity.agent_id)?;
+    validate_name("server id", &identity.server_id)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("blockferry agent {}", identity.agent_id),
+    );
+    params.subject_alt_names = vec![
+        SanType::URI(format!("{AGENT_URI}{}", identity.agent_id).try_into()?),
+        SanType::URI(format!("{SERVER_URI}{}", identity.server_id).try_into()?),
+    ];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::minutes(5);
+    params.not_after = now + validity;
+    Ok(params)
 }
 
 fn expires_soon(cert_path: &Path) -> bool {

@@ -48,6 +48,15 @@ pub(crate) struct RevocationCheckingVerifier {
 }
 
 impl ClientCertVerifier for RevocationCheckingVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    // Optional on the control port (enrollment has no certificate yet), required on 1500.
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         self.inner.root_hint_subjects()
     }

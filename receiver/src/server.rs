@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin;
 use crate::catalog::{Catalog, CatalogError};
+use crate::control::{self, ControlContext};
 use crate::pki::{AgentIdentity, CertificateAuthority, PkiError};
 use crate::registry::SessionRegistry;
 use crate::revocation::Revocations;
@@ -58,6 +59,11 @@ pub struct ReceiverConfig {
     /// Bytes of writes in flight across all sessions; must be at least
     /// `session_in_flight`.
     pub global_in_flight: u32,
+    /// The control API's address (enrollment, renewal, status over HTTPS); `None` runs
+    /// without it. The `run` command defaults to `0.0.0.0:8443`.
+    pub control: Option<SocketAddr>,
+    /// Lifetime of the certificates the control API issues to agents.
+    pub agent_cert_lifetime: Duration,
 }
 
 impl ReceiverConfig {
@@ -73,6 +79,8 @@ impl ReceiverConfig {
             idle_timeout: Duration::from_secs(60),
             session_in_flight: 64 << 20,
             global_in_flight: 1 << 30,
+            control: None,
+            agent_cert_lifetime: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -137,6 +145,7 @@ impl RefusalCounters {
 #[derive(Debug)]
 pub struct Receiver {
     local_addr: SocketAddr,
+    control_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     refusals: Arc<RefusalCounters>,
@@ -198,6 +207,35 @@ impl Receiver {
             )),
         });
 
+        let control_addr = match config.control {
+            None => None,
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ReceiverError::Listen { addr, source })?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|source| ReceiverError::Listen { addr, source })?;
+                let control = Arc::new(ControlContext {
+                    sessions: Arc::clone(&ctx),
+                    ca: CertificateAuthority::load_or_create(&data_dir)?,
+                    admin_token: control::admin_token(&data_dir).map_err(ReceiverError::Admin)?,
+                    agent_cert_lifetime: time::Duration::try_from(config.agent_cert_lifetime)
+                        .unwrap_or(time::Duration::DAY),
+                    replication_port: local_addr.port(),
+                });
+                let acceptor =
+                    TlsAcceptor::from(tls::control_config(&ca, Arc::clone(&ctx.revocations))?);
+                tasks.spawn(control::serve(
+                    listener,
+                    acceptor,
+                    control,
+                    shutdown.clone(),
+                ));
+                tracing::info!(control = %bound, "control API listening (HTTPS)");
+                Some(bound)
+            }
+        };
         let admin_listener = admin::bind(&data_dir).map_err(ReceiverError::Admin)?;
         tasks.spawn(admin::serve(
             admin_listener,
@@ -214,6 +252,7 @@ impl Receiver {
         tracing::info!(listen = %local_addr, data_dir = %data_dir.display(), "receiver listening");
         Ok(Self {
             local_addr,
+            control_addr,
             shutdown,
             tasks,
             refusals,
@@ -224,6 +263,11 @@ impl Receiver {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where the control API listens, if it runs.
+    pub fn control_addr(&self) -> Option<SocketAddr> {
+        self.control_addr
     }
 
     pub fn refusals(&self) -> &RefusalCounters {

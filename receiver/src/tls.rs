@@ -51,6 +51,36 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// The control port's configuration: TLS 1.3, the same server certificate (with the CA in
+/// its chain, which enrolling agents pin by fingerprint), and an optional client
+/// certificate (renewal), checked against the CA and the revoked set when presented.
+pub fn control_config(
+    ca: &CertificateAuthority,
+    revoked: Arc<Revocations>,
+) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(ca.cert_der().clone())
+        .map_err(TlsSetupError::Anchor)?;
+    let verifier = Arc::new(RevocationCheckingVerifier {
+        inner: WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .allow_unauthenticated()
+            .build()?,
+        revoked,
+    });
+    let (chain, key) = ca.receiver_certificate()?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsSetupError::Config)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(TlsSetupError::Config)?;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
 /// Why a connection was refused, as a short stable code for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RefusalReason {

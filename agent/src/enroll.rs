@@ -1,0 +1,335 @@
+//! Enrollment: a token from the operator in, a key pair, a certificate and the receiver's
+//! address in the state dir out.
+//!
+//! The agent trusts nothing it has not checked: the control API's TLS certificate must
+//! chain to a CA whose SHA-256 fingerprint is the token's, before a byte of the request
+//! is sent. The private key is generated here and never leaves the state dir (mode 0600);
+//! only a certificate signing request travels.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockferry_proto::control::{EnrollRequest, ErrorBody, Issued};
+use blockferry_proto::token::{EnrollmentToken, TokenFormatError, hex};
+use blockferry_storage::durable::{create_dir_durable, write_atomic};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+
+use crate::credentials::Credentials;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest answer read from the control API (a certificate and the CA).
+const MAX_ANSWER: usize = 1 << 20;
+const ENROLLMENT_FILE: &str = "enrollment.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error(transparent)]
+    Token(#[from] TokenFormatError),
+    #[error("cannot reach the receiver's control API at {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS with the receiver's control API at {addr} failed")]
+    Tls {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP with the receiver's control API failed")]
+    Http(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the receiver refused ({status}): {message}")]
+    Refused { status: u16, message: String },
+    #[error("the receiver's answer is unusable: {0}")]
+    Answer(String),
+    #[error("cannot generate the agent's key or request")]
+    Key(#[from] rcgen::Error),
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("timed out talking to the receiver's control API")]
+    Timeout,
+}
+
+/// What `enroll` leaves in the state dir besides the key and certificates.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Enrollment {
+    pub agent_id: String,
+    pub server_id: String,
+    /// Replication address, HOST:PORT.
+    pub receiver: String,
+    /// Control API address, HOST:PORT.
+    pub control: String,
+}
+
+impl Enrollment {
+    /// Reads `<state-dir>/enrollment.json`, if the agent was enrolled.
+    pub fn load(state_dir: &Path) -> Result<Option<Self>, std::io::Error> {
+        match std::fs::read(state_dir.join(ENROLLMENT_FILE)) {
+            Ok(raw) => serde_json::from_slice(&raw)
+                .map(Some)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+}
+
+/// Enrolls with `token`, dialling `control` if given (else the token's address), and
+/// writes `agent.key` (0600), `agent.crt`, `ca.crt` and `enrollment.json` to `state_dir`.
+pub async fn enroll(
+    token: &str,
+    control: Option<&str>,
+    server_id: &str,
+    state_dir: &Path,
+) -> Result<Enrollment, EnrollError> {
+    let key = rcgen::KeyPair::generate()?;
+    let (issued, address) = request_certificate(token, control, server_id, &csr(&key)?).await?;
+    let enrollment = Enrollment {
+        agent_id: issued.agent_id.clone(),
+        server_id: issued.server_id.clone(),
+        receiver: with_port(&address, issued.replication_port),
+        control: address,
+    };
+    save(state_dir, &key, &issued, &enrollment)?;
+    Ok(enrollment)
+}
+
+/// The enrollment exchange alone: sends `csr_pem` with the token to the receiver it
+/// names (verified by the token's CA fingerprint) and returns what it issued, with the
+/// control address used.
+pub async fn request_certificate(
+    token: &str,
+    control: Option<&str>,
+    server_id: &str,
+    csr_pem: &str,
+) -> Result<(Issued, String), EnrollError> {
+    let token = EnrollmentToken::parse(token)?;
+    let address = control.unwrap_or(&token.address).to_owned();
+    let request = EnrollRequest {
+        token: token.to_string(),
+        csr_pem: csr_pem.to_owned(),
+        server_id: server_id.to_owned(),
+        host_name: crate::inventory::collect().host_name,
+    };
+    let config = pinned_config(token.ca_fingerprint);
+    let issued: Issued = post(&config, &address, "/v1/enroll", &request).await?;
+    if sha256_of_pem(&issued.ca_pem) != Some(token.ca_fingerprint) {
+        return Err(EnrollError::Answer(
+            "the CA in the answer is not the one the token names".into(),
+        ));
+    }
+    Ok((issued, address))
+}
+
+fn csr(key: &rcgen::KeyPair) -> Result<String, EnrollError> {
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        crate::inventory::collect().host_name,
+    );
+    Ok(params.serialize_request(key)?.pem()?)
+}
+
+/// Key first: a certificate never exists in the state dir without the key it names.
+fn save(
+    state_dir: &Path,
+    key: &rcgen::KeyPair,
+    issued: &Issued,
+    enrollment: &Enrollment,
+) -> Result<(), EnrollError> {
+    let write = |name: &str, contents: &[u8], mode: u32| {
+        let path = state_dir.join(name);
+        write_atomic(&path, contents, mode).map_err(|source| EnrollError::Write { path, source })
+    };
+    create_dir_durable(state_dir, 0o700).map_err(|source| EnrollError::Write {
+        path: state_dir.to_owned(),
+        source,
+    })?;
+    write("ca.crt", issued.ca_pem.as_bytes(), 0o644)?;
+    write("agent.key", key.serialize_pem().as_bytes(), 0o600)?;
+    write("agent.crt", issued.certificate_pem.as_bytes(), 0o644)?;
+    let json = serde_json::to_vec_pretty(enrollment)
+        .map_err(|e| EnrollError::Answer(format!("cannot record the enrollment: {e}")))?;
+    write(ENROLLMENT_FILE, &json, 0o644)
+}
+
+/// `host:port` of `address` with another port (IPv6 literals keep their brackets).
+fn with_port(address: &str, port: u16) -> String {
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+    format!("{host}:{port}")
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+fn sha256_of_pem(pem: &str) -> Option<[u8; 32]> {
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()?
+        .ok()
+        .map(|der| sha256(&der))
+}
+
+/// TLS 1.3 to the control API, trusting only a CA with `fingerprint`.
+fn pinned_config(fingerprint: [u8; 32]) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("aws-lc-rs supports TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCa {
+            fingerprint,
+            provider,
+        }))
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// Accepts the server only if its chain includes the pinned CA and verifies against it,
+/// for the receiver's fixed name.
+#[derive(Debug)]
+struct PinnedCa {
+    fingerprint: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| sha256(c) == self.fingerprint)
+            .ok_or_else(|| {
+                rustls::Error::General(format!(
+                    "the receiver's CA is not the one in the token (fingerprint {}): a different receiver, or someone in between",
+                    hex(&self.fingerprint)
+                ))
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::clone(&self.provider),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, &[], &Credentials::server_name(), ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// One JSON request to the control API; a non-200 answer becomes
+/// [`EnrollError::Refused`] with the receiver's message.
+async fn post<Req: Serialize, Ans: serde::de::DeserializeOwned>(
+    config: &Arc<rustls::ClientConfig>,
+    address: &str,
+    path: &str,
+    body: &Req,
+) -> Result<Ans, EnrollError> {
+    tokio::time::timeout(TIMEOUT, async {
+        let tcp = TcpStream::connect(address)
+            .await
+            .map_err(|source| EnrollError::Connect {
+                addr: address.to_owned(),
+                source,
+            })?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::clone(config))
+            .connect(Credentials::server_name(), tcp)
+            .await
+            .map_err(|source| EnrollError::Tls {
+                addr: address.to_owned(),
+                source,
+            })?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .map_err(|e| EnrollError::Http(e.into()))?;
+        tokio::spawn(connection);
+        let request = hyper::Request::post(path)
+            .header(hyper::header::HOST, address)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(
+                serde_json::to_vec(body).map_err(|e| EnrollError::Http(e.into()))?,
+            )))
+            .map_err(|e| EnrollError::Http(e.into()))?;
+        let answer = sender
+            .send_request(request)
+            .await
+            .map_err(|e| EnrollError::Http(e.into()))?;
+        let status = answer.status();
+        let bytes = Limited::new(answer.into_body(), MAX_ANSWER)
+            .collect()
+            .await
+            .map_err(EnrollError::Http)?
+            .to_bytes();
+        if status != hyper::StatusCode::OK {
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(EnrollError::Refused {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| EnrollError::Answer(e.to_string()))
+    })
+    .await
+    .map_err(|_| EnrollError::Timeout)?
+}

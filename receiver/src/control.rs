@@ -1,0 +1,356 @@
+//! The control API: HTTPS (TLS 1.3 only) on `--control` (default `0.0.0.0:8443`).
+//!
+//! - `POST /v1/enroll` — a token and a CSR in, a certificate for a fresh agent id out;
+//! - `POST /v1/renew` — authenticated by the agent's current certificate, a CSR in, a new
+//!   certificate for the same identity out;
+//! - `GET /v1/status` — the status report, for operators holding the admin token
+//!   (`<data-dir>/admin.token`) as `Authorization: Bearer …`.
+//!
+//! Bodies are JSON ([`blockferry_proto::control`]), at most 64 KiB; errors are
+//! `{"error": "…"}` with a 4xx/5xx status.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockferry_proto::control::{EnrollRequest, ErrorBody, Issued, MAX_CONTROL_BODY, RenewRequest};
+use blockferry_proto::token::{EnrollmentToken, hex};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::{TokenRecord, TokenRefusal, constant_time_eq, now, token_id};
+use crate::pki::{AgentIdentity, CertificateAuthority, sha256, validate_name};
+use crate::session::{SessionContext, error_chain};
+use crate::status::StatusReport;
+
+/// A TLS handshake and one request must fit in this.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub(crate) struct ControlContext {
+    pub(crate) sessions: Arc<SessionContext>,
+    pub(crate) ca: CertificateAuthority,
+    pub(crate) admin_token: String,
+    pub(crate) agent_cert_lifetime: time::Duration,
+    pub(crate) replication_port: u16,
+}
+
+/// The admin token in `data_dir`, created (0600) on first start.
+pub(crate) fn admin_token(data_dir: &Path) -> std::io::Result<String> {
+    let path = data_dir.join("admin.token");
+    match std::fs::read_to_string(&path) {
+        Ok(token) => Ok(token.trim().to_owned()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            let token = hex(&random::<32>());
+            blockferry_storage::durable::write_atomic(&path, token.as_bytes(), 0o600)?;
+            Ok(token)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// This machine's host name, for the address a token tells agents to dial.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// `N` random bytes from the system's generator.
+pub(crate) fn random<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    aws_lc_rs::rand::fill(&mut bytes).expect("the system random generator works");
+    bytes
+}
+
+/// A new token for `address`, valid `ttl` for `uses` enrollments: its text (the only
+/// place the secret ever appears) and what the catalog keeps.
+pub fn new_token(
+    ca_fingerprint: [u8; 32],
+    address: &str,
+    ttl: Duration,
+    uses: u32,
+) -> (EnrollmentToken, TokenRecord) {
+    let token = EnrollmentToken {
+        address: address.to_owned(),
+        secret: random(),
+        ca_fingerprint,
+    };
+    let hash = hex(&sha256(&token.secret));
+    let created = now();
+    let record = TokenRecord {
+        id: token_id(&hash),
+        secret_sha256: hash,
+        created,
+        expires: created.saturating_add(ttl.as_secs()),
+        uses: uses.max(1),
+        used: 0,
+        revoked: false,
+    };
+    (token, record)
+}
+
+pub(crate) async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    ctx: Arc<ControlContext>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(error = %err, "control API accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let (acceptor, ctx) = (acceptor.clone(), Arc::clone(&ctx));
+        tokio::spawn(async move {
+            let served =
+                tokio::time::timeout(CONTROL_TIMEOUT, connection(tcp, peer, acceptor, ctx)).await;
+            if served.is_err() {
+                tracing::debug!(%peer, "control connection timed out");
+            }
+        });
+    }
+}
+
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    ctx: Arc<ControlContext>,
+) {
+    let tls = match acceptor.accept(tcp).await {
+        Ok(tls) => tls,
+        Err(err) => {
+            tracing::warn!(%peer, reason = crate::tls::RefusalReason::of_handshake_error(&err).code(), error = %err, "control API: refused connection");
+            return;
+        }
+    };
+    // A client certificate is optional here; when given, it is verified and names an agent.
+    let identity = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(|cert| AgentIdentity::from_certificate(cert).ok());
+    let service = hyper::service::service_fn(move |request| {
+        let (ctx, identity) = (Arc::clone(&ctx), identity.clone());
+        async move { Ok::<_, Infallible>(route(request, &ctx, identity, peer).await) }
+    });
+    if let Err(err) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(tls), service)
+        .await
+    {
+        tracing::debug!(%peer, error = %err, "control connection ended");
+    }
+}
+
+type Answer = Response<Full<Bytes>>;
+
+fn json(status: StatusCode, body: &impl Serialize) -> Answer {
+    let bytes = serde_json::to_vec(body).expect("answers always serialize");
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(bytes)))
+        .expect("a valid response")
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Answer {
+    json(
+        status,
+        &ErrorBody {
+            error: message.into(),
+        },
+    )
+}
+
+async fn route(
+    request: Request<Incoming>,
+    ctx: &ControlContext,
+    identity: Option<AgentIdentity>,
+    peer: SocketAddr,
+) -> Answer {
+    match (request.method(), request.uri().path()) {
+        (&Method::POST, "/v1/enroll") => match body::<EnrollRequest>(request).await {
+            Ok(body) => enroll(ctx, body, peer).await,
+            Err(answer) => answer,
+        },
+        (&Method::POST, "/v1/renew") => {
+            let Some(identity) = identity else {
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    "renewal needs the agent's current certificate as the TLS client certificate",
+                );
+            };
+            match body::<RenewRequest>(request).await {
+                Ok(body) => issue(ctx, &identity, &body.csr_pem, "renewed"),
+                Err(answer) => answer,
+            }
+        }
+        (&Method::GET, "/v1/status") => {
+            let presented = request
+                .headers()
+                .get(hyper::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or_default();
+            if !constant_time_eq(presented.as_bytes(), ctx.admin_token.as_bytes()) {
+                tracing::warn!(%peer, "control API: status refused (no or wrong admin token)");
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    "status needs the admin token from <data-dir>/admin.token as 'Authorization: Bearer TOKEN'",
+                );
+            }
+            let (catalog, registry) = (
+                Arc::clone(&ctx.sessions.catalog),
+                Arc::clone(&ctx.sessions.registry),
+            );
+            match tokio::task::spawn_blocking(move || {
+                StatusReport::build(&catalog, Some(&registry))
+            })
+            .await
+            {
+                Ok(Ok(report)) => json(StatusCode::OK, &report),
+                Ok(Err(err)) => error(StatusCode::INTERNAL_SERVER_ERROR, error_chain(&err)),
+                Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()),
+            }
+        }
+        (_, "/v1/enroll" | "/v1/renew" | "/v1/status") => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "wrong method for this endpoint",
+        ),
+        (_, path) => error(StatusCode::NOT_FOUND, format!("no endpoint {path}")),
+    }
+}
+
+/// Reads and parses a JSON body of at most [`MAX_CONTROL_BODY`] bytes.
+async fn body<T: serde::de::DeserializeOwned>(request: Request<Incoming>) -> Result<T, Answer> {
+    let bytes = Limited::new(request.into_body(), MAX_CONTROL_BODY)
+        .collect()
+        .await
+        .map_err(|_| {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request bodies are limited to {MAX_CONTROL_BODY} bytes"),
+            )
+        })?
+        .to_bytes();
+    serde_json::from_slice(&bytes)
+        .map_err(|err| error(StatusCode::BAD_REQUEST, format!("malformed request: {err}")))
+}
+
+async fn enroll(ctx: &ControlContext, request: EnrollRequest, peer: SocketAddr) -> Answer {
+    let token = match EnrollmentToken::parse(&request.token) {
+        Ok(token) => token,
+        Err(err) => return error(StatusCode::BAD_REQUEST, err.to_string()),
+    };
+    if let Err(err) = validate_name("server id", &request.server_id) {
+        return error(StatusCode::BAD_REQUEST, err.to_string());
+    }
+    // The CSR is checked before the token is spent, so a bad request costs no use.
+    if let Err(err) = rcgen::CertificateSigningRequestParams::from_pem(&request.csr_pem) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("the certificate signing request is not valid: {err}"),
+        );
+    }
+    let hash = hex(&sha256(&token.secret));
+    let catalog = Arc::clone(&ctx.sessions.catalog);
+    let used = tokio::task::spawn_blocking(move || catalog.use_token(&hash)).await;
+    let record = match used {
+        Ok(Ok(record)) => record,
+        Ok(Err(TokenRefusal::Catalog(err))) => {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, error_chain(&err));
+        }
+        Ok(Err(refusal)) => {
+            tracing::warn!(%peer, server = %request.server_id, reason = %refusal, "enrollment refused");
+            return error(StatusCode::FORBIDDEN, refusal.to_string());
+        }
+        Err(err) => return error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()),
+    };
+    let identity = AgentIdentity {
+        agent_id: uuid::Uuid::new_v4().simple().to_string(),
+        server_id: request.server_id.clone(),
+    };
+    let answer = issue(ctx, &identity, &request.csr_pem, "enrolled");
+    if answer.status() != StatusCode::OK {
+        return answer;
+    }
+    // A reinstall: the server's previous agent is revoked, and its disks will rescan.
+    let catalog = Arc::clone(&ctx.sessions.catalog);
+    let server = request.server_id.clone();
+    let previous = tokio::task::spawn_blocking(
+        move || -> Result<Option<String>, crate::catalog::CatalogError> {
+            let previous = catalog.agent_of(&server)?;
+            if let Some(agent) = &previous {
+                catalog.revoke_agent(agent)?;
+            }
+            Ok(previous)
+        },
+    )
+    .await;
+    match previous {
+        Ok(Ok(Some(agent))) => {
+            ctx.sessions.revocations.insert(&agent);
+            for session in ctx.sessions.registry.sessions_of_agent(&agent) {
+                session.revoke().await;
+            }
+            tracing::info!(previous = %agent, server = %request.server_id, "reinstall: the previous agent is revoked");
+        }
+        Ok(Ok(None)) => {}
+        Ok(Err(err)) => return error(StatusCode::INTERNAL_SERVER_ERROR, error_chain(&err)),
+        Err(err) => return error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()),
+    }
+    tracing::info!(
+        agent = %identity.agent_id,
+        server = %identity.server_id,
+        host = %request.host_name,
+        token = %record.id,
+        %peer,
+        "agent enrolled"
+    );
+    answer
+}
+
+/// Issues a certificate for `identity` and the CSR's key.
+fn issue(ctx: &ControlContext, identity: &AgentIdentity, csr_pem: &str, what: &str) -> Answer {
+    match ctx
+        .ca
+        .issue_for_csr(identity, csr_pem, ctx.agent_cert_lifetime)
+    {
+        Ok(certificate_pem) => {
+            if what == "renewed" {
+                tracing::info!(agent = %identity.agent_id, server = %identity.server_id, "agent certificate renewed");
+            }
+            json(
+                StatusCode::OK,
+                &Issued {
+                    agent_id: identity.agent_id.clone(),
+                    server_id: identity.server_id.clone(),
+                    certificate_pem,
+                    ca_pem: ctx.ca.cert_pem().to_owned(),
+                    not_after: now()
+                        .saturating_add(ctx.agent_cert_lifetime.whole_seconds().max(0) as u64),
+                    replication_port: ctx.replication_port,
+                },
+            )
+        }
+        Err(err) => error(StatusCode::BAD_REQUEST, error_chain(&err)),
+    }
+}

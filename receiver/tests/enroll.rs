@@ -1,0 +1,375 @@
+//! Enrollment through the control API: a token is the agent's only knowledge of the
+//! receiver's CA; bad tokens and bad requests are refused with clear errors; a CSR cannot
+//! buy more than a client certificate; enrolling again from the same server revokes the
+//! previous agent and makes the disks rescan; the control port speaks TLS 1.3 only and
+//! its status endpoint needs the admin token.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use blockferry_agent::enroll::{EnrollError, enroll, request_certificate};
+use blockferry_proto::token::EnrollmentToken;
+use blockferry_receiver::{Receiver, ReceiverConfig};
+use common::*;
+
+async fn start(data: &Path) -> Receiver {
+    let mut config: ReceiverConfig = receiver_config(data);
+    config.control = Some("127.0.0.1:0".parse().unwrap());
+    Receiver::start(config).await.unwrap()
+}
+
+fn cli(data: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_blockferry-receiver"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .output()
+        .unwrap()
+}
+
+/// A token from the `token create` command.
+fn token(receiver: &Receiver, data: &Path, extra: &[&str]) -> String {
+    let address = receiver.control_addr().unwrap().to_string();
+    let mut args = vec!["token", "create", "--address", &address];
+    args.extend_from_slice(extra);
+    let out = cli(data, &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn refused(result: Result<impl std::fmt::Debug, EnrollError>) -> String {
+    match result {
+        Err(err) => blockferry_storage::error_chain(&err),
+        Ok(ok) => panic!("expected a refusal, got {ok:?}"),
+    }
+}
+
+fn agent_bin() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_BIN_EXE_blockferry-receiver"))
+        .with_file_name("blockferry-agent")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrolled_agent_replicates_knowing_the_ca_only_through_its_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let receiver = start(&data).await;
+    let token = token(&receiver, &data, &[]);
+    let state = dir.path().join("agent-state");
+    let out = Command::new(agent_bin())
+        .args([
+            "enroll",
+            "--token",
+            &token,
+            "--server-id",
+            "web-01",
+            "--state-dir",
+        ])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = |name: &str| {
+        std::fs::metadata(state.join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("agent.key"), 0o600, "the private key is private");
+    assert_eq!(
+        std::fs::metadata(&state).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    assert_eq!(
+        std::fs::metadata(data.join("admin.token"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    // The CA key stayed where it was born.
+    assert!(
+        !std::fs::read_to_string(state.join("ca.crt"))
+            .unwrap()
+            .contains("PRIVATE KEY")
+    );
+
+    let (source, _) = image(dir.path(), "src.img", 8 << 20, 0.5, 1 << 20, 41);
+    let disk = format!("disk0={}", source.display());
+    let out = Command::new(agent_bin())
+        .args([
+            "run",
+            "--exit-when-synced",
+            "--progress",
+            "quiet",
+            "--disk",
+            &disk,
+            "--state-dir",
+        ])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = receiver.status().unwrap();
+    assert_eq!(status.servers[0].server_id, "web-01");
+    assert_identical(&source, &staging_image(&data, "web-01", "disk0"));
+
+    // The token was single-use.
+    let again = refused(enroll(&token, None, "web-02", &dir.path().join("again")).await);
+    assert!(again.contains("already been used"), "{again}");
+    receiver.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_and_bad_requests_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let receiver = start(&data).await;
+    let scratch = dir.path().join("scratch");
+
+    // Expired.
+    let expired = token(&receiver, &data, &["--ttl", "1s"]);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let err = refused(enroll(&expired, None, "srv-a", &scratch).await);
+    assert!(err.contains("expired"), "{err}");
+
+    // Forged: the right receiver and CA, a secret nobody issued.
+    let good = token(&receiver, &data, &[]);
+    let mut forged = EnrollmentToken::parse(&good).unwrap();
+    forged.secret = [0x42; 32];
+    let err = refused(enroll(&forged.to_string(), None, "srv-a", &scratch).await);
+    assert!(err.contains("not known"), "{err}");
+
+    // A CA fingerprint that is not the receiver's (someone in between): refused by the
+    // agent before the token is sent, so the real token still works afterwards.
+    let mut wrong_ca = EnrollmentToken::parse(&good).unwrap();
+    wrong_ca.ca_fingerprint[0] ^= 0xff;
+    let err = refused(enroll(&wrong_ca.to_string(), None, "srv-a", &scratch).await);
+    assert!(err.contains("not the one in the token"), "{err}");
+
+    // Revoked by an operator.
+    let revoked = token(&receiver, &data, &[]);
+    let id = blockferry_proto::token::hex(&blockferry_receiver::pki::sha256(
+        &EnrollmentToken::parse(&revoked).unwrap().secret,
+    ))[..16]
+        .to_owned();
+    let out = cli(&data, &["token", "revoke", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = refused(enroll(&revoked, None, "srv-a", &scratch).await);
+    assert!(err.contains("revoked"), "{err}");
+    let listed = String::from_utf8(cli(&data, &["token", "list"]).stdout).unwrap();
+    assert!(
+        listed.contains(&id) && listed.contains("revoked"),
+        "{listed}"
+    );
+    assert!(!listed.contains(&blockferry_proto::token::hex(
+        &EnrollmentToken::parse(&revoked).unwrap().secret
+    )));
+
+    // Malformed: not a token at all, a server id that could escape a directory, a CSR
+    // that is not one. None of them spends the good token.
+    let err = refused(enroll("bft1_zz", None, "srv-a", &scratch).await);
+    assert!(err.contains("not a blockferry enrollment token"), "{err}");
+    let err = refused(request_certificate(&good, None, "../etc", "x").await);
+    assert!(err.contains("invalid server id"), "{err}");
+    let err = refused(
+        request_certificate(
+            &good,
+            None,
+            "srv-a",
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+        )
+        .await,
+    );
+    assert!(err.contains("certificate signing request"), "{err}");
+
+    // A CSR that asks to be a CA and a TLS server gets a client certificate, nothing more.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["blockferry-receiver".to_owned()]).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let greedy = params.serialize_request(&key).unwrap().pem().unwrap();
+    match request_certificate(&good, None, "srv-a", &greedy).await {
+        Ok((issued, _)) => {
+            let der = blockferry_receiver::pki::pem_certificates(&issued.certificate_pem).remove(0);
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+            let ca = cert.basic_constraints().unwrap().map(|b| b.value.ca);
+            assert_ne!(ca, Some(true), "the certificate must not be a CA");
+            let eku = cert.extended_key_usage().unwrap().unwrap().value;
+            assert!(
+                eku.client_auth && !eku.server_auth,
+                "client auth only: {eku:?}"
+            );
+            let sans = format!(
+                "{:?}",
+                cert.subject_alternative_name().unwrap().unwrap().value
+            );
+            assert!(
+                !sans.contains("blockferry-receiver\""),
+                "the requested name was ignored: {sans}"
+            );
+        }
+        Err(err) => {
+            let err = blockferry_storage::error_chain(&err);
+            assert!(err.contains("certificate signing request"), "{err}");
+        }
+    }
+    receiver.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolling_again_revokes_the_previous_agent_and_the_disks_rescan() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let receiver = start(&data).await;
+    let tokens = token(&receiver, &data, &["--uses", "2"]);
+    let (source, _) = image(dir.path(), "src.img", 8 << 20, 0.5, 1 << 20, 42);
+    let volumes = vec![volume("disk0", &source)];
+
+    let first_dir = dir.path().join("first");
+    let first = enroll(&tokens, None, "db-07", &first_dir).await.unwrap();
+    let creds = blockferry_agent::Credentials::load(&first_dir).unwrap();
+    sync(
+        &agent_config(&first.receiver, creds.clone()),
+        &volumes,
+        Duration::from_secs(60),
+    )
+    .await;
+
+    // The reinstall: same server, new key and agent id.
+    let second_dir = dir.path().join("second");
+    let second = enroll(&tokens, None, "db-07", &second_dir).await.unwrap();
+    assert_ne!(second.agent_id, first.agent_id);
+    assert_eq!(second.server_id, "db-07");
+
+    // The old agent is refused now.
+    let old = tokio::time::timeout(
+        Duration::from_secs(30),
+        blockferry_agent::Agent::new(&volumes).run(
+            &agent_config(&first.receiver, creds),
+            &volumes,
+            tokio_util::sync::CancellationToken::new(),
+        ),
+    )
+    .await
+    .expect("the old agent gives up");
+    assert!(old.is_err(), "the previous agent still got in");
+
+    // The new one rescans instead of resyncing.
+    let report = sync(
+        &agent_config(
+            &second.receiver,
+            blockferry_agent::Credentials::load(&second_dir).unwrap(),
+        ),
+        &volumes,
+        Duration::from_secs(60),
+    )
+    .await;
+    let status = receiver.status().unwrap();
+    let disk = &status.servers[0].disks[0];
+    assert_eq!(
+        disk.last_rescan_reason.as_deref(),
+        Some("agent_reinstalled")
+    );
+    assert!(
+        report.payload_bytes < 1 << 20,
+        "resynced {} bytes",
+        report.payload_bytes
+    );
+    assert_identical(&source, &staging_image(&data, "db-07", "disk0"));
+    receiver.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_port_is_tls13_only_and_status_needs_the_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let receiver = start(&data).await;
+    let addr = receiver.control_addr().unwrap();
+    let ca = data.join("pki/ca.crt");
+
+    let s_client = |version: &str| {
+        Command::new("openssl")
+            .args([
+                "s_client",
+                version,
+                "-connect",
+                &addr.to_string(),
+                "-CAfile",
+            ])
+            .arg(&ca)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl is needed: apt-get install openssl (.ci/run installs it)")
+    };
+    let tls12 = s_client("-tls1_2");
+    assert!(
+        !tls12.status.success(),
+        "TLS 1.2 was accepted on the control port"
+    );
+    let tls13 = s_client("-tls1_3");
+    assert!(
+        String::from_utf8_lossy(&tls13.stdout).contains("TLSv1.3"),
+        "{}",
+        String::from_utf8_lossy(&tls13.stdout)
+    );
+
+    let curl = |auth: Option<&str>| {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-s",
+            "--tlsv1.3",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "--cacert",
+        ])
+        .arg(&ca)
+        .arg("--resolve")
+        .arg(format!("blockferry-receiver:{}:127.0.0.1", addr.port()));
+        if let Some(token) = auth {
+            cmd.arg("-H").arg(format!("Authorization: Bearer {token}"));
+        }
+        let out = cmd
+            .arg(format!(
+                "https://blockferry-receiver:{}/v1/status",
+                addr.port()
+            ))
+            .output()
+            .expect("curl is needed: apt-get install curl (.ci/run installs it)");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let denied = curl(None);
+    assert!(
+        denied.ends_with("401") && denied.contains("admin token"),
+        "{denied}"
+    );
+    assert!(curl(Some("wrong")).ends_with("401"));
+    let admin = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    let ok = curl(Some(admin.trim()));
+    assert!(ok.ends_with("200") && ok.contains("\"servers\""), "{ok}");
+    receiver.shutdown().await;
+}
