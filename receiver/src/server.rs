@@ -87,6 +87,12 @@ impl ReceiverConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiverError {
+    #[error("cannot read or create the control API's admin token {path}")]
+    AdminToken {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot create the data dir {path}")]
     DataDir {
         path: PathBuf,
@@ -219,7 +225,12 @@ impl Receiver {
                 let control = Arc::new(ControlContext {
                     sessions: Arc::clone(&ctx),
                     ca: CertificateAuthority::load_or_create(&data_dir)?,
-                    admin_token: control::admin_token(&data_dir).map_err(ReceiverError::Admin)?,
+                    admin_token: control::admin_token(&data_dir).map_err(|source| {
+                        ReceiverError::AdminToken {
+                            path: data_dir.join("admin.token"),
+                            source,
+                        }
+                    })?,
                     agent_cert_lifetime: time::Duration::try_from(config.agent_cert_lifetime)
                         .unwrap_or(time::Duration::DAY),
                     replication_port: local_addr.port(),
