@@ -218,6 +218,18 @@ impl Agent {
             checkpoints: config.state_dir.is_some(),
         };
         let progress = Progress::start(config.progress, Arc::clone(&self.stats));
+        // An enrolled agent keeps its certificate renewed while it runs.
+        let renewal = CancellationToken::new();
+        if let Some(dir) = &config.state_dir
+            && config.credentials.dir == *dir
+        {
+            tokio::spawn(crate::enroll::keep_renewed(
+                dir.clone(),
+                config.credentials.clone(),
+                renewal.clone(),
+            ));
+        }
+        let _stop_renewal = renewal.drop_guard();
         let mut backoff = config.initial_backoff;
         let result = loop {
             let sessions_before = self.stats.sessions.load(Ordering::Relaxed);

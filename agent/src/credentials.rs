@@ -31,15 +31,36 @@ pub enum CredentialsError {
     Tls(#[source] rustls::Error),
 }
 
+/// Clones share the configuration: a renewal ([`Credentials::reload`]) reaches every
+/// holder, and the next connection uses the new certificate while live ones go on.
 #[derive(Debug, Clone)]
 pub struct Credentials {
     pub dir: PathBuf,
-    pub client_config: Arc<rustls::ClientConfig>,
+    current: Arc<std::sync::RwLock<Arc<rustls::ClientConfig>>>,
 }
 
 impl Credentials {
     /// Loads `agent.key`, `agent.crt` and `ca.crt` from `dir`.
     pub fn load(dir: &Path) -> Result<Self, CredentialsError> {
+        Ok(Self {
+            dir: dir.to_owned(),
+            current: Arc::new(std::sync::RwLock::new(Arc::new(Self::read_config(dir)?))),
+        })
+    }
+
+    /// The TLS configuration for the next connection.
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Reads the files again (after a renewal replaced them).
+    pub fn reload(&self) -> Result<(), CredentialsError> {
+        let config = Arc::new(Self::read_config(&self.dir)?);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = config;
+        Ok(())
+    }
+
+    fn read_config(dir: &Path) -> Result<rustls::ClientConfig, CredentialsError> {
         let key_path = dir.join("agent.key");
         let cert_path = dir.join("agent.crt");
         let ca_path = dir.join("ca.crt");
@@ -63,10 +84,22 @@ impl Credentials {
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .map_err(CredentialsError::Tls)?;
-        Ok(Self {
-            dir: dir.to_owned(),
-            client_config: Arc::new(config),
-        })
+        Ok(config)
+    }
+
+    /// The certificate chain and key, for a client that authenticates elsewhere with them
+    /// (renewal at the control API).
+    pub(crate) fn client_auth(
+        &self,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CredentialsError> {
+        let key_path = self.dir.join("agent.key");
+        let key = PrivateKeyDer::from_pem_slice(&read(&key_path)?).map_err(|_| {
+            CredentialsError::Missing {
+                path: key_path.clone(),
+                what: "private key",
+            }
+        })?;
+        Ok((certificates(&self.dir.join("agent.crt"))?, key))
     }
 
     pub fn server_name() -> ServerName<'static> {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use blockferry_proto::control::{EnrollRequest, ErrorBody, Issued};
+use blockferry_proto::control::{EnrollRequest, ErrorBody, Issued, RenewRequest};
 use blockferry_proto::token::{EnrollmentToken, TokenFormatError, hex};
 use blockferry_storage::durable::{create_dir_durable, write_atomic};
 use http_body_util::{BodyExt, Full, Limited};
@@ -70,8 +70,13 @@ pub struct Enrollment {
     pub server_id: String,
     /// Replication address, HOST:PORT.
     pub receiver: String,
-    /// Control API address, HOST:PORT.
+    /// Control API address, HOST:PORT (renewal).
     pub control: String,
+    /// When the current certificate was issued and when it expires (Unix seconds).
+    #[serde(default)]
+    pub issued_at: u64,
+    #[serde(default)]
+    pub not_after: u64,
 }
 
 impl Enrollment {
@@ -102,9 +107,112 @@ pub async fn enroll(
         server_id: issued.server_id.clone(),
         receiver: with_port(&address, issued.replication_port),
         control: address,
+        issued_at: unix_now(),
+        not_after: issued.not_after,
     };
     save(state_dir, &key, &issued, &enrollment)?;
     Ok(enrollment)
+}
+
+/// Renews the certificate in `state_dir` (a new key, the same identity), authenticating
+/// with the current one, and returns the updated enrollment. The files are replaced
+/// atomically; [`Credentials::reload`] then makes new connections use them.
+pub async fn renew(state_dir: &Path, enrollment: &Enrollment) -> Result<Enrollment, EnrollError> {
+    let current = Credentials::load(state_dir).map_err(|e| EnrollError::Answer(e.to_string()))?;
+    let client_auth = current
+        .client_auth()
+        .map_err(|e| EnrollError::Answer(e.to_string()))?;
+    let ca_path = state_dir.join("ca.crt");
+    let ca_pem = std::fs::read_to_string(&ca_path).map_err(|source| EnrollError::Write {
+        path: ca_path,
+        source,
+    })?;
+    let fingerprint = sha256_of_pem(&ca_pem)
+        .ok_or_else(|| EnrollError::Answer("ca.crt holds no certificate".into()))?;
+    let key = rcgen::KeyPair::generate()?;
+    let request = RenewRequest {
+        csr_pem: csr(&key)?,
+    };
+    let config = pinned_config(fingerprint, Some(client_auth))?;
+    let issued: Issued = post(&config, &enrollment.control, "/v1/renew", &request).await?;
+    if issued.agent_id != enrollment.agent_id || sha256_of_pem(&issued.ca_pem) != Some(fingerprint)
+    {
+        return Err(EnrollError::Answer(
+            "the renewed certificate names another agent or CA".into(),
+        ));
+    }
+    let renewed = Enrollment {
+        issued_at: unix_now(),
+        not_after: issued.not_after,
+        ..enrollment.clone()
+    };
+    save(state_dir, &key, &issued, &renewed)?;
+    Ok(renewed)
+}
+
+/// When to renew: once half of the certificate's life has passed.
+pub fn renewal_due(enrollment: &Enrollment) -> u64 {
+    let lifetime = enrollment.not_after.saturating_sub(enrollment.issued_at);
+    enrollment.issued_at + lifetime / 2
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Keeps the certificate in `state_dir` renewed until `stop` fires: renews at half its
+/// life, retries failures (a receiver that is down, a network cut) every few seconds up
+/// to a minute apart, and reloads `credentials` after each renewal.
+pub async fn keep_renewed(
+    state_dir: PathBuf,
+    credentials: Credentials,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut retry = Duration::from_secs(1);
+    loop {
+        let enrollment = match Enrollment::load(&state_dir) {
+            Ok(Some(e)) if e.not_after > 0 => e,
+            Ok(_) => return,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read the enrollment; certificate renewal stops");
+                return;
+            }
+        };
+        let wait = renewal_due(&enrollment).saturating_sub(unix_now());
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(wait)) => {}
+        }
+        match renew(&state_dir, &enrollment).await {
+            Ok(renewed) => {
+                retry = Duration::from_secs(1);
+                match credentials.reload() {
+                    Ok(()) => tracing::info!(
+                        not_after = renewed.not_after,
+                        "renewed the agent certificate"
+                    ),
+                    Err(err) => {
+                        tracing::error!(error = %err, "renewed, but cannot load the new certificate")
+                    }
+                }
+            }
+            Err(err) => {
+                let left = enrollment.not_after.saturating_sub(unix_now());
+                tracing::warn!(
+                    error = %blockferry_storage::error_chain(&err),
+                    expires_in_s = left,
+                    "certificate renewal failed; retrying"
+                );
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(retry) => {}
+                }
+                retry = (retry * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
 }
 
 /// The enrollment exchange alone: sends `csr_pem` with the token to the receiver it
@@ -124,7 +232,7 @@ pub async fn request_certificate(
         server_id: server_id.to_owned(),
         host_name: crate::inventory::collect().host_name,
     };
-    let config = pinned_config(token.ca_fingerprint);
+    let config = pinned_config(token.ca_fingerprint, None)?;
     let issued: Issued = post(&config, &address, "/v1/enroll", &request).await?;
     if sha256_of_pem(&issued.ca_pem) != Some(token.ca_fingerprint) {
         return Err(EnrollError::Answer(
@@ -188,19 +296,33 @@ fn sha256_of_pem(pem: &str) -> Option<[u8; 32]> {
         .map(|der| sha256(&der))
 }
 
-/// TLS 1.3 to the control API, trusting only a CA with `fingerprint`.
-fn pinned_config(fingerprint: [u8; 32]) -> Arc<rustls::ClientConfig> {
+/// TLS 1.3 to the control API, trusting only a CA with `fingerprint`; with `client`, the
+/// agent authenticates with its certificate (renewal).
+fn pinned_config(
+    fingerprint: [u8; 32],
+    client: Option<(
+        Vec<CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )>,
+) -> Result<Arc<rustls::ClientConfig>, EnrollError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("aws-lc-rs supports TLS 1.3")
+        .map_err(|e| EnrollError::Answer(format!("cannot set up TLS 1.3: {e}")))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedCa {
             fingerprint,
             provider,
-        }))
-        .with_no_client_auth();
-    Arc::new(config)
+        }));
+    let config = match client {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).map_err(|e| {
+            EnrollError::Answer(format!(
+                "the agent's key and certificate in the state dir do not go together: {e}"
+            ))
+        })?,
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
 }
 
 /// Accepts the server only if its chain includes the pinned CA and verifies against it,

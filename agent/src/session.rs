@@ -344,7 +344,7 @@ async fn connect(
             source,
         })?;
     let _ = tcp.set_nodelay(true);
-    let connector = tokio_rustls::TlsConnector::from(Arc::clone(&credentials.client_config));
+    let connector = tokio_rustls::TlsConnector::from(credentials.client_config());
     tokio::time::timeout(
         CONNECT_TIMEOUT,
         connector.connect(Credentials::server_name(), tcp),

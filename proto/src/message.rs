@@ -111,7 +111,7 @@ pub struct Hello {
 
 /// Why an agent believes (or does not) that its dirty map holds every change the
 /// receiver is missing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResumeClaim {
     /// The same process as the session with this Hello's series: its dirty map is
     /// complete.
@@ -124,19 +124,20 @@ pub enum ResumeClaim {
     InvalidRecord,
     /// The operator asked for a rescan (`--rescan`).
     RescanRequested,
-    /// A claim this version does not know; treated as no trustworthy record.
-    Unknown(u8),
+    /// A claim this version does not know, with whatever followed its tag (kept so the
+    /// frame re-encodes as it came); treated as no trustworthy record.
+    Unknown { tag: u8, rest: Vec<u8> },
 }
 
 impl ResumeClaim {
-    fn tag(self) -> u8 {
+    fn tag(&self) -> u8 {
         match self {
             Self::Live => 0,
             Self::Checkpoint { .. } => 1,
             Self::NoRecord => 2,
             Self::InvalidRecord => 3,
             Self::RescanRequested => 4,
-            Self::Unknown(tag) => tag,
+            Self::Unknown { tag, .. } => *tag,
         }
     }
 }
@@ -800,9 +801,13 @@ impl Hello {
         out.put_u8(self.streams);
         out.extend_from_slice(&self.series);
         out.put_u8(self.resume.tag());
-        if let ResumeClaim::Checkpoint { series, seq } = self.resume {
-            out.extend_from_slice(&series);
-            out.put_u64(seq);
+        match &self.resume {
+            ResumeClaim::Checkpoint { series, seq } => {
+                out.extend_from_slice(series);
+                out.put_u64(*seq);
+            }
+            ResumeClaim::Unknown { rest, .. } => out.extend_from_slice(rest),
+            _ => {}
         }
     }
 
@@ -838,10 +843,12 @@ impl Hello {
             4 => ResumeClaim::RescanRequested,
             // A newer agent's claim may carry fields this version cannot parse; it is
             // kept as "no trustworthy record", never guessed at.
-            other => {
+            tag => {
                 let rest = r.remaining().len();
-                r.take(rest, "resume")?;
-                ResumeClaim::Unknown(other)
+                ResumeClaim::Unknown {
+                    tag,
+                    rest: r.take(rest, "resume")?.to_vec(),
+                }
             }
         };
         Ok(Self {

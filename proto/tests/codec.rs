@@ -550,5 +550,13 @@ fn an_unknown_resume_claim_is_kept_as_untrusted() {
     let Some((Frame::Hello(decoded), _)) = decode(&bytes).unwrap() else {
         panic!("a Hello");
     };
-    assert_eq!(decoded.resume, ResumeClaim::Unknown(99));
+    assert_eq!(
+        decoded.resume,
+        ResumeClaim::Unknown {
+            tag: 99,
+            rest: vec![0xaa; 5]
+        }
+    );
+    // Kept whole: it re-encodes to the bytes it came from.
+    assert_eq!(Frame::Hello(decoded).to_bytes(), bytes);
 }

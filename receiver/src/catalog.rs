@@ -311,7 +311,7 @@ fn resume_verdict(
         ResumeClaim::Live
         | ResumeClaim::Checkpoint { .. }
         | ResumeClaim::InvalidRecord
-        | ResumeClaim::Unknown(_) => Some(RescanReason::STATE_MISMATCH),
+        | ResumeClaim::Unknown { .. } => Some(RescanReason::STATE_MISMATCH),
     }
 }
 

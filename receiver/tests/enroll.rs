@@ -373,3 +373,111 @@ async fn the_control_port_is_tls13_only_and_status_needs_the_admin_token() {
     assert!(ok.ends_with("200") && ok.contains("\"servers\""), "{ok}");
     receiver.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_continues_across_two_renewals_without_a_rescan() {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let mut config: ReceiverConfig = receiver_config(&data);
+    config.control = Some("127.0.0.1:0".parse().unwrap());
+    config.agent_cert_lifetime = Duration::from_secs(6);
+    let receiver = Receiver::start(config).await.unwrap();
+    let token = token(&receiver, &data, &[]);
+    let state = dir.path().join("agent-state");
+    let enrolled = enroll(&token, None, "app-03", &state).await.unwrap();
+
+    // A proxy that can drop every connection it carries, once asked.
+    let cut = Arc::new(tokio::sync::watch::channel(0u64).0);
+    let proxy = loopback_proxy(receiver.local_addr(), {
+        let cut = Arc::clone(&cut);
+        move |mut cr, mut cw, mut sr, mut sw| {
+            let mut generation = cut.subscribe();
+            let born = *generation.borrow();
+            async move {
+                tokio::select! {
+                    _ = tokio::io::copy(&mut cr, &mut sw) => {}
+                    _ = tokio::io::copy(&mut sr, &mut cw) => {}
+                    _ = generation.wait_for(|g| *g > born) => {}
+                }
+            }
+        }
+    })
+    .await;
+
+    let (source, _) = image(dir.path(), "src.img", 8 << 20, 0.5, 1 << 20, 43);
+    let volumes = vec![volume("disk0", &source)];
+    let mut config = agent_config(proxy, blockferry_agent::Credentials::load(&state).unwrap());
+    config.exit_when_synced = false;
+    config.state_dir = Some(state.clone());
+    let agent = blockferry_agent::Agent::new(&volumes);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn({
+        let (agent, stop, volumes) = (agent.clone(), stop.clone(), volumes.clone());
+        async move { agent.run(&config, &volumes, stop).await.unwrap() }
+    });
+    wait_synced(agent.stats()).await;
+
+    // Writes go on while the certificate is renewed twice.
+    let capture = agent.capture().clone();
+    let mut seen = vec![enrolled.not_after];
+    let mut rng = Rng(0x2e2e);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while seen.len() < 3 {
+        let offset = (rng.next() % 2048) * 4096;
+        capture
+            .write(0, offset, vec![(rng.next() % 250) as u8 + 1; 4096])
+            .await
+            .unwrap();
+        let now = blockferry_agent::enroll::Enrollment::load(&state)
+            .unwrap()
+            .unwrap();
+        if now.not_after != *seen.last().unwrap() {
+            seen.push(now.not_after);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "renewals so far: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        agent.stats().sessions.load(Ordering::Relaxed),
+        1,
+        "the session went on"
+    );
+
+    // Once the first certificate has expired, a new connection must use a renewed one.
+    let unix_now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    while unix_now() <= enrolled.not_after {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cut.send_modify(|g| *g += 1);
+    let reconnect = std::time::Instant::now() + Duration::from_secs(30);
+    while agent.stats().sessions.load(Ordering::Relaxed) < 2 {
+        assert!(
+            std::time::Instant::now() < reconnect,
+            "the agent did not reconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(60), capture.flush())
+        .await
+        .unwrap()
+        .unwrap();
+    let status = receiver.status().unwrap();
+    let disk = &status.servers[0].disks[0];
+    assert_eq!(disk.last_rescan_reason, None, "no rescan across renewals");
+    assert_eq!(disk.rescanned_bytes, 0);
+    assert_identical(&source, &staging_image(&data, "app-03", "disk0"));
+    stop.cancel();
+    task.await.unwrap();
+    receiver.shutdown().await;
+}

@@ -219,7 +219,7 @@ pub struct RawStream {
 impl RawStream {
     pub async fn connect(addr: SocketAddr, credentials: &Credentials) -> Self {
         let tcp = TcpStream::connect(addr).await.unwrap();
-        let connector = tokio_rustls::TlsConnector::from(Arc::clone(&credentials.client_config));
+        let connector = tokio_rustls::TlsConnector::from(credentials.client_config());
         let stream = connector
             .connect(Credentials::server_name(), tcp)
             .await
