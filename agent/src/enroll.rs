@@ -20,7 +20,6 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpStream;
 
 use crate::credentials::Credentials;
 
@@ -39,6 +38,8 @@ pub enum EnrollError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Proxy(crate::proxy::ProxyError),
     #[error("TLS with the receiver's control API at {addr} failed")]
     Tls {
         addr: String,
@@ -406,11 +407,14 @@ async fn post<Req: Serialize, Ans: serde::de::DeserializeOwned>(
     body: &Req,
 ) -> Result<Ans, EnrollError> {
     tokio::time::timeout(TIMEOUT, async {
-        let tcp = TcpStream::connect(address)
+        let tcp = crate::proxy::connect(address)
             .await
-            .map_err(|source| EnrollError::Connect {
-                addr: address.to_owned(),
-                source,
+            .map_err(|err| match err {
+                crate::proxy::ConnectError::Direct(source) => EnrollError::Connect {
+                    addr: address.to_owned(),
+                    source,
+                },
+                crate::proxy::ConnectError::Proxy(err) => EnrollError::Proxy(err),
             })?;
         let tls = tokio_rustls::TlsConnector::from(Arc::clone(config))
             .connect(Credentials::server_name(), tcp)

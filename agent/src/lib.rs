@@ -10,6 +10,7 @@ pub mod enroll;
 pub mod inventory;
 pub mod nbd;
 mod progress;
+pub mod proxy;
 mod rescan;
 pub mod resources;
 mod session;

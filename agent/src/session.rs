@@ -50,6 +50,8 @@ pub enum SessionError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Proxy(crate::proxy::ProxyError),
     #[error("TLS handshake with {addr} failed")]
     Handshake {
         addr: String,
@@ -88,6 +90,7 @@ impl SessionError {
         match self {
             Self::Refused { code, .. } => code.is_retryable(),
             Self::Protocol(_) | Self::CertificateRefused(_) => false,
+            Self::Proxy(err) => err.is_retryable(),
             Self::Handshake { source, .. } => !is_certificate_problem(source),
             _ => true,
         }
@@ -336,12 +339,15 @@ async fn connect(
     addr: &str,
     credentials: &Credentials,
 ) -> Result<TlsStream<TcpStream>, SessionError> {
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, crate::proxy::connect(addr))
         .await
         .map_err(|_| SessionError::Timeout("the TCP connection"))?
-        .map_err(|source| SessionError::Connect {
-            addr: addr.to_owned(),
-            source,
+        .map_err(|err| match err {
+            crate::proxy::ConnectError::Direct(source) => SessionError::Connect {
+                addr: addr.to_owned(),
+                source,
+            },
+            crate::proxy::ConnectError::Proxy(err) => SessionError::Proxy(err),
         })?;
     let _ = tcp.set_nodelay(true);
     let connector = tokio_rustls::TlsConnector::from(credentials.client_config());
