@@ -1,7 +1,7 @@
 //! Revocation and expiry: `agent revoke` closes the agent's live session at once (the
 //! agent hears why and gives up), every later handshake of that agent fails with
-//! `certificate_revoked`, the revocation survives a restart and can be made offline, and
-//! an expired certificate is refused.
+//! `certificate_revoked`, the revocation survives a restart and can be made offline, an
+//! expired certificate is refused, and an agent reaches only its own server's disks.
 
 mod common;
 
@@ -174,5 +174,40 @@ async fn an_expired_certificate_is_refused() {
         receiver.status().unwrap().servers.is_empty(),
         "nothing was recorded"
     );
+    receiver.shutdown().await;
+}
+
+/// Identity comes from the certificate alone: an agent of server A that names the same
+/// disk as server B writes (and queries) A's staging image, never B's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_reaches_only_its_own_servers_disks() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let receiver = start_receiver(&data).await;
+    let (b_source, _) = image(dir.path(), "b.img", 4 << 20, 1.0, 1 << 20, 61);
+    let (a_source, _) = image(dir.path(), "a.img", 4 << 20, 1.0, 1 << 20, 62);
+    let b_creds = credentials(&data, "server-b", &dir.path().join("b"));
+    sync(
+        &agent_config(receiver.local_addr(), b_creds),
+        &[volume("sda", &b_source)],
+        Duration::from_secs(60),
+    )
+    .await;
+    let a_creds = credentials(&data, "server-a", &dir.path().join("a"));
+    sync(
+        &agent_config(receiver.local_addr(), a_creds),
+        &[volume("sda", &a_source)],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_identical(&b_source, &staging_image(&data, "server-b", "sda"));
+    assert_identical(&a_source, &staging_image(&data, "server-a", "sda"));
+    let status = receiver.status().unwrap();
+    let servers: Vec<_> = status
+        .servers
+        .iter()
+        .map(|s| s.server_id.as_str())
+        .collect();
+    assert_eq!(servers, ["server-a", "server-b"]);
     receiver.shutdown().await;
 }
