@@ -342,8 +342,7 @@ impl CaptureShared {
         let _order = self.write_order[disk]
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
-        self.refuse_if_sealed(disk)?;
-        self.preserve_frozen(disk, offset, len)?;
+        self.prepare_write(disk, offset, len)?;
         self.volume_file(disk)?
             .write_all_at(data, offset)
             .map_err(|source| CaptureError::Io {
@@ -362,8 +361,7 @@ impl CaptureShared {
         let _order = self.write_order[disk]
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
-        self.refuse_if_sealed(disk)?;
-        self.preserve_frozen(disk, offset, len)?;
+        self.prepare_write(disk, offset, len)?;
         let file = self.volume_file(disk)?;
         let zeros = vec![0u8; (len.min(1 << 20)) as usize];
         let mut at = offset;
@@ -377,15 +375,6 @@ impl CaptureShared {
             at += n as u64;
         }
         self.record(disk, offset, len, None);
-        Ok(())
-    }
-
-    fn refuse_if_sealed(&self, disk: usize) -> Result<(), CaptureError> {
-        if self.lock().sealed {
-            return Err(CaptureError::Stopping {
-                disk: self.volumes[disk].name.clone(),
-            });
-        }
         Ok(())
     }
 
@@ -442,13 +431,19 @@ impl CaptureShared {
         all
     }
 
-    /// Copies aside the current content of every block of `[offset, offset + len)` that
-    /// the frozen generation still has to ship, before a write overwrites it. The caller
-    /// holds the disk's write-order lock, so the volume cannot change meanwhile. When the
-    /// copies do not fit in the buffer, the generation is dissolved instead.
-    fn preserve_frozen(&self, disk: usize, offset: u64, len: u64) -> Result<(), CaptureError> {
+    /// Before a write overwrites `[offset, offset + len)`: refuses it once the capture is
+    /// sealed, and copies aside the current content of every block that the frozen
+    /// generation still has to ship. The caller holds the disk's write-order lock, so the
+    /// volume cannot change meanwhile. When the copies do not fit in the buffer, the
+    /// generation is dissolved instead.
+    fn prepare_write(&self, disk: usize, offset: u64, len: u64) -> Result<(), CaptureError> {
         let (generation, needed) = {
             let state = self.lock();
+            if state.sealed {
+                return Err(CaptureError::Stopping {
+                    disk: self.volumes[disk].name.clone(),
+                });
+            }
             let Some(frozen) = &state.frozen else {
                 return Ok(());
             };

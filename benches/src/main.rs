@@ -222,14 +222,13 @@ fn time_copy(source: &Path, target: &Path) -> anyhow::Result<Duration> {
     Ok(elapsed)
 }
 
-/// A fresh receiver and agent; timed from the agent's start until the last barrier is
-/// durable. The staging copy is verified (outside the timing).
-async fn time_blockferry(
+/// A receiver on loopback in `data`, and the configuration of an agent (server "bench")
+/// that replicates `source` to it as disk0 and exits once synced.
+async fn local_pair(
     source: &Path,
     data: &Path,
     options: ReceiverOptions,
-) -> anyhow::Result<Duration> {
-    let _ = std::fs::remove_dir_all(data);
+) -> anyhow::Result<(Receiver, AgentConfig, Vec<Volume>)> {
     let mut config = ReceiverConfig::new(data);
     config.listen = "127.0.0.1:0".parse()?;
     config.io_engine = options.io_engine;
@@ -248,6 +247,18 @@ async fn time_blockferry(
         Credentials::load(&creds_dir)?,
     );
     agent_config.exit_when_synced = true;
+    Ok((receiver, agent_config, volumes))
+}
+
+/// A fresh receiver and agent; timed from the agent's start until the last barrier is
+/// durable. The staging copy is verified (outside the timing).
+async fn time_blockferry(
+    source: &Path,
+    data: &Path,
+    options: ReceiverOptions,
+) -> anyhow::Result<Duration> {
+    let _ = std::fs::remove_dir_all(data);
+    let (receiver, agent_config, volumes) = local_pair(source, data, options).await?;
     let started = Instant::now();
     Agent::new(&volumes)
         .run(&agent_config, &volumes, CancellationToken::new())

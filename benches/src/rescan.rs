@@ -16,13 +16,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use blockferry_agent::{Agent, AgentConfig, Credentials, Volume};
+use blockferry_agent::{Agent, AgentConfig, Volume};
 use blockferry_receiver::demo::{ImageLayout, first_difference, generate_image};
 use blockferry_receiver::status::human_bytes;
-use blockferry_receiver::{Receiver, ReceiverConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::median;
+use crate::{ReceiverOptions, local_pair, median};
 
 struct Measured {
     time: Duration,
@@ -57,22 +56,11 @@ pub async fn run(size: u64, runs: usize, percent: f64, dir: Option<PathBuf>) -> 
     std::fs::copy(&source, &copy).context("making the rsync copy")?;
 
     let data = work.path().join("receiver");
-    let mut config = ReceiverConfig::new(&data);
-    config.listen = "127.0.0.1:0".parse()?;
-    let receiver = Receiver::start(config).await?;
-    let creds_dir = data.join("agent-credentials");
-    blockferry_receiver::pki::write_agent_credentials(
-        &data,
-        "bench",
-        &creds_dir,
-        time::Duration::days(1),
-    )?;
-    let volumes = Volume::open_all(&[format!("disk0={}", source.display())])?;
-    let mut agent_config = AgentConfig::new(
-        receiver.local_addr().to_string(),
-        Credentials::load(&creds_dir)?,
-    );
-    agent_config.exit_when_synced = true;
+    let options = ReceiverOptions {
+        io_engine: blockferry_storage::IoEngine::Auto,
+        barrier_interval: 16 << 20,
+    };
+    let (receiver, agent_config, volumes) = local_pair(&source, &data, options).await?;
     println!("initial sync (not timed)");
     Agent::new(&volumes)
         .run(&agent_config, &volumes, CancellationToken::new())

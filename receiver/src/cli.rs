@@ -396,14 +396,14 @@ async fn status(data_dir: &std::path::Path) -> anyhow::Result<StatusReport> {
 
 /// Asks the running receiver, or does `offline` on the catalog when none runs; an
 /// `Error` answer either way becomes the command's error.
-async fn admin_or_catalog(
+async fn admin_or_catalog<E: std::error::Error + Send + Sync + 'static>(
     data_dir: &std::path::Path,
     request: AdminRequest,
-    offline: impl FnOnce(&Catalog) -> Result<AdminResponse, CatalogError>,
+    offline: impl FnOnce(&Catalog) -> Result<AdminResponse, E>,
 ) -> anyhow::Result<AdminResponse> {
     if !data_dir.join("catalog.redb").exists() {
         bail!(
-            "{} is not a receiver data dir (no catalog.redb): start the receiver once first",
+            "{} is not a receiver data dir (no catalog.redb)",
             data_dir.display()
         );
     }
@@ -431,29 +431,22 @@ fn humantime(secs: u64) -> String {
 
 /// Through the running receiver, or in the catalog directly when none runs.
 async fn revoke(data_dir: &std::path::Path, agent_id: &str) -> anyhow::Result<admin::RevokeAnswer> {
-    if !data_dir.join("catalog.redb").exists() {
-        bail!(
-            "{} is not a receiver data dir (no catalog.redb)",
-            data_dir.display()
-        );
-    }
     let request = AdminRequest::RevokeAgent {
         agent_id: agent_id.to_owned(),
     };
-    match admin::request(data_dir, &request).await {
-        Ok(Some(AdminResponse::Revoked(answer))) => return Ok(answer),
-        Ok(Some(AdminResponse::Error(err))) => bail!("{err}"),
-        Ok(Some(other)) => bail!("unexpected answer from the running receiver: {other:?}"),
-        Ok(None) => {}
-        Err(err) => {
-            return Err(err).context("asking the running receiver through its admin socket");
-        }
-    }
-    let catalog = Catalog::open(data_dir)?;
-    Ok(admin::RevokeAnswer {
-        server_id: catalog.revoke_agent(agent_id)?,
-        sessions_closed: 0,
+    let answer = admin_or_catalog(data_dir, request, |catalog| {
+        catalog.revoke_agent(agent_id).map(|server_id| {
+            AdminResponse::Revoked(admin::RevokeAnswer {
+                server_id,
+                sessions_closed: 0,
+            })
+        })
     })
+    .await?;
+    match answer {
+        AdminResponse::Revoked(answer) => Ok(answer),
+        other => bail!("unexpected answer from the running receiver: {other:?}"),
+    }
 }
 
 /// Through the running receiver, or in the catalog directly when none runs.
@@ -462,31 +455,25 @@ async fn rescan(
     server_id: String,
     disk: Option<String>,
 ) -> anyhow::Result<admin::RescanAnswer> {
-    if !data_dir.join("catalog.redb").exists() {
-        bail!(
-            "{} is not a receiver data dir (no catalog.redb)",
-            data_dir.display()
-        );
-    }
     let request = AdminRequest::Rescan {
         server_id: server_id.clone(),
         disk: disk.clone(),
     };
-    match admin::request(data_dir, &request).await {
-        Ok(Some(AdminResponse::Rescan(answer))) => return Ok(answer),
-        Ok(Some(AdminResponse::Error(err))) => bail!("{err}"),
-        Ok(Some(other)) => bail!("unexpected answer from the running receiver: {other:?}"),
-        Ok(None) => {}
-        Err(err) => {
-            return Err(err).context("asking the running receiver through its admin socket");
-        }
-    }
-    let catalog = Catalog::open(data_dir)?;
-    let disks = catalog.request_rescan(&server_id, disk.as_deref())?;
-    Ok(admin::RescanAnswer {
-        disks,
-        connected: false,
+    let answer = admin_or_catalog(data_dir, request, |catalog| {
+        catalog
+            .request_rescan(&server_id, disk.as_deref())
+            .map(|disks| {
+                AdminResponse::Rescan(admin::RescanAnswer {
+                    disks,
+                    connected: false,
+                })
+            })
     })
+    .await?;
+    match answer {
+        AdminResponse::Rescan(answer) => Ok(answer),
+        other => bail!("unexpected answer from the running receiver: {other:?}"),
+    }
 }
 
 async fn wait_for_signal() {

@@ -21,19 +21,49 @@ pub enum TlsSetupError {
     Config(#[source] rustls::Error),
 }
 
-/// The replication port's configuration; agents in `revoked` fail the handshake.
+/// The replication port's configuration: a client certificate is required, and agents
+/// in `revoked` fail the handshake.
 pub fn server_config(
     ca: &CertificateAuthority,
     revoked: Arc<Revocations>,
+) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
+    config(ca, revoked, ClientAuth::Required)
+}
+
+/// The control port's configuration: the same server certificate (with the CA in its
+/// chain, which enrolling agents pin by fingerprint), and an optional client certificate
+/// (renewal), checked against the CA and the revoked set when presented.
+pub fn control_config(
+    ca: &CertificateAuthority,
+    revoked: Arc<Revocations>,
+) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
+    config(ca, revoked, ClientAuth::Optional)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientAuth {
+    Required,
+    Optional,
+}
+
+/// TLS 1.3 only, the receiver's certificate, client certificates from the CA (not revoked).
+fn config(
+    ca: &CertificateAuthority,
+    revoked: Arc<Revocations>,
+    client_auth: ClientAuth,
 ) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = RootCertStore::empty();
     roots
         .add(ca.cert_der().clone())
         .map_err(TlsSetupError::Anchor)?;
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    if client_auth == ClientAuth::Optional {
+        builder = builder.allow_unauthenticated();
+    }
     let verifier = Arc::new(RevocationCheckingVerifier {
-        inner: WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()?,
+        inner: builder.build()?,
         revoked,
     });
     let (chain, key) = ca.receiver_certificate()?;
@@ -46,36 +76,6 @@ pub fn server_config(
     // No session resumption: a resumed session skips the client certificate check, so a
     // revoked or expired agent could come back on an old ticket. Every connection does a
     // full handshake (a few per agent per session: the cost is nothing).
-    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
-    Ok(Arc::new(config))
-}
-
-/// The control port's configuration: TLS 1.3, the same server certificate (with the CA in
-/// its chain, which enrolling agents pin by fingerprint), and an optional client
-/// certificate (renewal), checked against the CA and the revoked set when presented.
-pub fn control_config(
-    ca: &CertificateAuthority,
-    revoked: Arc<Revocations>,
-) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut roots = RootCertStore::empty();
-    roots
-        .add(ca.cert_der().clone())
-        .map_err(TlsSetupError::Anchor)?;
-    let verifier = Arc::new(RevocationCheckingVerifier {
-        inner: WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .allow_unauthenticated()
-            .build()?,
-        revoked,
-    });
-    let (chain, key) = ca.receiver_certificate()?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(TlsSetupError::Config)?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(TlsSetupError::Config)?;
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
