@@ -64,6 +64,9 @@ pub enum Command {
     /// Provision agents offline.
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// Admin client certificates for the control API's operator endpoints.
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// Show source servers and disks: state, size, replicated bytes, watermark, image.
     Status {
         #[arg(long)]
@@ -187,6 +190,32 @@ pub enum AgentCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Issue a key and an admin client certificate for an operator (or a monitoring
+    /// system) and write them, with the CA certificate, to a directory.
+    Issue {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Who holds it, for the logs: 1-64 of A-Z a-z 0-9 . _ -
+        #[arg(long)]
+        name: String,
+        /// Where to write admin.key (0600), admin.crt and ca.crt.
+        #[arg(long)]
+        out: PathBuf,
+        /// Certificate lifetime in days.
+        #[arg(long, default_value_t = 90)]
+        valid_days: u32,
+    },
+    /// Revoke an admin certificate: its handshakes fail from now on.
+    Revoke {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The admin id `admin issue` printed.
+        admin_id: String,
+    },
+}
+
 pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run {
@@ -237,6 +266,35 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!(
                 "copy that directory to the source server and run: blockferry-agent run --receiver HOST:1500 --credentials DIR --disk /dev/sdX"
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Admin(AdminCommand::Issue {
+            data_dir,
+            name,
+            out,
+            valid_days,
+        }) => {
+            let identity = crate::pki::write_admin_credentials(
+                &data_dir,
+                &name,
+                &out,
+                time::Duration::days(i64::from(valid_days.max(1))),
+            )?;
+            println!(
+                "issued admin certificate {} for {}, valid {valid_days} days; credentials in {}",
+                identity.admin_id,
+                identity.name,
+                out.display()
+            );
+            println!(
+                "use: curl --cacert ca.crt --cert admin.crt --key admin.key --resolve blockferry-receiver:8443:ADDRESS https://blockferry-receiver:8443/v1/status"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Admin(AdminCommand::Revoke { data_dir, admin_id }) => {
+            crate::pki::validate_name("admin id", &admin_id)?;
+            revoke(&data_dir, &admin_id).await?;
+            println!("revoked admin certificate {admin_id}; it is refused from now on");
             Ok(ExitCode::SUCCESS)
         }
         Command::Token(TokenCommand::Create {

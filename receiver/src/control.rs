@@ -3,7 +3,8 @@
 //! - `POST /v1/enroll` — a token and a CSR in, a certificate for a fresh agent id out;
 //! - `POST /v1/renew` — authenticated by the agent's current certificate, a CSR in, a new
 //!   certificate for the same identity out;
-//! - `GET /v1/status` — the status report, for operators holding the admin token
+//! - `GET /v1/status` — the status report, for operators: with an admin client
+//!   certificate (`blockferry-receiver admin issue`), or the admin token
 //!   (`<data-dir>/admin.token`) as `Authorization: Bearer …`.
 //!
 //! Bodies are JSON ([`blockferry_proto::control`]), at most 64 KiB; errors are
@@ -27,7 +28,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{TokenRecord, TokenRefusal, constant_time_eq, now, token_id};
-use crate::pki::{AgentIdentity, CertificateAuthority, sha256, validate_name};
+use crate::pki::{AdminIdentity, AgentIdentity, CertificateAuthority, sha256, validate_name};
 use crate::session::{SessionContext, error_chain};
 use crate::status::StatusReport;
 
@@ -141,13 +142,14 @@ async fn connection(
             return;
         }
     };
-    // A client certificate is optional here; when given, it is verified and names an agent.
+    // A client certificate is optional here; when given, it is verified and names an agent
+    // or an admin.
     let identity = tls
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|certs| certs.first())
-        .and_then(|cert| AgentIdentity::from_certificate(cert).ok());
+        .and_then(|cert| Principal::of_certificate(cert));
     let service = hyper::service::service_fn(move |request| {
         let (ctx, identity) = (Arc::clone(&ctx), identity.clone());
         async move { Ok::<_, Infallible>(route(request, &ctx, identity, peer).await) }
@@ -157,6 +159,22 @@ async fn connection(
         .await
     {
         tracing::debug!(%peer, error = %err, "control connection ended");
+    }
+}
+
+/// Who the client certificate of a control connection speaks for.
+#[derive(Debug, Clone)]
+enum Principal {
+    Agent(AgentIdentity),
+    Admin(AdminIdentity),
+}
+
+impl Principal {
+    fn of_certificate(der: &[u8]) -> Option<Self> {
+        AgentIdentity::from_certificate(der)
+            .map(Self::Agent)
+            .or_else(|_| AdminIdentity::from_certificate(der).map(Self::Admin))
+            .ok()
     }
 }
 
@@ -183,7 +201,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Answer {
 async fn route(
     request: Request<Incoming>,
     ctx: &ControlContext,
-    identity: Option<AgentIdentity>,
+    identity: Option<Principal>,
     peer: SocketAddr,
 ) -> Answer {
     match (request.method(), request.uri().path()) {
@@ -192,7 +210,7 @@ async fn route(
             Err(answer) => answer,
         },
         (&Method::POST, "/v1/renew") => {
-            let Some(identity) = identity else {
+            let Some(Principal::Agent(identity)) = identity else {
                 return error(
                     StatusCode::UNAUTHORIZED,
                     "renewal needs the agent's current certificate as the TLS client certificate",
@@ -204,18 +222,8 @@ async fn route(
             }
         }
         (&Method::GET, "/v1/status") => {
-            let presented = request
-                .headers()
-                .get(hyper::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or_default();
-            if !constant_time_eq(presented.as_bytes(), ctx.admin_token.as_bytes()) {
-                tracing::warn!(%peer, "control API: status refused (no or wrong admin token)");
-                return error(
-                    StatusCode::UNAUTHORIZED,
-                    "status needs the admin token from <data-dir>/admin.token as 'Authorization: Bearer TOKEN'",
-                );
+            if let Some(answer) = refusal_unless_operator(&request, ctx, identity.as_ref(), peer) {
+                return answer;
             }
             let (catalog, registry) = (
                 Arc::clone(&ctx.sessions.catalog),
@@ -237,6 +245,45 @@ async fn route(
         ),
         (_, path) => error(StatusCode::NOT_FOUND, format!("no endpoint {path}")),
     }
+}
+
+/// The refusal for anyone but an operator: an operator's TLS client certificate is an
+/// admin certificate, or they present the admin token. An agent certificate is not enough, even with the token
+/// (an agent has no business reading the fleet's status).
+fn refusal_unless_operator(
+    request: &Request<Incoming>,
+    ctx: &ControlContext,
+    identity: Option<&Principal>,
+    peer: SocketAddr,
+) -> Option<Answer> {
+    match identity {
+        Some(Principal::Admin(admin)) => {
+            tracing::debug!(%peer, admin = %admin.admin_id, name = %admin.name, path = %request.uri().path(), "control API: admin certificate");
+            return None;
+        }
+        Some(Principal::Agent(agent)) => {
+            tracing::warn!(%peer, agent = %agent.agent_id, server = %agent.server_id, path = %request.uri().path(), "control API: an agent asked for an operator endpoint; refused");
+            return Some(error(
+                StatusCode::FORBIDDEN,
+                "agent certificates cannot read operator endpoints; use an admin certificate (blockferry-receiver admin issue) or the admin token",
+            ));
+        }
+        None => {}
+    }
+    let presented = request
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if constant_time_eq(presented.as_bytes(), ctx.admin_token.as_bytes()) {
+        return None;
+    }
+    tracing::warn!(%peer, path = %request.uri().path(), "control API: refused (no admin certificate, no or wrong admin token)");
+    Some(error(
+        StatusCode::UNAUTHORIZED,
+        "operator endpoints need an admin client certificate (blockferry-receiver admin issue) or the admin token from <data-dir>/admin.token as 'Authorization: Bearer TOKEN'",
+    ))
 }
 
 /// Reads and parses a JSON body of at most [`MAX_CONTROL_BODY`] bytes.

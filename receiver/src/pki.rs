@@ -25,6 +25,9 @@ pub const RECEIVER_NAME: &str = "blockferry-receiver";
 const AGENT_URI: &str = "urn:blockferry:agent:";
 /// URI prefix of the SAN naming the source server an agent replicates.
 const SERVER_URI: &str = "urn:blockferry:server:";
+/// URI prefix of the SAN naming an operator's admin certificate (read-only control API
+/// access; never accepted on the replication port, which needs an agent identity).
+const ADMIN_URI: &str = "urn:blockferry:admin:";
 
 const CA_VALIDITY: Duration = Duration::days(3650);
 const RECEIVER_VALIDITY: Duration = Duration::days(825);
@@ -69,20 +72,12 @@ impl AgentIdentity {
     /// Reads the identity from a DER client certificate that rustls has already verified
     /// against the CA.
     pub fn from_certificate(der: &[u8]) -> Result<Self, PkiError> {
-        let (_, cert) = x509_parser::parse_x509_certificate(der)
-            .map_err(|e| PkiError::Identity(format!("unparseable: {e}")))?;
-        let san = cert
-            .subject_alternative_name()
-            .map_err(|e| PkiError::Identity(format!("bad subjectAltName: {e}")))?
-            .ok_or_else(|| PkiError::Identity("no subjectAltName".into()))?;
         let (mut agent_id, mut server_id) = (None, None);
-        for name in &san.value.general_names {
-            if let x509_parser::extensions::GeneralName::URI(uri) = name {
-                if let Some(id) = uri.strip_prefix(AGENT_URI) {
-                    agent_id = Some(id.to_owned());
-                } else if let Some(id) = uri.strip_prefix(SERVER_URI) {
-                    server_id = Some(id.to_owned());
-                }
+        for uri in san_uris(der)? {
+            if let Some(id) = uri.strip_prefix(AGENT_URI) {
+                agent_id = Some(id.to_owned());
+            } else if let Some(id) = uri.strip_prefix(SERVER_URI) {
+                server_id = Some(id.to_owned());
             }
         }
         let identity = Self {
@@ -93,6 +88,64 @@ impl AgentIdentity {
         validate_name("server id", &identity.server_id)?;
         Ok(identity)
     }
+}
+
+/// Who an admin certificate speaks for: an operator (or a monitoring system) allowed to
+/// read the control API's operator endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminIdentity {
+    /// Unique per certificate; what `admin revoke` takes.
+    pub admin_id: String,
+    /// The operator's name, for the logs.
+    pub name: String,
+}
+
+impl AdminIdentity {
+    /// Reads the identity from a DER client certificate that rustls has already verified
+    /// against the CA. An agent certificate is not an admin certificate.
+    pub fn from_certificate(der: &[u8]) -> Result<Self, PkiError> {
+        let uris = san_uris(der)?;
+        if uris
+            .iter()
+            .any(|uri| uri.starts_with(AGENT_URI) || uri.starts_with(SERVER_URI))
+        {
+            return Err(PkiError::Identity("an agent certificate".into()));
+        }
+        let (mut admin_id, mut name) = (None, None);
+        for uri in uris {
+            if let Some(rest) = uri.strip_prefix(ADMIN_URI) {
+                let (id, who) = rest.split_once(':').unwrap_or((rest, rest));
+                admin_id = Some(id.to_owned());
+                name = Some(who.to_owned());
+            }
+        }
+        let identity = Self {
+            admin_id: admin_id.ok_or_else(|| PkiError::Identity("no admin id".into()))?,
+            name: name.unwrap_or_default(),
+        };
+        validate_name("admin id", &identity.admin_id)?;
+        validate_name("admin name", &identity.name)?;
+        Ok(identity)
+    }
+}
+
+/// The URI names in a certificate's subjectAltName.
+fn san_uris(der: &[u8]) -> Result<Vec<String>, PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| PkiError::Identity(format!("unparseable: {e}")))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| PkiError::Identity(format!("bad subjectAltName: {e}")))?
+        .ok_or_else(|| PkiError::Identity("no subjectAltName".into()))?;
+    Ok(san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) => Some((*uri).to_owned()),
+            _ => None,
+        })
+        .collect())
 }
 
 /// Names that become file or directory names (server ids, disk names) are restricted to
@@ -253,6 +306,43 @@ impl CertificateAuthority {
         Ok(request.signed_by(&self.issuer()?)?.pem())
     }
 
+    /// Issues a client-auth-only, non-CA admin certificate for `name`, with a key pair
+    /// generated here: the operator's credentials for the control API's status endpoints.
+    pub fn issue_admin(
+        &self,
+        name: &str,
+        validity: Duration,
+    ) -> Result<(AdminIdentity, IssuedCertificate), PkiError> {
+        validate_name("admin name", name)?;
+        let identity = AdminIdentity {
+            admin_id: uuid::Uuid::new_v4().simple().to_string(),
+            name: name.to_owned(),
+        };
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("blockferry admin {name}"));
+        params.subject_alt_names = vec![SanType::URI(
+            format!("{ADMIN_URI}{}:{name}", identity.admin_id).try_into()?,
+        )];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = now + validity;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer()?)?;
+        Ok((
+            identity,
+            IssuedCertificate {
+                cert_pem: cert.pem(),
+                key_pem: key.serialize_pem(),
+            },
+        ))
+    }
+
     /// SHA-256 of the CA certificate: what enrollment tokens carry.
     pub fn fingerprint(&self) -> [u8; 32] {
         sha256(&self.cert_der)
@@ -349,14 +439,40 @@ pub fn write_agent_credentials(
         server_id: server_id.to_owned(),
     };
     let issued = ca.issue_agent(&identity, validity)?;
+    write_credentials(out_dir, "agent", &issued, &ca)?;
+    Ok(identity)
+}
+
+/// Issues an admin certificate for operator `name` and writes it to `out_dir`:
+/// `admin.key` (0600), `admin.crt`, `ca.crt` — what a client of the control API's status
+/// endpoints presents (e.g. `curl --cert admin.crt --key admin.key --cacert ca.crt`).
+pub fn write_admin_credentials(
+    data_dir: &Path,
+    name: &str,
+    out_dir: &Path,
+    validity: Duration,
+) -> Result<AdminIdentity, PkiError> {
+    let ca = CertificateAuthority::load_or_create(data_dir)?;
+    let (identity, issued) = ca.issue_admin(name, validity)?;
+    write_credentials(out_dir, "admin", &issued, &ca)?;
+    Ok(identity)
+}
+
+/// Writes `<stem>.key` (0600), `<stem>.crt` and `ca.crt` into `out_dir` (0700).
+fn write_credentials(
+    out_dir: &Path,
+    stem: &str,
+    issued: &IssuedCertificate,
+    ca: &CertificateAuthority,
+) -> Result<(), PkiError> {
     create_dir_durable(out_dir, 0o700).map_err(io("create", out_dir))?;
-    let key_path = out_dir.join("agent.key");
+    let key_path = out_dir.join(format!("{stem}.key"));
     write_atomic(&key_path, issued.key_pem.as_bytes(), 0o600).map_err(io("write", &key_path))?;
-    let cert_path = out_dir.join("agent.crt");
+    let cert_path = out_dir.join(format!("{stem}.crt"));
     write_atomic(&cert_path, issued.cert_pem.as_bytes(), 0o644).map_err(io("write", &cert_path))?;
     let ca_path = out_dir.join("ca.crt");
     write_atomic(&ca_path, ca.cert_pem().as_bytes(), 0o644).map_err(io("write", &ca_path))?;
-    Ok(identity)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -374,9 +490,17 @@ mod tests {
         let issued = ca.issue_agent(&identity, Duration::days(1)).unwrap();
         let der = pem_certificates(&issued.cert_pem).remove(0);
         assert_eq!(AgentIdentity::from_certificate(&der).unwrap(), identity);
-        // The receiver's own certificate names no agent.
+        // The receiver's own certificate names no agent, and no admin.
         let (chain, _) = ca.receiver_certificate().unwrap();
         assert!(AgentIdentity::from_certificate(&chain[0]).is_err());
+        assert!(AdminIdentity::from_certificate(&chain[0]).is_err());
+        // An agent is no admin, and an admin is no agent.
+        assert!(AdminIdentity::from_certificate(&der).is_err());
+        let (admin, issued) = ca.issue_admin("ops-alice", Duration::days(1)).unwrap();
+        let der = pem_certificates(&issued.cert_pem).remove(0);
+        assert_eq!(AdminIdentity::from_certificate(&der).unwrap(), admin);
+        assert_eq!(admin.name, "ops-alice");
+        assert!(AgentIdentity::from_certificate(&der).is_err());
         // A second load reuses the same CA.
         let again = CertificateAuthority::load_or_create(dir.path()).unwrap();
         assert_eq!(again.cert_der(), ca.cert_der());

@@ -1,6 +1,8 @@
-//! Revoked agents: an operator's `agent revoke ID` is recorded in the catalog, refuses
-//! every later handshake of that agent (the TLS verifier checks the revoked set after the
-//! CA chain, so the client gets a `certificate_revoked` alert), and ends its live session.
+//! Revoked certificate holders: an operator's `agent revoke ID` (or `admin revoke ID`) is
+//! recorded in the catalog, refuses every later handshake of that agent or admin (the TLS
+//! verifier checks the revoked set after the CA chain, so the client gets a
+//! `certificate_revoked` alert), and ends an agent's live session. Agent and admin ids are
+//! both random 128-bit ids, so one set holds both.
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
@@ -10,9 +12,10 @@ use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
-use crate::pki::AgentIdentity;
+use crate::pki::{AdminIdentity, AgentIdentity};
 
-/// The agent ids refused at the handshake, shared by the verifier and the admin commands.
+/// The agent and admin ids refused at the handshake, shared by the verifier and the
+/// admin commands.
 #[derive(Debug, Default)]
 pub struct Revocations {
     agents: RwLock<HashSet<String>>,
@@ -71,8 +74,11 @@ impl ClientCertVerifier for RevocationCheckingVerifier {
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
         // A certificate without an identity is refused later, with its own reason.
-        if let Ok(identity) = AgentIdentity::from_certificate(end_entity)
-            && self.revoked.is_revoked(&identity.agent_id)
+        let id = AgentIdentity::from_certificate(end_entity)
+            .map(|agent| agent.agent_id)
+            .or_else(|_| AdminIdentity::from_certificate(end_entity).map(|admin| admin.admin_id));
+        if let Ok(id) = id
+            && self.revoked.is_revoked(&id)
         {
             return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
         }

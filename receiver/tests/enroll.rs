@@ -2,7 +2,8 @@
 //! receiver's CA; bad tokens and bad requests are refused with clear errors; a CSR cannot
 //! buy more than a client certificate; enrolling again from the same server revokes the
 //! previous agent and makes the disks rescan; the control port speaks TLS 1.3 only and
-//! its status endpoint needs the admin token.
+//! its status endpoint needs the admin token or an admin certificate (which in turn opens
+//! nothing on the replication port).
 
 mod common;
 
@@ -303,7 +304,7 @@ async fn enrolling_again_revokes_the_previous_agent_and_the_disks_rescan() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_control_port_is_tls13_only_and_status_needs_the_admin_token() {
+async fn the_control_port_is_tls13_only_and_status_needs_an_admin_token_or_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("receiver");
     let receiver = start(&data).await;
@@ -336,7 +337,8 @@ async fn the_control_port_is_tls13_only_and_status_needs_the_admin_token() {
         String::from_utf8_lossy(&tls13.stdout)
     );
 
-    let curl = |auth: Option<&str>| {
+    // `cert`: a directory and the file stem of a client certificate to present.
+    let curl = |auth: Option<&str>, cert: Option<(&Path, &str)>| {
         let mut cmd = Command::new("curl");
         cmd.args([
             "-s",
@@ -353,6 +355,12 @@ async fn the_control_port_is_tls13_only_and_status_needs_the_admin_token() {
         if let Some(token) = auth {
             cmd.arg("-H").arg(format!("Authorization: Bearer {token}"));
         }
+        if let Some((dir, stem)) = cert {
+            cmd.arg("--cert")
+                .arg(dir.join(format!("{stem}.crt")))
+                .arg("--key")
+                .arg(dir.join(format!("{stem}.key")));
+        }
         let out = cmd
             .arg(format!(
                 "https://blockferry-receiver:{}/v1/status",
@@ -362,15 +370,71 @@ async fn the_control_port_is_tls13_only_and_status_needs_the_admin_token() {
             .expect("curl is needed: apt-get install curl (.ci/run installs it)");
         String::from_utf8(out.stdout).unwrap()
     };
-    let denied = curl(None);
+    let denied = curl(None, None);
     assert!(
         denied.ends_with("401") && denied.contains("admin token"),
         "{denied}"
     );
-    assert!(curl(Some("wrong")).ends_with("401"));
+    assert!(curl(Some("wrong"), None).ends_with("401"));
     let admin = std::fs::read_to_string(data.join("admin.token")).unwrap();
-    let ok = curl(Some(admin.trim()));
+    let ok = curl(Some(admin.trim()), None);
     assert!(ok.ends_with("200") && ok.contains("\"servers\""), "{ok}");
+
+    // An admin certificate is enough on its own.
+    let admin_dir = dir.path().join("ops");
+    let issued = cli(
+        &data,
+        &[
+            "admin",
+            "issue",
+            "--name",
+            "ops-alice",
+            "--out",
+            admin_dir.to_str().unwrap(),
+        ],
+    );
+    assert!(issued.status.success(), "{issued:?}");
+    let stdout = String::from_utf8(issued.stdout).unwrap();
+    let admin_id = stdout
+        .split_whitespace()
+        .nth(3)
+        .expect("admin issue names the certificate's id")
+        .to_owned();
+    let mode = std::fs::metadata(admin_dir.join("admin.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let ok = curl(None, Some((&admin_dir, "admin")));
+    assert!(ok.ends_with("200") && ok.contains("\"servers\""), "{ok}");
+
+    // An agent certificate is not an admin certificate, even with a wrong token beside it.
+    let agent_dir = dir.path().join("agent");
+    credentials(&data, "db-01", &agent_dir);
+    let forbidden = curl(Some("wrong"), Some((&agent_dir, "agent")));
+    assert!(
+        forbidden.ends_with("403") && forbidden.contains("admin certificate"),
+        "{forbidden}"
+    );
+
+    // An admin certificate opens nothing on the replication port: no Welcome, no session.
+    let as_agent = dir.path().join("admin-as-agent");
+    std::fs::create_dir(&as_agent).unwrap();
+    std::fs::copy(admin_dir.join("ca.crt"), as_agent.join("ca.crt")).unwrap();
+    std::fs::copy(admin_dir.join("admin.crt"), as_agent.join("agent.crt")).unwrap();
+    std::fs::copy(admin_dir.join("admin.key"), as_agent.join("agent.key")).unwrap();
+    let creds = blockferry_agent::Credentials::load(&as_agent).unwrap();
+    let mut raw = RawStream::connect(receiver.local_addr(), &creds).await;
+    raw.send(&raw_hello(1 << 20, 1)).await;
+    let answer = raw.next().await;
+    assert!(answer.is_none(), "an admin certificate got {answer:?}");
+    assert!(receiver.status().unwrap().servers.is_empty());
+
+    // Revoked, the admin certificate fails at the handshake.
+    let revoked = cli(&data, &["admin", "revoke", &admin_id]);
+    assert!(revoked.status.success(), "{revoked:?}");
+    let refused = curl(None, Some((&admin_dir, "admin")));
+    assert!(refused.ends_with("000"), "a revoked admin got {refused}");
     receiver.shutdown().await;
 }
 
