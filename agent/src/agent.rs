@@ -82,6 +82,8 @@ pub struct AgentStats {
     /// Bytes a rescan found different and marked to be sent again.
     pub rescan_marked_bytes: AtomicU64,
     pub synced: AtomicBool,
+    /// The bandwidth limit the receiver set, shared by every stream.
+    pub throttle: crate::throttle::Throttle,
     sizes: Vec<u64>,
     positions: Vec<AtomicU64>,
     durable: Vec<AtomicU64>,
@@ -100,6 +102,7 @@ impl AgentStats {
             rescanned_bytes: AtomicU64::new(0),
             rescan_marked_bytes: AtomicU64::new(0),
             synced: AtomicBool::new(false),
+            throttle: crate::throttle::Throttle::default(),
             sizes: volumes.iter().map(|v| v.size).collect(),
             positions: volumes.iter().map(|_| AtomicU64::new(0)).collect(),
             durable: volumes.iter().map(|_| AtomicU64::new(0)).collect(),
@@ -122,6 +125,11 @@ impl AgentStats {
     /// Bytes durable at the receiver.
     pub fn durable_bytes(&self) -> u64 {
         self.durable.iter().map(|p| p.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Whether disk `disk`'s initial sync is durable at the receiver.
+    pub fn disk_synced(&self, disk: usize) -> bool {
+        self.durable[disk].load(Ordering::Relaxed) >= self.sizes[disk]
     }
 
     /// Sent but not yet durable.

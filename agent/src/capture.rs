@@ -117,6 +117,14 @@ struct CaptureState {
     sealed: bool,
 }
 
+/// One disk's share of the backlog, for heartbeats.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct DiskBacklog {
+    pub(crate) to_send: u64,
+    pub(crate) in_flight: u64,
+    pub(crate) buffered: u64,
+}
+
 /// The dirty runs of one closed interval, shipped with their content as of the freeze.
 #[derive(Debug)]
 struct Frozen {
@@ -540,6 +548,34 @@ impl CaptureShared {
         }
         self.lock().flush_requested = true;
         Ok(target)
+    }
+
+    /// Per disk: bytes to send (dirty or frozen), bytes sent and not yet durable, and
+    /// bytes held in the buffer. What is to send and not held must be re-read from the
+    /// volume.
+    pub(crate) fn disk_backlogs(&self) -> Vec<DiskBacklog> {
+        let state = self.lock();
+        let mut disks: Vec<DiskBacklog> = (0..self.volumes.len())
+            .map(|disk| DiskBacklog {
+                to_send: state.dirty.dirty_bytes(disk),
+                ..DiskBacklog::default()
+            })
+            .collect();
+        if let Some(frozen) = &state.frozen {
+            for (&(disk, _), &len) in &frozen.runs {
+                disks[disk].to_send += len;
+            }
+            for &(disk, _, len) in &frozen.reading {
+                disks[disk].to_send += len;
+            }
+        }
+        for &(_, disk, _, len) in &state.unacked {
+            disks[disk].in_flight += len;
+        }
+        for (&(disk, _), block) in &state.cache {
+            disks[disk].buffered += block.len() as u64;
+        }
+        disks
     }
 
     pub(crate) fn backlog_bytes(&self) -> u64 {

@@ -15,6 +15,7 @@ mod rescan;
 pub mod resources;
 mod session;
 pub mod state;
+pub mod throttle;
 pub mod volume;
 
 pub use agent::{Agent, AgentConfig, AgentError, AgentReport, AgentStats};

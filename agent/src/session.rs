@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use std::collections::BTreeSet;
 
 use blockferry_proto::{
-    Barrier, Checkpoint, ErrorCode, ErrorFrame, Frame, FrameBuffer, Goodbye, Heartbeat, Hello,
-    JoinStream, ResumeClaim, SumReply, SyncProgress, Welcome, WriteFlags, WriteHeader,
-    encode_write,
+    Barrier, Checkpoint, DiskBeat, DiskState, ErrorCode, ErrorFrame, Frame, FrameBuffer, Goodbye,
+    Heartbeat, Hello, JoinStream, ResumeClaim, SumReply, SyncProgress, Welcome, WriteFlags,
+    WriteHeader, encode_write,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -163,6 +163,7 @@ impl StreamSender {
         let (frames, mut queue) = mpsc::channel::<Vec<u8>>(STREAM_QUEUE);
         let task = tokio::spawn(async move {
             while let Some(bytes) = queue.recv().await {
+                stats.throttle.acquire(bytes.len()).await;
                 let written = tokio::time::timeout(STALL_TIMEOUT, writer.write_all(&bytes)).await;
                 match written {
                     Ok(Ok(())) => {
@@ -412,6 +413,9 @@ impl Session<'_> {
         self.durable_epoch = self.epoch;
         self.heartbeat_every =
             Duration::from_millis(u64::from(welcome.settings.heartbeat_interval_ms.max(500)));
+        self.stats
+            .throttle
+            .set_rate(welcome.settings.bandwidth_limit);
         let barrier_interval = welcome.settings.barrier_interval.max(1 << 20);
         self.join_streams(&welcome, &sums_tx).await?;
         self.stats
@@ -956,10 +960,32 @@ impl Session<'_> {
     async fn heartbeat(&mut self) -> Result<(), SessionError> {
         self.last_heartbeat = Instant::now();
         let sample = self.sampler.sample();
+        let disks = self
+            .capture
+            .disk_backlogs()
+            .into_iter()
+            .enumerate()
+            .map(|(disk, backlog)| DiskBeat {
+                disk: u16::try_from(disk).unwrap_or(u16::MAX),
+                state: if !self.stats.disk_synced(disk) {
+                    DiskState::INITIAL_SYNC
+                } else if self.rescans_pending.contains(&disk) {
+                    DiskState::RESCAN
+                } else if backlog.to_send > backlog.buffered {
+                    // More is dirty than the buffer holds: the rest is re-read from
+                    // the volume, the change rate is above what the link carries.
+                    DiskState::BACKLOG
+                } else {
+                    DiskState::CONTINUOUS
+                },
+                backlog_bytes: backlog.to_send + backlog.in_flight,
+            })
+            .collect();
         let frame = Frame::Heartbeat(Heartbeat {
             cpu_permille: sample.cpu_permille,
             rss_bytes: sample.rss_bytes,
             backlog_bytes: self.stats.backlog_bytes() + self.capture.backlog_bytes(),
+            disks,
         });
         // On every stream: the receiver closes a stream that stays silent, and an idle
         // agent's other streams would carry nothing else.
@@ -1147,6 +1173,10 @@ async fn read_frames(
                 }
                 Ok(Some(Frame::Error(e))) => Event::Refused(e),
                 Ok(Some(Frame::Goodbye(g))) => Event::Goodbye(g.message),
+                Ok(Some(Frame::SettingsUpdate(update))) => {
+                    stats.throttle.set_rate(update.bandwidth_limit);
+                    continue;
+                }
                 Ok(Some(Frame::Unknown { kind, .. })) => {
                     tracing::debug!(%kind, "ignoring a frame of unknown kind from the receiver");
                     continue;

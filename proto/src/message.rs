@@ -29,6 +29,7 @@ impl FrameKind {
     pub const SUM_REPLY: Self = Self(11);
     pub const CHECKPOINT: Self = Self(12);
     pub const CHECKPOINT_SAVED: Self = Self(13);
+    pub const SETTINGS_UPDATE: Self = Self(14);
 
     fn name(self) -> Option<&'static str> {
         Some(match self {
@@ -45,6 +46,7 @@ impl FrameKind {
             Self::SUM_REPLY => "SumReply",
             Self::CHECKPOINT => "Checkpoint",
             Self::CHECKPOINT_SAVED => "CheckpointSaved",
+            Self::SETTINGS_UPDATE => "SettingsUpdate",
             _ => return None,
         })
     }
@@ -81,6 +83,7 @@ pub enum Frame {
     SumReply(SumReply),
     Checkpoint(Checkpoint),
     CheckpointSaved(Checkpoint),
+    SettingsUpdate(SettingsUpdate),
     /// A frame of a kind this version does not know, kept whole so that it can be logged
     /// or forwarded rather than mistaken for something else.
     Unknown {
@@ -451,13 +454,34 @@ pub struct Durable {
 }
 
 /// Agent → receiver, every few seconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Heartbeat {
     /// CPU used by the agent process since the last heartbeat, in thousandths of a core.
     pub cpu_permille: u32,
     pub rss_bytes: u64,
     /// Bytes dirty at the agent and not yet durable at the receiver.
     pub backlog_bytes: u64,
+    /// Each disk of the session, as the agent sees it. At most [`MAX_DISKS`].
+    pub disks: Vec<DiskBeat>,
+}
+
+/// One disk in a [`Heartbeat`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskBeat {
+    /// Index into the session's Hello disks.
+    pub disk: u16,
+    /// What the agent is doing with the disk: INITIAL_SYNC, RESCAN, CONTINUOUS or
+    /// BACKLOG (changes beyond what its capture buffer holds, to be re-read).
+    pub state: DiskState,
+    /// Bytes of the disk dirty at the agent and not yet durable at the receiver.
+    pub backlog_bytes: u64,
+}
+
+/// Receiver → agent, whenever an operator changes a setting that applies live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SettingsUpdate {
+    /// Bytes per second for the whole agent (all streams together); 0 means unlimited.
+    pub bandwidth_limit: u64,
 }
 
 /// A fatal error, sent before closing a stream.
@@ -491,6 +515,22 @@ impl ErrorCode {
     /// ask an operator.
     pub fn is_retryable(self) -> bool {
         matches!(self, Self::STORAGE | Self::SHUTTING_DOWN)
+    }
+}
+
+impl ErrorCode {
+    /// The code's name, lower case (`storage`, `limit`, …), or `unknown`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PROTOCOL => "protocol",
+            Self::NOT_AUTHORIZED => "not_authorized",
+            Self::OUT_OF_RANGE => "out_of_range",
+            Self::STORAGE => "storage",
+            Self::UNSUPPORTED => "unsupported",
+            Self::LIMIT => "limit",
+            Self::SHUTTING_DOWN => "shutting_down",
+            _ => "unknown",
+        }
     }
 }
 
@@ -538,6 +578,7 @@ impl Frame {
             Self::SumReply(_) => FrameKind::SUM_REPLY,
             Self::Checkpoint(_) => FrameKind::CHECKPOINT,
             Self::CheckpointSaved(_) => FrameKind::CHECKPOINT_SAVED,
+            Self::SettingsUpdate(_) => FrameKind::SETTINGS_UPDATE,
             Self::Unknown { kind, .. } => *kind,
         }
     }
@@ -594,7 +635,14 @@ impl Frame {
                 out.put_u32(m.cpu_permille);
                 out.put_u64(m.rss_bytes);
                 out.put_u64(m.backlog_bytes);
+                out.put_count(m.disks.len(), MAX_DISKS);
+                for d in &m.disks {
+                    out.put_u16(d.disk);
+                    out.put_u8(d.state.0);
+                    out.put_u64(d.backlog_bytes);
+                }
             }
+            Self::SettingsUpdate(m) => out.put_u64(m.bandwidth_limit),
             Self::Error(m) => {
                 out.put_u16(m.code.0);
                 out.put_str(&m.message, MAX_STRING_LEN);
@@ -652,6 +700,16 @@ impl Frame {
                 cpu_permille: r.u32("cpu_permille")?,
                 rss_bytes: r.u64("rss_bytes")?,
                 backlog_bytes: r.u64("backlog_bytes")?,
+                disks: r.list("disks", MAX_DISKS, |r| {
+                    Ok(DiskBeat {
+                        disk: r.u16("disks.disk")?,
+                        state: DiskState(r.u8("disks.state")?),
+                        backlog_bytes: r.u64("disks.backlog_bytes")?,
+                    })
+                })?,
+            }),
+            FrameKind::SETTINGS_UPDATE => Self::SettingsUpdate(SettingsUpdate {
+                bandwidth_limit: r.u64("bandwidth_limit")?,
             }),
             FrameKind::ERROR => Self::Error(ErrorFrame {
                 code: ErrorCode(r.u16("code")?),

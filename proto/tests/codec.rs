@@ -111,6 +111,21 @@ fn sample_frames() -> Vec<Frame> {
             cpu_permille: 51,
             rss_bytes: 40 << 20,
             backlog_bytes: 12345,
+            disks: vec![
+                DiskBeat {
+                    disk: 0,
+                    state: DiskState::BACKLOG,
+                    backlog_bytes: 12000,
+                },
+                DiskBeat {
+                    disk: 1,
+                    state: DiskState(200),
+                    backlog_bytes: 345,
+                },
+            ],
+        }),
+        Frame::SettingsUpdate(SettingsUpdate {
+            bandwidth_limit: 5_000_000,
         }),
         Frame::Error(ErrorFrame {
             code: ErrorCode::OUT_OF_RANGE,
@@ -433,11 +448,25 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             }
         )),
         any::<u64>().prop_map(|epoch| Frame::Durable(Durable { epoch })),
-        any::<(u32, u64, u64)>().prop_map(|(c, r, b)| Frame::Heartbeat(Heartbeat {
-            cpu_permille: c,
-            rss_bytes: r,
-            backlog_bytes: b
-        })),
+        (
+            any::<(u32, u64, u64)>(),
+            proptest::collection::vec(any::<(u16, u8, u64)>(), 0..=50)
+        )
+            .prop_map(|((c, r, b), disks)| Frame::Heartbeat(Heartbeat {
+                cpu_permille: c,
+                rss_bytes: r,
+                backlog_bytes: b,
+                disks: disks
+                    .into_iter()
+                    .map(|(disk, state, backlog_bytes)| DiskBeat {
+                        disk,
+                        state: DiskState(state),
+                        backlog_bytes,
+                    })
+                    .collect(),
+            })),
+        any::<u64>()
+            .prop_map(|bandwidth_limit| Frame::SettingsUpdate(SettingsUpdate { bandwidth_limit })),
         (any::<u16>(), arb_string(200)).prop_map(|(c, message)| Frame::Error(ErrorFrame {
             code: ErrorCode(c),
             message

@@ -13,7 +13,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::TokenRecord;
+use crate::catalog::{ServerSettings, TokenRecord};
 use crate::session::{SessionContext, error_chain};
 use crate::status::StatusReport;
 
@@ -46,6 +46,13 @@ pub enum AdminRequest {
     RevokeToken {
         id: String,
     },
+    /// Set a server's settings (or the template, when `server_id` is absent); a connected
+    /// agent hears the change at once.
+    SetSettings {
+        server_id: Option<String>,
+        settings: ServerSettings,
+    },
+    ListSettings,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -55,6 +62,11 @@ pub enum AdminResponse {
     Rescan(RescanAnswer),
     Revoked(RevokeAnswer),
     Tokens(Vec<TokenRecord>),
+    Settings(SettingsList),
+    /// Whether a connected agent was told.
+    SettingsSet {
+        applied_live: bool,
+    },
     Done,
     Error(String),
 }
@@ -66,6 +78,13 @@ pub struct RevokeAnswer {
     pub server_id: Option<String>,
     /// Live sessions closed.
     pub sessions_closed: usize,
+}
+
+/// The template and every server's own settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SettingsList {
+    pub default: ServerSettings,
+    pub servers: Vec<(String, ServerSettings)>,
 }
 
 /// What a rescan request did.
@@ -198,6 +217,41 @@ async fn answer(stream: UnixStream, ctx: &SessionContext) -> io::Result<()> {
                 Ok(Err(err)) => AdminResponse::Error(error_chain(&err)),
                 Err(err) => AdminResponse::Error(err.to_string()),
             }
+        }
+        Ok(AdminRequest::SetSettings {
+            server_id,
+            settings,
+        }) => {
+            let catalog = Arc::clone(&ctx.catalog);
+            let server = server_id.clone();
+            match blocking(move || {
+                catalog
+                    .set_settings(server.as_deref(), settings)
+                    .map(|()| AdminResponse::Done)
+            })
+            .await
+            {
+                AdminResponse::Done => {
+                    let session = server_id
+                        .as_deref()
+                        .and_then(|s| ctx.registry.session_of(s));
+                    let applied_live = session.is_some();
+                    if let Some(session) = session {
+                        session.update_bandwidth(settings.bandwidth_limit()).await;
+                    }
+                    AdminResponse::SettingsSet { applied_live }
+                }
+                other => other,
+            }
+        }
+        Ok(AdminRequest::ListSettings) => {
+            let catalog = Arc::clone(&ctx.catalog);
+            blocking(move || {
+                catalog.all_settings().map(|(default, servers)| {
+                    AdminResponse::Settings(SettingsList { default, servers })
+                })
+            })
+            .await
         }
         Err(err) => AdminResponse::Error(format!("bad request: {err}")),
     };

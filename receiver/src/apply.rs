@@ -17,6 +17,8 @@ use std::sync::{Arc, Mutex};
 use crate::lock;
 use blockferry_proto::{WriteFlags, WriteHeader};
 use blockferry_storage::{BlockStore, Flushed, StoreError};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{Notify, Semaphore};
 
 /// Smallest budget charge of one write, so that a flood of zero-fills (which carry no
@@ -37,13 +39,19 @@ pub(crate) struct StagingDisk {
     pub(crate) rescanned_bytes: std::sync::atomic::AtomicU64,
     /// Bytes of changes written while the rescan runs.
     pub(crate) resent_bytes: std::sync::atomic::AtomicU64,
+    /// Bytes written, for metrics.
+    written: Counter,
+    /// Whether a write has completed since the last durable epoch took stock.
+    wrote: std::sync::atomic::AtomicBool,
 }
 
 impl StagingDisk {
-    pub(crate) fn new(name: String, store: BlockStore) -> Self {
+    pub(crate) fn new(name: String, store: BlockStore, written: Counter) -> Self {
         Self {
             name,
             store,
+            written,
+            wrote: std::sync::atomic::AtomicBool::new(false),
             in_flight: Mutex::new(BTreeMap::new()),
             range_released: Notify::new(),
             rescanning: std::sync::atomic::AtomicBool::new(false),
@@ -58,6 +66,11 @@ impl StagingDisk {
         self.rescanned_bytes.store(rescanned, Relaxed);
         self.resent_bytes.store(resent, Relaxed);
         self.rescanning.store(true, Relaxed);
+    }
+
+    /// Whether a write completed since the last call.
+    pub(crate) fn take_wrote(&self) -> bool {
+        self.wrote.swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Waits until no in-flight write overlaps `[start, end)`, then claims it.
@@ -113,7 +126,17 @@ pub(crate) struct ApplyPipeline {
     global_budget: Arc<Semaphore>,
     sequence: Arc<Mutex<Sequence>>,
     completed: Arc<Notify>,
-    failure: Arc<Mutex<Option<String>>>,
+    failure: Arc<Mutex<Option<StagingFailure>>>,
+    apply_seconds: Histogram,
+}
+
+/// The first staging write that failed in a session.
+#[derive(Debug, Clone)]
+pub(crate) struct StagingFailure {
+    pub(crate) disk: String,
+    pub(crate) message: String,
+    /// The staging file system is full: the disk stalls until space returns.
+    pub(crate) out_of_space: bool,
 }
 
 impl ApplyPipeline {
@@ -123,8 +146,10 @@ impl ApplyPipeline {
         disks: Vec<Arc<StagingDisk>>,
         budget_bytes: u32,
         global_budget: Arc<Semaphore>,
+        apply_seconds: Histogram,
     ) -> Self {
         Self {
+            apply_seconds,
             disks,
             budget: Arc::new(Semaphore::new(budget_bytes as usize)),
             budget_bytes,
@@ -172,15 +197,22 @@ impl ApplyPipeline {
         let sequence = Arc::clone(&self.sequence);
         let completed = Arc::clone(&self.completed);
         let failure = Arc::clone(&self.failure);
+        let apply_seconds = self.apply_seconds.clone();
         tokio::spawn(async move {
+            let started = std::time::Instant::now();
             let result = if header.flags.contains(WriteFlags::ZERO_FILL) {
                 disk.store.write_zeroes(start, u64::from(header.len)).await
             } else {
                 disk.store.write_at(start, data).await
             };
             disk.release(start);
-            if let Err(err) = result {
-                record_failure(&failure, &disk.name, &err);
+            match result {
+                Ok(()) => {
+                    apply_seconds.observe(started.elapsed().as_secs_f64());
+                    disk.written.inc_by(u64::from(header.len));
+                    disk.wrote.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(err) => record_failure(&failure, &disk.name, &err),
             }
             lock(&sequence).pending.remove(&seq);
             completed.notify_waiters();
@@ -209,21 +241,27 @@ impl ApplyPipeline {
 
     /// The first write failure of the session, if any. After one, nothing more may be
     /// acknowledged.
-    pub(crate) fn failure(&self) -> Option<String> {
+    pub(crate) fn failure(&self) -> Option<StagingFailure> {
         lock(&self.failure).clone()
     }
 
-    /// Flushes every disk of the session; the proofs are what a watermark needs.
-    pub(crate) async fn flush_all(&self) -> Result<Vec<Flushed>, StoreError> {
+    /// Flushes every disk of the session; the proofs are what a watermark needs. A
+    /// failure names its disk.
+    pub(crate) async fn flush_all(&self) -> Result<Vec<Flushed>, (String, StoreError)> {
         let mut proofs = Vec::with_capacity(self.disks.len());
         for disk in &self.disks {
-            proofs.push(disk.store.flush().await?);
+            proofs.push(
+                disk.store
+                    .flush()
+                    .await
+                    .map_err(|e| (disk.name.clone(), e))?,
+            );
         }
         Ok(proofs)
     }
 }
 
-fn record_failure(failure: &Mutex<Option<String>>, disk: &str, err: &StoreError) {
+fn record_failure(failure: &Mutex<Option<StagingFailure>>, disk: &str, err: &StoreError) {
     let mut slot = lock(failure);
     if slot.is_none() {
         let mut message = format!("disk {disk}: {err}");
@@ -234,7 +272,11 @@ fn record_failure(failure: &Mutex<Option<String>>, disk: &str, err: &StoreError)
             source = cause.source();
         }
         tracing::error!(%message, "staging write failed");
-        *slot = Some(message);
+        *slot = Some(StagingFailure {
+            disk: disk.to_owned(),
+            message,
+            out_of_space: err.is_out_of_space(),
+        });
     }
 }
 
@@ -265,11 +307,16 @@ mod tests {
             engine,
         )
         .unwrap();
-        let disk = Arc::new(StagingDisk::new("d".into(), BlockStore::File(store)));
+        let disk = Arc::new(StagingDisk::new(
+            "d".into(),
+            BlockStore::File(store),
+            Counter::default(),
+        ));
         let pipeline = ApplyPipeline::new(
             vec![disk.clone()],
             8 << 20,
             Arc::new(Semaphore::new(8 << 20)),
+            Histogram::new([0.001].into_iter()),
         );
         // Many overlapping writes; each byte must end up holding the last write that
         // covered it.

@@ -23,6 +23,11 @@ const DISKS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("disks"
 const REVOKED: TableDefinition<&str, u64> = TableDefinition::new("revoked_agents");
 /// token id → [`TokenRecord`] as JSON. Only a hash of each secret is stored.
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("enrollment_tokens");
+/// Per-server replication settings, by server id; [`DEFAULT_SETTINGS`] holds the template
+/// copied to each server at its first session.
+const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("server_settings");
+/// The template's key: not a valid server id, so it never collides with one.
+const DEFAULT_SETTINGS: &str = "*";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -186,6 +191,10 @@ pub struct DiskRecord {
     /// ran: the blocks found different, plus changes made meanwhile.
     #[serde(default)]
     pub resent_bytes: u64,
+    /// Why the disk cannot make progress whatever the agent does ("" when it can):
+    /// `staging_full` or `staging_error`. Cleared by the next write made durable on it.
+    #[serde(default)]
+    pub stall: String,
 }
 
 impl DiskRecord {
@@ -220,6 +229,22 @@ impl DiskRecord {
         self.state = state.name().to_owned();
         self.reason = reason.to_owned();
         self.updated = now();
+    }
+}
+
+/// What an operator sets per source server (`settings set`). JSON field names are part
+/// of the status interface.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// The agent's bandwidth limit, all streams together, in megabits per second
+    /// (10^6 bit/s); 0 is unlimited.
+    pub bandwidth_mbps: u64,
+}
+
+impl ServerSettings {
+    /// The limit in bytes per second, as the agent enforces it (0: unlimited).
+    pub fn bandwidth_limit(&self) -> u64 {
+        self.bandwidth_mbps.saturating_mul(125_000)
     }
 }
 
@@ -349,6 +374,7 @@ impl Catalog {
         txn.open_table(DISKS)?;
         txn.open_table(REVOKED)?;
         txn.open_table(TOKENS)?;
+        txn.open_table(SETTINGS)?;
         txn.commit()?;
         Ok(Self { db })
     }
@@ -393,6 +419,16 @@ impl Catalog {
             };
             durable_epoch = record.durable_epoch;
             servers.insert(identity.server_id.as_str(), encode(&record).as_slice())?;
+            // A new server gets the template's settings, unless an operator set its own
+            // before it first connected.
+            let mut settings = txn.open_table(SETTINGS)?;
+            if settings.get(identity.server_id.as_str())?.is_none() {
+                let template = match settings.get(DEFAULT_SETTINGS)? {
+                    Some(raw) => raw.value().to_vec(),
+                    None => encode(&ServerSettings::default()),
+                };
+                settings.insert(identity.server_id.as_str(), template.as_slice())?;
+            }
 
             let mut disks = txn.open_table(DISKS)?;
             for spec in &hello.disks {
@@ -447,6 +483,7 @@ impl Catalog {
                             last_rescan_reason: String::new(),
                             rescanned_bytes: 0,
                             resent_bytes: 0,
+                            stall: String::new(),
                         };
                         let reason = if previous.is_some() {
                             RescanReason::DISK_ADDED
@@ -555,7 +592,8 @@ impl Catalog {
     }
 
     /// Records that `epoch` is durable for `server_id`, with the initial-sync progress the
-    /// barrier claimed (disk name, watermark). Watermarks only move forward.
+    /// barrier claimed (disk name, watermark). Watermarks only move forward. A stall of a
+    /// disk in `written` (disks with writes in the epoch) is over.
     pub fn record_durable(
         &self,
         _evidence: DurableEvidence,
@@ -563,6 +601,7 @@ impl Catalog {
         epoch: u64,
         progress: &[(String, u64)],
         rescans: &[RescanProgress],
+        written: &[String],
     ) -> Result<(), CatalogError> {
         let txn = self.db.begin_write()?;
         {
@@ -617,9 +656,94 @@ impl Catalog {
                 }
                 disks.insert(key, encode(&disk).as_slice())?;
             }
+            for name in written {
+                let key = (server_id, name.as_str());
+                let disk = match disks.get(key)? {
+                    Some(raw) => Some(decode::<DiskRecord>(name, raw.value())?),
+                    None => None,
+                };
+                if let Some(mut disk) = disk.filter(|d| !d.stall.is_empty()) {
+                    disk.stall.clear();
+                    disk.updated = now();
+                    disks.insert(key, encode(&disk).as_slice())?;
+                }
+            }
         }
         txn.commit()?;
         Ok(())
+    }
+
+    /// Records that a disk cannot make progress for `reason` (e.g. `staging_full`), until
+    /// a write to it is made durable again.
+    pub fn mark_stalled(
+        &self,
+        server_id: &str,
+        disk: &str,
+        reason: &str,
+    ) -> Result<(), CatalogError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut disks = txn.open_table(DISKS)?;
+            let key = (server_id, disk);
+            let record = match disks.get(key)? {
+                Some(raw) => Some(decode::<DiskRecord>(disk, raw.value())?),
+                None => None,
+            };
+            if let Some(mut record) = record {
+                record.stall = reason.to_owned();
+                record.updated = now();
+                disks.insert(key, encode(&record).as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Sets the settings of `server_id`, or the template for servers to come (`None`).
+    pub fn set_settings(
+        &self,
+        server_id: Option<&str>,
+        value: ServerSettings,
+    ) -> Result<(), CatalogError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(SETTINGS)?.insert(
+            server_id.unwrap_or(DEFAULT_SETTINGS),
+            encode(&value).as_slice(),
+        )?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The settings of `server_id` (the template's if it has none yet).
+    pub fn settings_of(&self, server_id: &str) -> Result<ServerSettings, CatalogError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SETTINGS)?;
+        for key in [server_id, DEFAULT_SETTINGS] {
+            if let Some(raw) = table.get(key)? {
+                return decode(key, raw.value());
+            }
+        }
+        Ok(ServerSettings::default())
+    }
+
+    /// The template, and every server's own settings, by server id.
+    pub fn all_settings(
+        &self,
+    ) -> Result<(ServerSettings, Vec<(String, ServerSettings)>), CatalogError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SETTINGS)?;
+        let mut template = ServerSettings::default();
+        let mut servers = Vec::new();
+        for entry in table.iter()? {
+            let (key, value) = entry?;
+            let settings: ServerSettings = decode(key.value(), value.value())?;
+            if key.value() == DEFAULT_SETTINGS {
+                template = settings;
+            } else {
+                servers.push((key.value().to_owned(), settings));
+            }
+        }
+        Ok((template, servers))
     }
 
     /// Marks the disks of a server whose session ended.

@@ -9,7 +9,7 @@ use blockferry_storage::IoEngine;
 use clap::{Parser, Subcommand};
 
 use crate::admin::{self, AdminRequest, AdminResponse};
-use crate::catalog::{Catalog, CatalogError};
+use crate::catalog::{Catalog, CatalogError, ServerSettings};
 use crate::demo::{self, DemoOptions, parse_size};
 use crate::status::StatusReport;
 use crate::{Receiver, ReceiverConfig};
@@ -57,6 +57,13 @@ pub enum Command {
         /// renew well before it ends.
         #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=8760))]
         agent_cert_hours: u64,
+        /// Prometheus metrics (plain HTTP, GET /metrics) address; "off" disables them.
+        #[arg(long, default_value = crate::metrics::DEFAULT_METRICS, value_parser = parse_control)]
+        metrics: Control,
+        /// A disk with changes waiting and nothing made durable for this many seconds is
+        /// STALLED (reason no_progress).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(5..=86400))]
+        stall_after_secs: u64,
     },
     /// Enrollment tokens for new agents.
     #[command(subcommand)]
@@ -74,7 +81,14 @@ pub enum Command {
         /// Print JSON (keys documented in the README) instead of a table.
         #[arg(long)]
         json: bool,
+        /// Print again every N seconds (default 2) until interrupted.
+        #[arg(long, num_args = 0..=1, default_missing_value = "2", value_parser = clap::value_parser!(u64).range(1..=3600))]
+        watch: Option<u64>,
     },
+    /// Replication settings per source server (bandwidth limit), and the template
+    /// for servers that connect later.
+    #[command(subcommand)]
+    Settings(SettingsCommand),
     /// Have an agent rescan a source server's disks by checksum (for changes no tracker
     /// saw): at its next session, or at once if it is connected.
     Rescan {
@@ -191,6 +205,33 @@ pub enum AgentCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum SettingsCommand {
+    /// Set the bandwidth limit of one server (applied at once to a connected agent), or
+    /// the template default copied to servers at their first connection.
+    Set {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The source server id (as in `status`).
+        #[arg(long, conflicts_with = "default", required_unless_present = "default")]
+        server: Option<String>,
+        /// Set the template for servers that connect later instead.
+        #[arg(long)]
+        default: bool,
+        /// The agent's bandwidth limit, all streams together, in megabits per second
+        /// (10^6 bit/s); 0 is unlimited.
+        #[arg(long)]
+        bandwidth_mbps: u64,
+    },
+    /// Show the template and every server's settings.
+    Show {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum AdminCommand {
     /// Issue a key and an admin client certificate for an operator (or a monitoring
     /// system) and write them, with the CA certificate, to a directory.
@@ -227,6 +268,8 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             max_streams,
             control,
             agent_cert_hours,
+            metrics,
+            stall_after_secs,
         } => {
             if barrier_interval_mib == 0 {
                 bail!("--barrier-interval-mib must be at least 1");
@@ -239,6 +282,8 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             config.max_streams = max_streams;
             config.control = control.0;
             config.agent_cert_lifetime = std::time::Duration::from_secs(agent_cert_hours * 3600);
+            config.metrics = metrics.0;
+            config.stall_after = std::time::Duration::from_secs(stall_after_secs);
             let receiver = Receiver::start(config).await?;
             wait_for_signal().await;
             tracing::info!("shutting down: finishing sessions");
@@ -384,12 +429,94 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { data_dir, json } => {
+        Command::Status {
+            data_dir,
+            json,
+            watch,
+        } => loop {
             let report = status(&data_dir).await?;
+            if watch.is_some() && !json {
+                // Clear the screen and go home, as watch(1) does.
+                print!("\x1b[2J\x1b[H");
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", report.render_table());
+            }
+            let Some(every) = watch else {
+                return Ok(ExitCode::SUCCESS);
+            };
+            tokio::select! {
+                () = wait_for_signal() => return Ok(ExitCode::SUCCESS),
+                () = tokio::time::sleep(std::time::Duration::from_secs(every)) => {}
+            }
+        },
+        Command::Settings(SettingsCommand::Set {
+            data_dir,
+            server,
+            default: _,
+            bandwidth_mbps,
+        }) => {
+            if let Some(server) = &server {
+                crate::pki::validate_name("server id", server)?;
+            }
+            let settings = ServerSettings { bandwidth_mbps };
+            let request = AdminRequest::SetSettings {
+                server_id: server.clone(),
+                settings,
+            };
+            let answer = admin_or_catalog(&data_dir, request, |catalog| {
+                catalog.set_settings(server.as_deref(), settings).map(|()| {
+                    AdminResponse::SettingsSet {
+                        applied_live: false,
+                    }
+                })
+            })
+            .await?;
+            let limit = if bandwidth_mbps == 0 {
+                "unlimited".to_owned()
+            } else {
+                format!("{bandwidth_mbps} Mbit/s")
+            };
+            match (&server, answer) {
+                (None, _) => println!(
+                    "template bandwidth limit: {limit} (for servers that connect from now on)"
+                ),
+                (Some(server), AdminResponse::SettingsSet { applied_live: true }) => {
+                    println!("server {server}: bandwidth limit {limit}, applied to its agent now")
+                }
+                (Some(server), _) => println!(
+                    "server {server}: bandwidth limit {limit}, applied when its agent connects"
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Settings(SettingsCommand::Show { data_dir, json }) => {
+            let answer = admin_or_catalog(&data_dir, AdminRequest::ListSettings, |catalog| {
+                catalog.all_settings().map(|(default, servers)| {
+                    AdminResponse::Settings(admin::SettingsList { default, servers })
+                })
+            })
+            .await?;
+            let AdminResponse::Settings(list) = answer else {
+                bail!("unexpected answer from the running receiver: {answer:?}");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                let limit = |s: &ServerSettings| {
+                    if s.bandwidth_mbps == 0 {
+                        "unlimited".to_owned()
+                    } else {
+                        format!("{} Mbit/s", s.bandwidth_mbps)
+                    }
+                };
+                println!("{:<24} BANDWIDTH", "SERVER");
+                println!("{:<24} {}", "(template)", limit(&list.default));
+                for (server, settings) in &list.servers {
+                    println!("{server:<24} {}", limit(settings));
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -5,7 +5,9 @@
 //!   certificate for the same identity out;
 //! - `GET /v1/status` — the status report, for operators: with an admin client
 //!   certificate (`blockferry-receiver admin issue`), or the admin token
-//!   (`<data-dir>/admin.token`) as `Authorization: Bearer …`.
+//!   (`<data-dir>/admin.token`) as `Authorization: Bearer …`;
+//! - `GET /v1/events?after=N&server=ID` — server events (`started`, `stalled`,
+//!   `resumed`) after event number N, oldest first, for operators likewise.
 //!
 //! Bodies are JSON ([`blockferry_proto::control`]), at most 64 KiB; errors are
 //! `{"error": "…"}` with a 4xx/5xx status.
@@ -239,7 +241,45 @@ async fn route(
                 Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()),
             }
         }
-        (_, "/v1/enroll" | "/v1/renew" | "/v1/status") => error(
+        (&Method::GET, "/v1/events") => {
+            if let Some(answer) = refusal_unless_operator(&request, ctx, identity.as_ref(), peer) {
+                return answer;
+            }
+            let (mut after, mut server) = (0u64, None::<String>);
+            for pair in request.uri().query().unwrap_or_default().split('&') {
+                match pair.split_once('=') {
+                    Some(("after", n)) => match n.parse() {
+                        Ok(n) => after = n,
+                        Err(_) => {
+                            return error(
+                                StatusCode::BAD_REQUEST,
+                                format!("after={n:?} is not an event number"),
+                            );
+                        }
+                    },
+                    Some(("server", id)) => {
+                        if let Err(err) = validate_name("server id", id) {
+                            return error(StatusCode::BAD_REQUEST, err.to_string());
+                        }
+                        server = Some(id.to_owned());
+                    }
+                    _ if pair.is_empty() => {}
+                    _ => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            format!("unknown query parameter {pair:?}: use after=N and server=ID"),
+                        );
+                    }
+                }
+            }
+            let events = Arc::clone(&ctx.sessions.events);
+            match tokio::task::spawn_blocking(move || events.read(after, server.as_deref())).await {
+                Ok(Ok(events)) => json(StatusCode::OK, &serde_json::json!({ "events": events })),
+                Ok(Err(err)) => error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()),
+                Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()),
+            }
+        }
+        (_, "/v1/enroll" | "/v1/renew" | "/v1/status" | "/v1/events") => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "wrong method for this endpoint",
         ),

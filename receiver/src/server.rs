@@ -1,10 +1,8 @@
 //! The receiver: replication listener (mTLS on port 1500), sessions, admin socket.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use blockferry_storage::{Engine, IoEngine, StoreError};
@@ -17,6 +15,8 @@ use tokio_util::task::TaskTracker;
 use crate::admin;
 use crate::catalog::{Catalog, CatalogError};
 use crate::control::{self, ControlContext};
+use crate::events::EventLog;
+use crate::metrics::Metrics;
 use crate::pki::{AgentIdentity, CertificateAuthority, PkiError};
 use crate::registry::SessionRegistry;
 use crate::revocation::Revocations;
@@ -64,6 +64,11 @@ pub struct ReceiverConfig {
     pub control: Option<SocketAddr>,
     /// Lifetime of the certificates the control API issues to agents.
     pub agent_cert_lifetime: Duration,
+    /// The Prometheus endpoint's address (plain HTTP, `GET /metrics`); `None` runs
+    /// without it. The `run` command defaults to `0.0.0.0:9500`.
+    pub metrics: Option<SocketAddr>,
+    /// A disk with changes waiting and no durable progress for this long is STALLED.
+    pub stall_after: Duration,
 }
 
 impl ReceiverConfig {
@@ -81,6 +86,8 @@ impl ReceiverConfig {
             global_in_flight: 1 << 30,
             control: None,
             agent_cert_lifetime: Duration::from_secs(24 * 3600),
+            metrics: None,
+            stall_after: Duration::from_secs(60),
         }
     }
 }
@@ -115,34 +122,29 @@ pub enum ReceiverError {
     },
     #[error("cannot open the admin socket")]
     Admin(#[source] std::io::Error),
+    #[error("cannot open the event file in {path}")]
+    Events {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Counts of refused connections by reason, for logs, tests and metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RefusalCounters {
-    counts: HashMap<&'static str, AtomicU64>,
+    metrics: Arc<Metrics>,
 }
 
 impl RefusalCounters {
-    fn new() -> Self {
-        Self {
-            counts: RefusalReason::ALL
-                .iter()
-                .map(|r| (r.code(), AtomicU64::new(0)))
-                .collect(),
-        }
-    }
-
     fn record(&self, reason: RefusalReason) {
-        if let Some(c) = self.counts.get(reason.code()) {
-            c.fetch_add(1, Ordering::Relaxed);
-        }
+        // Every reason but a certificate without an identity ends the handshake.
+        let during_handshake = reason != RefusalReason::NoIdentity;
+        self.metrics.refused(reason.code(), during_handshake);
     }
 
     pub fn get(&self, reason: RefusalReason) -> u64 {
-        self.counts
-            .get(reason.code())
-            .map_or(0, |c| c.load(Ordering::Relaxed))
+        self.metrics.refusals(reason.code())
     }
 }
 
@@ -152,6 +154,7 @@ impl RefusalCounters {
 pub struct Receiver {
     local_addr: SocketAddr,
     control_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     refusals: Arc<RefusalCounters>,
@@ -193,7 +196,17 @@ impl Receiver {
 
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let refusals = Arc::new(RefusalCounters::new());
+        let metrics = Arc::new(Metrics::default());
+        let refusals = Arc::new(RefusalCounters {
+            metrics: Arc::clone(&metrics),
+        });
+        let events =
+            Arc::new(
+                EventLog::open(&data_dir).map_err(|source| ReceiverError::Events {
+                    path: data_dir.clone(),
+                    source,
+                })?,
+            );
         let ctx = Arc::new(SessionContext {
             catalog,
             engine,
@@ -204,9 +217,12 @@ impl Receiver {
                 in_flight_budget: config.session_in_flight,
                 heartbeat_interval: config.heartbeat_interval,
                 idle_timeout: config.idle_timeout,
+                stall_after: config.stall_after,
             },
             registry: Arc::new(SessionRegistry::default()),
             revocations,
+            metrics: Arc::clone(&metrics),
+            events: Arc::clone(&events),
             shutdown: shutdown.clone(),
             global_budget: Arc::new(Semaphore::new(
                 config.global_in_flight.max(config.session_in_flight) as usize,
@@ -247,6 +263,29 @@ impl Receiver {
                 Some(bound)
             }
         };
+        let metrics_addr = match config.metrics {
+            None => None,
+            Some(addr) => {
+                let (listener, bound) = crate::metrics::bind(addr)
+                    .await
+                    .map_err(|source| ReceiverError::Listen { addr, source })?;
+                let registry =
+                    metrics.registry(Arc::clone(&ctx.catalog), Arc::clone(&ctx.registry));
+                tasks.spawn(crate::metrics::serve(
+                    listener,
+                    Arc::new(registry),
+                    shutdown.clone(),
+                ));
+                tracing::info!(metrics = %bound, "Prometheus metrics at /metrics (HTTP)");
+                Some(bound)
+            }
+        };
+        tasks.spawn(crate::events::watch(
+            Arc::clone(&ctx.catalog),
+            Arc::clone(&ctx.registry),
+            events,
+            shutdown.clone(),
+        ));
         let admin_listener = admin::bind(&data_dir).map_err(ReceiverError::Admin)?;
         tasks.spawn(admin::serve(
             admin_listener,
@@ -264,6 +303,7 @@ impl Receiver {
         Ok(Self {
             local_addr,
             control_addr,
+            metrics_addr,
             shutdown,
             tasks,
             refusals,
@@ -279,6 +319,30 @@ impl Receiver {
     /// Where the control API listens, if it runs.
     pub fn control_addr(&self) -> Option<SocketAddr> {
         self.control_addr
+    }
+
+    /// Where `/metrics` is served, if it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The metrics page, as a scrape would get it (also without `--metrics`).
+    pub fn render_metrics(&self) -> String {
+        let registry = self.ctx.metrics.registry(
+            Arc::clone(&self.ctx.catalog),
+            Arc::clone(&self.ctx.registry),
+        );
+        crate::metrics::render(&registry)
+    }
+
+    /// Bytes received from `server_id`'s agent so far.
+    pub fn received_bytes(&self, server_id: &str) -> u64 {
+        self.ctx.metrics.server(server_id).received.get()
+    }
+
+    /// The server events recorded so far.
+    pub fn events(&self) -> std::io::Result<Vec<crate::events::Event>> {
+        self.ctx.events.read(0, None)
     }
 
     pub fn refusals(&self) -> &RefusalCounters {

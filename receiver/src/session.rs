@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use blockferry_proto::limits::{MAX_STREAMS, MAX_WRITE_DATA};
 use blockferry_proto::{
-    Barrier, Checkpoint, DiskResume, Durable, ErrorCode, ErrorFrame, Frame, FrameBuffer, Goodbye,
-    Heartbeat, Hello, JoinStream, Settings, SumReply, SumRequest, Welcome, Write, WriteFlags,
-    block_digest,
+    Barrier, Checkpoint, DiskResume, Durable, ErrorCode, ErrorFrame, Frame, FrameBuffer, FrameKind,
+    Goodbye, Heartbeat, Hello, JoinStream, Settings, SumReply, SumRequest, Welcome, Write,
+    WriteFlags, block_digest,
 };
 pub(crate) use blockferry_storage::error_chain;
 use blockferry_storage::{BlockStore, Engine, FileStore};
@@ -63,6 +63,8 @@ pub(crate) struct SessionContext {
     /// Bytes of writes in flight across all sessions.
     pub(crate) global_budget: Arc<tokio::sync::Semaphore>,
     pub(crate) revocations: Arc<crate::revocation::Revocations>,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    pub(crate) events: Arc<crate::events::EventLog>,
 }
 
 #[derive(Debug, Clone)]
@@ -76,6 +78,8 @@ pub(crate) struct SessionSettings {
     /// stream); its session is closed so that the agent's next connection is not kept
     /// waiting.
     pub(crate) idle_timeout: Duration,
+    /// A disk with changes waiting and no durable progress for this long is STALLED.
+    pub(crate) stall_after: Duration,
 }
 
 /// Why a session ended badly. Each maps to the [`ErrorCode`] sent to the agent.
@@ -89,6 +93,16 @@ enum SessionError {
     Unsupported(String),
     #[error("staging storage failed: {0}")]
     Storage(String),
+    /// The staging store of a disk failed in a way that stalls it (e.g. a full file
+    /// system); the agent keeps its changes and retries.
+    #[error(
+        "disk {disk} is stalled ({reason}): {message}; the agent keeps its changes and retries"
+    )]
+    Stalled {
+        disk: String,
+        reason: &'static str,
+        message: String,
+    },
     #[error("not authorized: {0}")]
     NotAuthorized(String),
     #[error("limit exceeded: {0}")]
@@ -107,7 +121,7 @@ impl SessionError {
             Self::Protocol(_) | Self::HelloTimeout(_) => Some(ErrorCode::PROTOCOL),
             Self::OutOfRange(_) => Some(ErrorCode::OUT_OF_RANGE),
             Self::Unsupported(_) => Some(ErrorCode::UNSUPPORTED),
-            Self::Storage(_) => Some(ErrorCode::STORAGE),
+            Self::Storage(_) | Self::Stalled { .. } => Some(ErrorCode::STORAGE),
             Self::NotAuthorized(_) => Some(ErrorCode::NOT_AUTHORIZED),
             Self::Limit(_) => Some(ErrorCode::LIMIT),
             Self::Connection(_) | Self::Idle(_) => None,
@@ -135,6 +149,7 @@ pub(crate) async fn serve(
         let mut reader = FrameReader {
             half: read_half,
             buf: FrameBuffer::new(),
+            meter: ctx.metrics.server(&identity.server_id),
         };
         let result = run(&ctx, &mut reader, &outgoing, &identity).await;
         match &result {
@@ -142,6 +157,7 @@ pub(crate) async fn serve(
             Err(err) => {
                 tracing::warn!(error = %error_chain(err), "closing session");
                 if let Some(code) = err.code() {
+                    ctx.metrics.session_error(code.name());
                     let message = format!("{err}");
                     let _ = outgoing
                         .send(Frame::Error(ErrorFrame { code, message }))
@@ -208,22 +224,41 @@ pub(crate) struct Session {
     series: [u8; 16],
     /// Permits for checksum queries being answered.
     sums: Arc<tokio::sync::Semaphore>,
+    meter: crate::metrics::ServerMeter,
+    /// Unix ms of the session's start or its latest durable epoch.
+    progress_at_ms: AtomicU64,
+    stall_after: Duration,
+    /// The session's disks, in Hello order (heartbeats name disks by index).
+    disk_names: Vec<String>,
 }
 
 /// What `status` shows of a live session.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct LiveView {
     pub(crate) streams: u8,
     pub(crate) lag_seconds: f64,
     /// The agent's latest heartbeat, if one has come.
     pub(crate) heartbeat: Option<Heartbeat>,
+    /// Bytes per second received over the last 10 s.
+    pub(crate) receive_rate: f64,
+    /// Changes are waiting and nothing became durable for the stall time.
+    pub(crate) no_progress: bool,
+    disk_names: Vec<String>,
+}
+
+impl LiveView {
+    /// The index heartbeats give disk `name`.
+    pub(crate) fn disk_index(&self, name: &str) -> Option<usize> {
+        self.disk_names.iter().position(|n| n == name)
+    }
 }
 
 impl Session {
     pub(crate) fn live_view(&self) -> LiveView {
-        let heartbeat = *lock(&self.last_heartbeat);
+        let heartbeat = lock(&self.last_heartbeat).clone();
         let pending = self.pipeline.last_submitted() > self.sealed_through.load(Ordering::Relaxed)
-            || heartbeat.is_some_and(|hb| hb.backlog_bytes > 0);
+            || heartbeat.as_ref().is_some_and(|hb| hb.backlog_bytes > 0);
+        let idle_ms = now_ms().saturating_sub(self.progress_at_ms.load(Ordering::Relaxed));
         let (_, at_ms) = *lock(&self.consistent);
         let since = if at_ms > 0 { at_ms } else { self.started_at_ms };
         LiveView {
@@ -234,7 +269,19 @@ impl Session {
                 0.0
             },
             heartbeat,
+            receive_rate: self.meter.rate.rate(),
+            no_progress: pending && u128::from(idle_ms) > self.stall_after.as_millis(),
+            disk_names: self.disk_names.clone(),
         }
+    }
+
+    /// Tells the agent its new bandwidth limit (bytes per second, 0: unlimited).
+    pub(crate) async fn update_bandwidth(&self, limit: u64) {
+        tracing::info!(bytes_per_second = limit, "bandwidth limit changed");
+        self.broadcast(Frame::SettingsUpdate(blockferry_proto::SettingsUpdate {
+            bandwidth_limit: limit,
+        }))
+        .await;
     }
 
     /// Ends the session for good: the agent was revoked. It hears why, and gives up.
@@ -303,19 +350,45 @@ async fn run_primary(
 
     let catalog = Arc::clone(&ctx.catalog);
     let (identity_c, hello_c, images) = (identity.clone(), hello.clone(), ctx.images_dir.clone());
-    let (durable_epoch, records) = tokio::task::spawn_blocking(move || {
-        catalog.register_session(&identity_c, &hello_c, &images)
-    })
-    .await
-    .map_err(|e| SessionError::Storage(e.to_string()))?
-    .map_err(|e| SessionError::Storage(error_chain(&e)))?;
+    let (previous_agent, durable_epoch, records, settings) =
+        tokio::task::spawn_blocking(move || {
+            let previous_agent = catalog.agent_of(&identity_c.server_id)?;
+            let (epoch, records) = catalog.register_session(&identity_c, &hello_c, &images)?;
+            let settings = catalog.settings_of(&identity_c.server_id)?;
+            Ok::<_, crate::catalog::CatalogError>((previous_agent, epoch, records, settings))
+        })
+        .await
+        .map_err(|e| SessionError::Storage(e.to_string()))?
+        .map_err(|e| SessionError::Storage(error_chain(&e)))?;
+    let started = match previous_agent {
+        None => Some("first_contact"),
+        Some(previous) if previous != identity.agent_id => Some("agent_reinstalled"),
+        Some(_) => None,
+    };
+    if let Some(reason) = started {
+        ctx.events.record(
+            &identity.server_id,
+            crate::events::EventKind::Started,
+            reason,
+            &format!(
+                "agent {} on host {} with {} disk(s)",
+                identity.agent_id,
+                hello.inventory.host_name,
+                hello.disks.len()
+            ),
+        );
+    }
 
     let mut disks = Vec::with_capacity(records.len());
     for record in &records {
         let store = open_store(&record.image, record.size, ctx.engine.clone()).map_err(|e| {
             SessionError::Storage(format!("disk {}: {}", record.name, error_chain(&*e)))
         })?;
-        let disk = StagingDisk::new(record.name.clone(), store);
+        let disk = StagingDisk::new(
+            record.name.clone(),
+            store,
+            ctx.metrics.written(&identity.server_id, &record.name),
+        );
         if record.rescan().is_some() {
             disk.start_rescan(record.rescanned_bytes, record.resent_bytes);
         }
@@ -333,6 +406,7 @@ async fn run_primary(
             disks,
             ctx.settings.in_flight_budget,
             Arc::clone(&ctx.global_budget),
+            ctx.metrics.apply_seconds.clone(),
         )),
         gate: EpochGate::new(streams, next_epoch),
         streams,
@@ -347,6 +421,10 @@ async fn run_primary(
         last_heartbeat: Mutex::new(None),
         series: hello.series,
         sums: Arc::new(tokio::sync::Semaphore::new(SUMS_IN_PARALLEL)),
+        meter: ctx.metrics.server(&identity.server_id),
+        progress_at_ms: AtomicU64::new(now_ms()),
+        stall_after: ctx.settings.stall_after,
+        disk_names: records.iter().map(|r| r.name.clone()).collect(),
     });
     let disk_names: Vec<String> = records.iter().map(|r| r.name.clone()).collect();
 
@@ -354,7 +432,7 @@ async fn run_primary(
         session_id: *session.id.as_bytes(),
         next_epoch,
         settings: Settings {
-            bandwidth_limit: 0,
+            bandwidth_limit: settings.bandwidth_limit(),
             max_streams: streams,
             block_size: 4096,
             alignment: 4096,
@@ -386,12 +464,14 @@ async fn run_primary(
     }
     ctx.registry.publish(&session);
     send(outgoing, Frame::Welcome(welcome)).await?;
+    ctx.metrics.sessions_started.inc();
 
     let worker = tokio::spawn(
         barrier_worker(
             barrier_queue,
             Arc::clone(&session),
             Arc::clone(&ctx.catalog),
+            ctx.metrics.barrier_seconds.clone(),
         )
         .in_current_span(),
     );
@@ -588,6 +668,16 @@ async fn stream_frames(
                     backlog = hb.backlog_bytes,
                     "heartbeat"
                 );
+                if let Some(beat) = hb
+                    .disks
+                    .iter()
+                    .find(|b| usize::from(b.disk) >= pipeline.disks().len())
+                {
+                    return Err(SessionError::Protocol(format!(
+                        "heartbeat names disk index {}, which does not exist",
+                        beat.disk
+                    )));
+                }
                 *lock(&session.last_heartbeat) = Some(hb);
             }
             Some(Frame::Goodbye(bye)) => {
@@ -608,7 +698,8 @@ async fn stream_frames(
                 | Frame::JoinStream(_)
                 | Frame::Durable(_)
                 | Frame::SumReply(_)
-                | Frame::CheckpointSaved(_)),
+                | Frame::CheckpointSaved(_)
+                | Frame::SettingsUpdate(_)),
             ) => {
                 return Err(SessionError::Protocol(format!(
                     "unexpected {} frame during replication",
@@ -813,13 +904,18 @@ async fn barrier_worker(
     mut queue: mpsc::Receiver<Sealed>,
     session: Arc<Session>,
     catalog: Arc<Catalog>,
+    barrier_seconds: prometheus_client::metrics::histogram::Histogram,
 ) -> Result<(), SessionError> {
     while let Some(sealed) = queue.recv().await {
+        let started = std::time::Instant::now();
         if let Err(err) = make_durable(&session, &catalog, &sealed).await {
             session.end.cancel();
             return Err(err);
         }
-        *lock(&session.consistent) = (sealed.epoch, now_ms());
+        barrier_seconds.observe(started.elapsed().as_secs_f64());
+        let at = now_ms();
+        *lock(&session.consistent) = (sealed.epoch, at);
+        session.progress_at_ms.store(at, Ordering::Relaxed);
         // A stream may already be gone: the consistent point is recorded either way.
         session
             .broadcast(Frame::Durable(Durable {
@@ -840,13 +936,27 @@ async fn make_durable(
 ) -> Result<(), SessionError> {
     let pipeline = &session.pipeline;
     pipeline.wait_through(sealed.through).await;
+    let server_id = session.identity.server_id.clone();
     if let Some(failure) = pipeline.failure() {
-        return Err(SessionError::Storage(failure));
+        return Err(stall(catalog, &server_id, failure).await);
     }
-    let flushed = pipeline
-        .flush_all()
-        .await
-        .map_err(|e| SessionError::Storage(error_chain(&e)))?;
+    let flushed = match pipeline.flush_all().await {
+        Ok(flushed) => flushed,
+        Err((disk, err)) => {
+            let failure = crate::apply::StagingFailure {
+                message: format!("disk {disk}: {}", error_chain(&err)),
+                disk,
+                out_of_space: err.is_out_of_space(),
+            };
+            return Err(stall(catalog, &server_id, failure).await);
+        }
+    };
+    let written: Vec<String> = pipeline
+        .disks()
+        .iter()
+        .filter(|d| d.take_wrote())
+        .map(|d| d.name.clone())
+        .collect();
     let evidence = DurableEvidence::new(flushed);
     let progress: Vec<(String, u64)> = sealed
         .progress
@@ -866,10 +976,10 @@ async fn make_durable(
         })
         .collect();
     let catalog = Arc::clone(catalog);
-    let (server_id, epoch) = (session.identity.server_id.clone(), sealed.epoch);
+    let epoch = sealed.epoch;
     let recorded = rescans.clone();
     tokio::task::spawn_blocking(move || {
-        catalog.record_durable(evidence, &server_id, epoch, &progress, &recorded)
+        catalog.record_durable(evidence, &server_id, epoch, &progress, &recorded, &written)
     })
     .await
     .map_err(|e| SessionError::Storage(e.to_string()))?
@@ -888,6 +998,37 @@ async fn make_durable(
     Ok(())
 }
 
+/// Records why a disk cannot make progress, and turns the failure into the session's end:
+/// the agent hears it, keeps its changes, and retries.
+async fn stall(
+    catalog: &Arc<Catalog>,
+    server_id: &str,
+    failure: crate::apply::StagingFailure,
+) -> SessionError {
+    if !failure.out_of_space {
+        return SessionError::Storage(failure.message);
+    }
+    let reason = "staging_full";
+    let (catalog, server, disk) = (
+        Arc::clone(catalog),
+        server_id.to_owned(),
+        failure.disk.clone(),
+    );
+    let recorded =
+        tokio::task::spawn_blocking(move || catalog.mark_stalled(&server, &disk, reason)).await;
+    if !matches!(recorded, Ok(Ok(()))) {
+        tracing::warn!(disk = %failure.disk, "could not record the stall in the catalog");
+    }
+    SessionError::Stalled {
+        disk: failure.disk,
+        reason,
+        message: format!(
+            "the staging file system is full ({}); free space on the receiver",
+            failure.message
+        ),
+    }
+}
+
 fn open_store(
     image: &std::path::Path,
     size: u64,
@@ -904,20 +1045,30 @@ fn open_store(
 struct FrameReader {
     half: ReadHalf<TlsStream<TcpStream>>,
     buf: FrameBuffer,
+    meter: crate::metrics::ServerMeter,
 }
 
 impl FrameReader {
     /// The next frame, or `None` at a clean end of stream.
     async fn next(&mut self) -> Result<Option<Frame>, SessionError> {
         loop {
-            if let Some(frame) = self
-                .buf
-                .next_frame()
-                .map_err(|e| SessionError::Protocol(e.to_string()))?
+            if let Some(frame) = self.buf.next_frame().map_err(|e| match e {
+                blockferry_proto::DecodeError::FieldTooLong {
+                    kind: FrameKind::HELLO,
+                    field: "disks",
+                    len,
+                    max,
+                } => SessionError::Limit(format!(
+                    "a source server replicates at most {max} disks; this agent offered {len}: name at most {max} with --disk"
+                )),
+                e => SessionError::Protocol(e.to_string()),
+            })?
             {
                 return Ok(Some(frame));
             }
             let n = self.half.read(self.buf.spare()).await?;
+            self.meter.received.inc_by(n as u64);
+            self.meter.rate.add(n as u64);
             if n == 0 {
                 if self.buf.buffered() > 0 {
                     return Err(SessionError::Protocol(format!(

@@ -6,8 +6,22 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use blockferry_proto::DiskState;
+
 use crate::catalog::{Catalog, CatalogError, InventoryRecord};
 use crate::registry::SessionRegistry;
+
+/// Every state a disk can be in, as status and metrics name them.
+pub const DISK_STATES: [&str; 8] = [
+    "INITIATING",
+    "INITIAL_SYNC",
+    "CONTINUOUS",
+    "RESCAN",
+    "BACKLOG",
+    "STALLED",
+    "DISCONNECTED",
+    "PAUSED",
+];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StatusReport {
@@ -40,6 +54,18 @@ pub struct ServerStatus {
     pub backlog_bytes: Option<u64>,
     pub agent_rss_bytes: Option<u64>,
     pub agent_cpu_percent: Option<f64>,
+    /// Bytes per second received from the agent over the last 10 s (null when not
+    /// connected).
+    pub receive_rate_bytes_per_second: Option<f64>,
+    /// The bandwidth limit set for this server (`settings set`), megabits per second;
+    /// 0 is unlimited.
+    pub bandwidth_mbps: u64,
+    /// Estimated seconds until every disk is CONTINUOUS: what is left to sync or send,
+    /// at the measured rate (null when unknown: not connected, or nothing measured).
+    pub eta_seconds: Option<f64>,
+    /// Why the server is not replicating, if it is not: `disconnected`, `staging_full`,
+    /// `staging_error`, `no_progress`. Null while it replicates.
+    pub stalled: Option<String>,
     pub inventory: InventoryRecord,
     pub disks: Vec<DiskStatus>,
 }
@@ -51,8 +77,13 @@ pub struct DiskStatus {
     /// Bytes durably replicated (the initial-sync watermark until continuous replication).
     pub replicated_bytes: u64,
     pub sync_watermark: u64,
+    /// One of INITIATING, INITIAL_SYNC, CONTINUOUS, RESCAN, BACKLOG, STALLED,
+    /// DISCONNECTED, PAUSED.
     pub state: String,
     pub reason: String,
+    /// Bytes changed on the source and not yet durable here, from the agent's latest
+    /// heartbeat (null when not connected or before the first).
+    pub backlog_bytes: Option<u64>,
     pub image: String,
     /// Why the disk is being rescanned by checksum (null when it is not): first_contact,
     /// unclean_shutdown, agent_reinstalled, disk_added, disk_resized, state_mismatch,
@@ -74,40 +105,96 @@ impl StatusReport {
         catalog: &Catalog,
         live: Option<&SessionRegistry>,
     ) -> Result<Self, CatalogError> {
+        let (template, own_settings) = catalog.all_settings()?;
         let servers = catalog
             .servers()?
             .into_iter()
             .map(|(server, disks)| {
                 let session = live.and_then(|r| r.session_of(&server.server_id));
                 let view = session.as_ref().map(|s| s.live_view());
-                ServerStatus {
-                    connected: live.is_some_and(|r| r.is_connected(&server.server_id)),
-                    streams: view.map_or(0, |v| v.streams),
-                    lag_seconds: view.map(|v| v.lag_seconds),
-                    backlog_bytes: view.and_then(|v| v.heartbeat).map(|h| h.backlog_bytes),
-                    agent_rss_bytes: view.and_then(|v| v.heartbeat).map(|h| h.rss_bytes),
-                    agent_cpu_percent: view
-                        .and_then(|v| v.heartbeat)
-                        .map(|h| f64::from(h.cpu_permille) / 10.0),
-                    consistent_at: server.consistent_at_ms / 1000,
-                    disks: disks
-                        .into_iter()
-                        .map(|d| DiskStatus {
+                let connected = live.is_some_and(|r| r.is_connected(&server.server_id));
+                let heartbeat = view.as_ref().and_then(|v| v.heartbeat.clone());
+                let disks: Vec<DiskStatus> = disks
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, d)| {
+                        let beat = heartbeat.as_ref().and_then(|h| {
+                            let position = view.as_ref()?.disk_index(&d.name).unwrap_or(index);
+                            h.disks
+                                .iter()
+                                .find(|b| usize::from(b.disk) == position)
+                                .copied()
+                        });
+                        let (state, reason) = effective_state(
+                            &d,
+                            connected,
+                            view.as_ref().is_some_and(|v| v.no_progress),
+                            beat.map(|b| b.state),
+                        );
+                        DiskStatus {
                             replicated_bytes: d.sync_watermark,
                             sync_watermark: d.sync_watermark,
                             image: d.image.display().to_string(),
+                            backlog_bytes: beat.map(|b| b.backlog_bytes),
+                            state,
+                            reason,
                             name: d.name,
                             size: d.size,
-                            state: d.state,
-                            reason: d.reason,
                             rescan_reason: (!d.rescan_reason.is_empty()).then_some(d.rescan_reason),
                             rescan_requested: d.rescan_requested,
                             last_rescan_reason: (!d.last_rescan_reason.is_empty())
                                 .then_some(d.last_rescan_reason),
                             rescanned_bytes: d.rescanned_bytes,
                             resent_bytes: d.resent_bytes,
-                        })
-                        .collect(),
+                        }
+                    })
+                    .collect();
+                let rate = view.as_ref().map(|v| v.receive_rate);
+                let backlog_bytes = heartbeat.as_ref().map(|h| h.backlog_bytes);
+                let stalled = if !connected {
+                    Some("disconnected".to_owned())
+                } else {
+                    disks
+                        .iter()
+                        .find(|d| d.state == "STALLED")
+                        .map(|d| d.reason.clone())
+                };
+                // What is left: unsynced bytes, what is being rescanned, and the backlog.
+                let left: u64 = disks
+                    .iter()
+                    .map(|d| {
+                        let unsynced = d.size.saturating_sub(d.replicated_bytes);
+                        let rescan = if d.rescan_reason.is_some() {
+                            d.size.saturating_sub(d.rescanned_bytes)
+                        } else {
+                            0
+                        };
+                        unsynced.max(rescan)
+                    })
+                    .sum::<u64>()
+                    + backlog_bytes.unwrap_or(0);
+                let eta_seconds = match rate {
+                    _ if left == 0 && connected => Some(0.0),
+                    Some(rate) if rate > 0.0 => Some(left as f64 / rate),
+                    _ => None,
+                };
+                let settings = own_settings
+                    .iter()
+                    .find(|(id, _)| *id == server.server_id)
+                    .map_or(template, |(_, s)| *s);
+                ServerStatus {
+                    connected,
+                    streams: view.as_ref().map_or(0, |v| v.streams),
+                    lag_seconds: view.as_ref().map(|v| v.lag_seconds),
+                    backlog_bytes,
+                    agent_rss_bytes: heartbeat.as_ref().map(|h| h.rss_bytes),
+                    agent_cpu_percent: heartbeat.as_ref().map(|h| f64::from(h.cpu_permille) / 10.0),
+                    receive_rate_bytes_per_second: rate,
+                    bandwidth_mbps: settings.bandwidth_mbps,
+                    eta_seconds,
+                    stalled,
+                    consistent_at: server.consistent_at_ms / 1000,
+                    disks,
                     server_id: server.server_id,
                     agent_id: server.agent_id,
                     agent_version: server.agent_version,
@@ -121,48 +208,57 @@ impl StatusReport {
         Ok(Self { servers })
     }
 
-    /// A table for people.
+    /// A table for people: a line per server, then its disks.
     pub fn render_table(&self) -> String {
         if self.servers.is_empty() {
             return "no source servers have connected yet\n".to_owned();
         }
         let mut out = String::new();
         for s in &self.servers {
+            let host = if s.inventory.host_name.is_empty() {
+                "-"
+            } else {
+                &s.inventory.host_name
+            };
+            let lag = s.lag_seconds.map_or("-".to_owned(), |l| format!("{l:.1}s"));
+            let rate = s
+                .receive_rate_bytes_per_second
+                .map_or("-".to_owned(), |r| format!("{}/s", human_bytes(r as u64)));
+            let eta = s.eta_seconds.map_or("-".to_owned(), duration);
+            let limit = if s.bandwidth_mbps == 0 {
+                "unlimited".to_owned()
+            } else {
+                format!("{} Mbit/s", s.bandwidth_mbps)
+            };
             let _ = writeln!(
                 out,
-                "server {}  host {}  agent {}  {}",
+                "server {}  host {host}  agent {}  {}",
                 s.server_id,
-                if s.inventory.host_name.is_empty() {
-                    "-"
-                } else {
-                    &s.inventory.host_name
-                },
                 s.agent_id,
-                if s.connected {
-                    "connected"
-                } else {
-                    "not connected"
+                match &s.stalled {
+                    None => "replicating".to_owned(),
+                    Some(reason) => format!("stalled: {reason}"),
                 }
             );
             let _ = writeln!(
                 out,
-                "  {:<16} {:>12} {:>12} {:>7}  {:<14} {:<22} IMAGE",
-                "DISK", "SIZE", "REPLICATED", "PCT", "STATE", "REASON"
+                "  lag {lag}  rate {rate}  limit {limit}  eta {eta}  backlog {}",
+                s.backlog_bytes.map_or("-".to_owned(), human_bytes)
+            );
+            let _ = writeln!(
+                out,
+                "  {:<16} {:<13} {:>7} {:>12} {:>12} {:<24} IMAGE",
+                "DISK", "STATE", "PCT", "SIZE", "BACKLOG", "REASON"
             );
             for d in &s.disks {
-                let pct = if d.size == 0 {
-                    100.0
-                } else {
-                    d.replicated_bytes as f64 * 100.0 / d.size as f64
-                };
                 let _ = writeln!(
                     out,
-                    "  {:<16} {:>12} {:>12} {:>6.1}%  {:<14} {:<22} {}",
+                    "  {:<16} {:<13} {:>6.1}% {:>12} {:>12} {:<24} {}",
                     d.name,
-                    human_bytes(d.size),
-                    human_bytes(d.replicated_bytes),
-                    pct,
                     d.state,
+                    d.progress_percent(),
+                    human_bytes(d.size),
+                    d.backlog_bytes.map_or("-".to_owned(), human_bytes),
                     d.reason,
                     d.image
                 );
@@ -170,6 +266,58 @@ impl StatusReport {
         }
         out
     }
+}
+
+/// Seconds as `1h02m`, `3m05s` or `12s`.
+fn duration(secs: f64) -> String {
+    let secs = secs.round() as u64;
+    match secs {
+        s if s >= 3600 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        s if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{s}s"),
+    }
+}
+
+impl DiskStatus {
+    /// Initial sync progress, 0 to 100.
+    pub fn progress_percent(&self) -> f64 {
+        if self.size == 0 {
+            100.0
+        } else {
+            self.replicated_bytes as f64 * 100.0 / self.size as f64
+        }
+    }
+}
+
+/// The state a disk is in now: what the catalog recorded, refined by what only the live
+/// session knows. In order: a staging failure stalls the disk whatever else holds; a
+/// disk without a session is DISCONNECTED; a session without durable progress while
+/// changes wait is STALLED; a disk whose first bytes are not durable yet is INITIATING;
+/// an initial sync or rescan shows as such; a disk whose changes outrun the link (the
+/// agent re-reads them from the volume) is in BACKLOG.
+fn effective_state(
+    disk: &crate::catalog::DiskRecord,
+    connected: bool,
+    no_progress: bool,
+    agent_view: Option<DiskState>,
+) -> (String, String) {
+    let recorded = disk.disk_state();
+    let (state, reason) = if !disk.stall.is_empty() {
+        (DiskState::STALLED, disk.stall.as_str())
+    } else if !connected {
+        (DiskState::DISCONNECTED, disk.reason.as_str())
+    } else if no_progress {
+        (DiskState::STALLED, "no_progress")
+    } else if recorded == DiskState::INITIAL_SYNC && disk.sync_watermark == 0 {
+        (DiskState::INITIATING, disk.reason.as_str())
+    } else if recorded != DiskState::CONTINUOUS {
+        (recorded, disk.reason.as_str())
+    } else if agent_view == Some(DiskState::BACKLOG) {
+        (DiskState::BACKLOG, "changes_above_bandwidth")
+    } else {
+        (recorded, disk.reason.as_str())
+    };
+    (state.name().to_owned(), reason.to_owned())
 }
 
 pub fn human_bytes(n: u64) -> String {

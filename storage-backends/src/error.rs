@@ -43,3 +43,13 @@ impl StoreError {
         matches!(self, Self::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC))
     }
 }
+
+impl StoreError {
+    /// Whether the staging file system (or device) ran out of space: the disk stalls
+    /// until space returns, rather than failing for good.
+    pub fn is_out_of_space(&self) -> bool {
+        matches!(self, Self::Io { source, .. } if source.kind() == io::ErrorKind::StorageFull
+            || source.raw_os_error() == Some(libc::ENOSPC)
+            || source.raw_os_error() == Some(libc::EDQUOT))
+    }
+}

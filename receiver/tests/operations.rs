@@ -1,0 +1,566 @@
+//! Operations: the metrics page (checked by promtool, every metric updated), the states a
+//! disk goes through, server events, a full staging file system, the bandwidth limit
+//! (template and per server, changed live), and the product's limits.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blockferry_agent::{Agent, AgentStats};
+use blockferry_proto::{DiskSpec, Frame, Hello};
+use blockferry_receiver::events::{Event, EventKind};
+use blockferry_receiver::{Receiver, ReceiverConfig};
+use common::*;
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
+
+fn cli(data: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_blockferry-receiver"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn agent_bin() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_BIN_EXE_blockferry-receiver"))
+        .with_file_name("blockferry-agent")
+}
+
+/// The agent binary replicating `image` as disk `d0`, until killed.
+fn spawn_agent(receiver: &Receiver, creds: &Path, image: &Path) -> Child {
+    Command::new(agent_bin())
+        .args(["run", "--progress", "quiet", "--receiver"])
+        .arg(receiver.local_addr().to_string())
+        .arg("--credentials")
+        .arg(creds)
+        .arg("--disk")
+        .arg(format!("d0={}", image.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the agent binary is built with the workspace (cargo test --workspace)")
+}
+
+async fn scrape(receiver: &Receiver) -> String {
+    use tokio::io::AsyncReadExt;
+    let addr = receiver.metrics_addr().expect("metrics enabled");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    body.to_owned()
+}
+
+/// The value of the sample of `name` whose labels include every one of `labels`.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let rest = series.strip_prefix(name)?;
+        if !(rest.is_empty() || rest.starts_with('{')) {
+            return None;
+        }
+        labels
+            .iter()
+            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+            .then(|| value.parse().ok())?
+    })
+}
+
+/// The state whose `blockferry_disk_state` series is 1.
+fn state_of(text: &str, server: &str, disk: &str) -> Option<String> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix("blockferry_disk_state{")?;
+        if !line.ends_with(" 1")
+            || !rest.contains(&format!("server=\"{server}\""))
+            || !rest.contains(&format!("disk=\"{disk}\""))
+        {
+            return None;
+        }
+        let state = rest.split("state=\"").nth(1)?.split('"').next()?;
+        Some(state.to_owned())
+    })
+}
+
+/// Every family the page declares has samples, and every counter and histogram has
+/// counted something: a metric nothing updates is a metric that lies.
+fn assert_every_metric_updated(text: &str) {
+    let mut families = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            families.push((name.to_owned(), kind.to_owned()));
+        }
+    }
+    assert!(families.len() > 25, "only {} families", families.len());
+    for (name, kind) in &families {
+        let values: Vec<f64> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let metric = series.split('{').next()?;
+                let belongs = match kind.as_str() {
+                    "histogram" => metric == format!("{name}_count"),
+                    _ => metric == name,
+                };
+                belongs.then(|| value.parse::<f64>().ok()).flatten()
+            })
+            .collect();
+        assert!(!values.is_empty(), "{name} ({kind}) has no samples");
+        if kind == "counter" || kind == "histogram" {
+            assert!(
+                values.iter().any(|&v| v > 0.0),
+                "{name} ({kind}) was never updated"
+            );
+        }
+    }
+}
+
+fn promtool_check_metrics(text: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is needed: apt-get install prometheus (.ci/run installs it)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn wait_for<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn event_index(events: &[Event], server: &str, kind: EventKind, reason: &str) -> Option<usize> {
+    events
+        .iter()
+        .position(|e| e.server_id == server && e.event == kind && e.reason == reason)
+}
+
+fn ops_config(data: &Path) -> ReceiverConfig {
+    let mut config = receiver_config(data);
+    config.metrics = Some("127.0.0.1:0".parse().unwrap());
+    config.control = Some("127.0.0.1:0".parse().unwrap());
+    config.heartbeat_interval = Duration::from_millis(500);
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_rises_to_100_states_follow_and_a_killed_agent_stalls_then_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let receiver = Receiver::start(ops_config(&data)).await.unwrap();
+
+    // The template limit makes a 64 MiB sync take seconds: long enough to watch.
+    let out = cli(
+        &data,
+        &["settings", "set", "--default", "--bandwidth-mbps", "160"],
+    );
+    assert!(out.contains("template"), "{out}");
+
+    // A refused connection and a session error, so that those counters count.
+    let mut plain = tokio::net::TcpStream::connect(receiver.local_addr())
+        .await
+        .unwrap();
+    plain.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    wait_for("the plaintext refusal", Duration::from_secs(10), || {
+        (receiver
+            .refusals()
+            .get(blockferry_receiver::tls::RefusalReason::NotTls)
+            > 0)
+        .then_some(())
+    })
+    .await;
+    let intruder = credentials(&data, "intruder", &dir.path().join("intruder"));
+    let mut raw = RawStream::connect(receiver.local_addr(), &intruder).await;
+    raw.send(&raw_hello(1 << 20, 1)).await;
+    assert!(matches!(raw.next().await, Some(Frame::Welcome(_))));
+    raw.send(&Frame::Write(blockferry_proto::Write {
+        header: blockferry_proto::WriteHeader {
+            disk: 0,
+            offset: 1 << 20,
+            len: 4096,
+            epoch: 1,
+            flags: blockferry_proto::WriteFlags::default(),
+        },
+        data: vec![1; 4096],
+    }))
+    .await;
+    assert!(matches!(raw.next().await, Some(Frame::Error(_))));
+
+    let creds = dir.path().join("creds");
+    credentials(&data, "srv", &creds);
+    let (source, _) = image(dir.path(), "src.img", 64 << 20, 1.0, 1 << 20, 7);
+    let mut agent = spawn_agent(&receiver, &creds, &source);
+
+    let mut ratios = Vec::new();
+    let mut states: Vec<String> = Vec::new();
+    let mut checked_mid_sync = false;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let last_page = loop {
+        let text = scrape(&receiver).await;
+        if let Some(ratio) = sample(
+            &text,
+            "blockferry_disk_sync_progress_ratio",
+            &[("server", "srv"), ("disk", "d0")],
+        ) {
+            ratios.push(ratio);
+            if ratio > 0.0 && ratio < 1.0 && !checked_mid_sync {
+                promtool_check_metrics(&text);
+                checked_mid_sync = true;
+            }
+        }
+        if let Some(state) = state_of(&text, "srv", "d0")
+            && states.last() != Some(&state)
+        {
+            states.push(state);
+        }
+        if states.last().map(String::as_str) == Some("CONTINUOUS") && ratios.last() == Some(&1.0) {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no CONTINUOUS: states {states:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        checked_mid_sync,
+        "never saw the sync in progress: {ratios:?}"
+    );
+    assert!(
+        ratios.windows(2).all(|w| w[0] <= w[1]),
+        "progress went back: {ratios:?}"
+    );
+    let order = ["INITIATING", "INITIAL_SYNC", "CONTINUOUS"];
+    let positions: Vec<usize> = states
+        .iter()
+        .map(|s| {
+            order
+                .iter()
+                .position(|o| o == s)
+                .unwrap_or_else(|| panic!("unexpected state {s} in {states:?}"))
+        })
+        .collect();
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]) && states.contains(&"INITIAL_SYNC".to_owned()),
+        "{states:?}"
+    );
+    // Heartbeats have come (agent figures), the template's limit applies, and every
+    // declared metric has been updated.
+    let text = loop {
+        let text = scrape(&receiver).await;
+        if sample(
+            &text,
+            "blockferry_agent_resident_memory_bytes",
+            &[("server", "srv")],
+        )
+        .is_some()
+            && sample(&text, "blockferry_disk_backlog_bytes", &[("server", "srv")]).is_some()
+        {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    drop(last_page);
+    assert_eq!(
+        sample(
+            &text,
+            "blockferry_server_bandwidth_limit_bytes_per_second",
+            &[("server", "srv")]
+        ),
+        Some(20e6)
+    );
+    assert!(
+        sample(&text, "blockferry_written_bytes_total", &[("disk", "d0")]).unwrap()
+            >= (64 << 20) as f64
+    );
+    assert_every_metric_updated(&text);
+    promtool_check_metrics(&text);
+    assert_identical(&source, &staging_image(&data, "srv", "d0"));
+
+    // Killed: the disk is DISCONNECTED and the server stalled; back: resumed.
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    wait_for(
+        "DISCONNECTED and a stalled event",
+        Duration::from_secs(15),
+        || {
+            let status = receiver.status().unwrap();
+            let srv = status.servers.iter().find(|s| s.server_id == "srv")?;
+            let events = receiver.events().unwrap();
+            (srv.disks[0].state == "DISCONNECTED"
+                && event_index(&events, "srv", EventKind::Stalled, "disconnected").is_some())
+            .then_some(())
+        },
+    )
+    .await;
+    let mut agent = spawn_agent(&receiver, &creds, &source);
+    let events = wait_for("a resumed event", Duration::from_secs(30), || {
+        let events = receiver.events().unwrap();
+        event_index(&events, "srv", EventKind::Resumed, "reconnected").map(|_| events)
+    })
+    .await;
+    let started = event_index(&events, "srv", EventKind::Started, "first_contact").unwrap();
+    let stalled = event_index(&events, "srv", EventKind::Stalled, "disconnected").unwrap();
+    let resumed = event_index(&events, "srv", EventKind::Resumed, "reconnected").unwrap();
+    assert!(started < stalled && stalled < resumed, "{events:?}");
+
+    // The same events through the control API, and in the data dir's file.
+    let control = receiver.control_addr().unwrap();
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    let out = Command::new("curl")
+        .args(["-s", "--cacert"])
+        .arg(data.join("pki/ca.crt"))
+        .arg("--resolve")
+        .arg(format!("blockferry-receiver:{}:127.0.0.1", control.port()))
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {}", token.trim()))
+        .arg(format!(
+            "https://blockferry-receiver:{}/v1/events?server=srv",
+            control.port()
+        ))
+        .output()
+        .expect("curl is needed (.ci/run installs it)");
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kinds: Vec<&str> = body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(&kinds[..3], ["started", "stalled", "resumed"], "{body}");
+    let file = std::fs::read_to_string(data.join("events.jsonl")).unwrap();
+    assert!(file.lines().count() >= 3);
+
+    // The table shows the same server.
+    let table = receiver.status().unwrap().render_table();
+    assert!(table.contains("srv") && table.contains("d0"), "{table}");
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    receiver.shutdown().await;
+}
+
+/// Samples the bytes received from `srv` every 100 ms until `until` after `started`.
+async fn sample_for(
+    receiver: &Receiver,
+    samples: &mut Vec<(Instant, u64)>,
+    started: Instant,
+    until: Duration,
+) {
+    while started.elapsed() < until {
+        samples.push((Instant::now(), receiver.received_bytes("srv")));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Rate over the window `[from, to]` of `(instant, bytes so far)` samples.
+fn rate(samples: &[(Instant, u64)], from: Instant, to: Instant) -> f64 {
+    let at = |t: Instant| {
+        samples
+            .iter()
+            .min_by_key(|(i, _)| if *i > t { *i - t } else { t - *i })
+            .unwrap()
+    };
+    let (a, b) = (at(from), at(to));
+    (b.1 - a.1) as f64 / (b.0 - a.0).as_secs_f64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bandwidth_limit_holds_over_10_s_windows_and_changes_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let receiver = Receiver::start(ops_config(&data)).await.unwrap();
+    // Set before the server ever connects: its own setting wins over the template.
+    cli(
+        &data,
+        &["settings", "set", "--default", "--bandwidth-mbps", "8"],
+    );
+    let out = cli(
+        &data,
+        &[
+            "settings",
+            "set",
+            "--server",
+            "srv",
+            "--bandwidth-mbps",
+            "40",
+        ],
+    );
+    assert!(out.contains("when its agent connects"), "{out}");
+
+    let creds = credentials(&data, "srv", &dir.path().join("creds"));
+    let (source, _) = image(dir.path(), "src.img", 320 << 20, 1.0, 1 << 20, 9);
+    let volumes = vec![volume("d0", &source)];
+    let config = agent_config(receiver.local_addr(), creds);
+    let agent = Agent::new(&volumes);
+    let stats: std::sync::Arc<AgentStats> = std::sync::Arc::clone(agent.stats());
+    let stop = CancellationToken::new();
+    let run = {
+        let (config, volumes, stop) = (config.clone(), volumes.clone(), stop.clone());
+        tokio::spawn(async move { agent.run(&config, &volumes, stop).await })
+    };
+
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    sample_for(&receiver, &mut samples, started, Duration::from_secs(14)).await;
+    // 40 Mbit/s is 5 MB/s; from 2 s on (connected, past the first burst), every 10 s
+    // window stays within 10%.
+    let limit = 5e6;
+    let mut t = started + Duration::from_secs(2);
+    while t + Duration::from_secs(10) <= started + Duration::from_secs(14) {
+        let measured = rate(&samples, t, t + Duration::from_secs(10));
+        assert!(
+            (measured - limit).abs() <= 0.1 * limit,
+            "{measured:.0} B/s over a 10 s window at a limit of {limit} B/s"
+        );
+        t += Duration::from_millis(500);
+    }
+    let status = receiver.status().unwrap();
+    let measured = status.servers[0].receive_rate_bytes_per_second.unwrap();
+    assert!(
+        (measured - limit).abs() <= 0.1 * limit,
+        "the receiver measures {measured} B/s"
+    );
+
+    // Live: no reconnect, and the new rate within 2 s.
+    let changed_at = Instant::now();
+    let out = cli(
+        &data,
+        &[
+            "settings",
+            "set",
+            "--server",
+            "srv",
+            "--bandwidth-mbps",
+            "80",
+        ],
+    );
+    assert!(out.contains("applied to its agent now"), "{out}");
+    sample_for(&receiver, &mut samples, started, Duration::from_secs(27)).await;
+    let limit = 10e6;
+    let after = rate(
+        &samples,
+        changed_at + Duration::from_secs(2),
+        changed_at + Duration::from_secs(12),
+    );
+    assert!(
+        (after - limit).abs() <= 0.1 * limit,
+        "{after:.0} B/s in the 10 s from 2 s after the change to 80 Mbit/s"
+    );
+    let first_second = rate(
+        &samples,
+        changed_at + Duration::from_secs(1),
+        changed_at + Duration::from_secs(2),
+    );
+    assert!(
+        first_second > 0.8 * limit,
+        "{first_second:.0} B/s between 1 and 2 s after the change"
+    );
+    assert_eq!(
+        stats.sessions.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "the change must not need a reconnect"
+    );
+    let shown = cli(&data, &["settings", "show"]);
+    assert!(
+        shown.contains("(template)") && shown.contains("8 Mbit/s") && shown.contains("80 Mbit/s"),
+        "{shown}"
+    );
+    stop.cancel();
+    let _ = run.await;
+    receiver.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_51st_disk_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let receiver = start_receiver(&data).await;
+    let creds = credentials(&data, "many", &dir.path().join("creds"));
+    let disks: Vec<DiskSpec> = (0..50)
+        .map(|i| DiskSpec {
+            name: format!("d{i:02}"),
+            size: 1 << 20,
+        })
+        .collect();
+    let hello = Frame::Hello(Hello {
+        agent_version: "raw".into(),
+        inventory: blockferry_proto::Inventory::default(),
+        disks,
+        streams: 1,
+        series: [1; 16],
+        resume: blockferry_proto::ResumeClaim::Live,
+    });
+    // No encoder writes 51 disks: patch the count and append one more.
+    let mut bytes = hello.to_bytes();
+    let first = [&[0u8, 3][..], b"d00"].concat();
+    let at = bytes
+        .windows(first.len())
+        .position(|w| w == first.as_slice())
+        .unwrap();
+    assert_eq!(&bytes[at - 2..at], &[0, 50]);
+    bytes[at - 1] = 51;
+    let last = [&[0u8, 3][..], b"d49"].concat();
+    let end = bytes
+        .windows(last.len())
+        .position(|w| w == last.as_slice())
+        .unwrap()
+        + last.len()
+        + 8;
+    let extra = [&[0u8, 3][..], b"d50", &(1u64 << 20).to_be_bytes()].concat();
+    bytes.splice(end..end, extra.iter().copied());
+    let len = u32::try_from(bytes.len() - blockferry_proto::FRAME_HEADER_LEN).unwrap();
+    bytes[4..8].copy_from_slice(&len.to_be_bytes());
+
+    let mut raw = RawStream::connect(receiver.local_addr(), &creds).await;
+    raw.send_bytes(&bytes).await;
+    match raw.next().await {
+        Some(Frame::Error(err)) => {
+            assert_eq!(err.code, blockferry_proto::ErrorCode::LIMIT);
+            assert!(
+                err.message.contains("at most 50 disks") && err.message.contains("51"),
+                "{}",
+                err.message
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(receiver.status().unwrap().servers.is_empty());
+    receiver.shutdown().await;
+}
