@@ -151,14 +151,13 @@ impl StatusReport {
                     .collect();
                 let rate = view.as_ref().map(|v| v.receive_rate);
                 let backlog_bytes = heartbeat.as_ref().map(|h| h.backlog_bytes);
-                let stalled = if !connected {
-                    Some("disconnected".to_owned())
-                } else {
-                    disks
-                        .iter()
-                        .find(|d| d.state == "STALLED")
-                        .map(|d| d.reason.clone())
-                };
+                // A staging failure outranks a disconnection: the agent reconnects and
+                // fails again until space returns, which is the news.
+                let stalled = disks
+                    .iter()
+                    .find(|d| d.state == "STALLED")
+                    .map(|d| d.reason.clone())
+                    .or_else(|| (!connected).then(|| "disconnected".to_owned()));
                 // What is left: unsynced bytes, what is being rescanned, and the backlog.
                 let left: u64 = disks
                     .iter()

@@ -564,3 +564,93 @@ async fn a_51st_disk_is_refused_clearly() {
     assert!(receiver.status().unwrap().servers.is_empty());
     receiver.shutdown().await;
 }
+
+/// A tmpfs mounted for the test, unmounted when dropped.
+struct Mount(std::path::PathBuf);
+
+impl Mount {
+    fn tmpfs(at: &Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(at).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(at)
+            .stderr(Stdio::null())
+            .status()
+            .ok()?;
+        status.success().then(|| Self(at.to_owned()))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_staging_file_system_stalls_the_disk_loses_nothing_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    // Only the staging images live on the small file system; the catalog does not.
+    let Some(_mount) = Mount::tmpfs(&data.join("images"), "40m") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root and mount rights)");
+        return;
+    };
+    let filler = data.join("images/filler");
+    std::fs::write(&filler, vec![0x55u8; 32 << 20]).unwrap();
+    let receiver = Receiver::start(ops_config(&data)).await.unwrap();
+    let creds = credentials(&data, "srv", &dir.path().join("creds"));
+    let (source, _) = image(dir.path(), "src.img", 24 << 20, 1.0, 1 << 20, 11);
+    let volumes = vec![volume("d0", &source)];
+    let mut config = agent_config(receiver.local_addr(), creds);
+    config.exit_when_synced = false;
+    let agent = Agent::new(&volumes);
+    let stats = std::sync::Arc::clone(agent.stats());
+    let stop = CancellationToken::new();
+    let run = {
+        let (config, volumes, stop) = (config.clone(), volumes.clone(), stop.clone());
+        tokio::spawn(async move { agent.run(&config, &volumes, stop).await })
+    };
+
+    let stalled = wait_for("STALLED staging_full", Duration::from_secs(60), || {
+        let status = receiver.status().unwrap();
+        let server = status.servers.iter().find(|s| s.server_id == "srv")?;
+        let events = receiver.events().unwrap();
+        (server.disks[0].state == "STALLED"
+            && server.disks[0].reason == "staging_full"
+            && server.stalled.as_deref() == Some("staging_full")
+            && event_index(&events, "srv", EventKind::Stalled, "staging_full").is_some())
+        .then(|| server.disks[0].clone())
+    })
+    .await;
+    assert!(!run.is_finished(), "the agent gave up on a full staging disk");
+    // What was acknowledged is in place, however full the disk.
+    let watermark = stalled.sync_watermark;
+    assert!(watermark < 24 << 20);
+    let staged = std::fs::read(staging_image(&data, "srv", "d0")).unwrap();
+    let original = std::fs::read(&source).unwrap();
+    assert!(
+        staged[..watermark as usize] == original[..watermark as usize],
+        "acknowledged data below the watermark {watermark} differs"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    wait_synced(&stats).await;
+    assert!(stats.sessions.load(std::sync::atomic::Ordering::Relaxed) > 1);
+    assert_identical(&source, &staging_image(&data, "srv", "d0"));
+    wait_for("a resumed event", Duration::from_secs(10), || {
+        let events = receiver.events().unwrap();
+        let stalled = event_index(&events, "srv", EventKind::Stalled, "staging_full")?;
+        let resumed = events
+            .iter()
+            .position(|e| e.server_id == "srv" && e.event == EventKind::Resumed)?;
+        (stalled < resumed).then_some(())
+    })
+    .await;
+    let status = receiver.status().unwrap();
+    assert_ne!(status.servers[0].disks[0].state, "STALLED");
+    assert_eq!(status.servers[0].stalled, None);
+    stop.cancel();
+    let _ = run.await;
+    receiver.shutdown().await;
+}
