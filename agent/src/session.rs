@@ -425,8 +425,16 @@ impl Session<'_> {
         let capture = Arc::clone(self.capture);
         let mut to_sync = VecDeque::new();
         let mut rescans = Vec::new();
+        let mut queued = 0usize;
         for (index, (volume, resume)) in self.volumes.iter().zip(&welcome.disks).enumerate() {
-            if resume.rescan.is_some() && resume.sync_watermark > 0 {
+            // Waiting for one of the receiver's sync slots: changes below the watermark
+            // flow as usual; the sync or rescan starts in a later session.
+            let waits = resume.state == DiskState::QUEUED;
+            if waits {
+                queued += 1;
+                tracing::info!(disk = %volume.name, "queued at the receiver for an initial sync or rescan slot");
+            }
+            if resume.rescan.is_some() && resume.sync_watermark > 0 && !waits {
                 tracing::info!(
                     disk = %volume.name,
                     reason = %resume.rescan,
@@ -446,7 +454,9 @@ impl Session<'_> {
             if resume.sync_watermark < volume.size {
                 // Changes above the watermark wait for the sync to send past them.
                 capture.set_sync_sent(index, resume.sync_watermark);
-                to_sync.push_back((index, resume.sync_watermark));
+                if !waits {
+                    to_sync.push_back((index, resume.sync_watermark));
+                }
             } else {
                 capture.set_sync_sent(index, u64::MAX);
             }
@@ -526,7 +536,7 @@ impl Session<'_> {
                 continue;
             }
 
-            if !self.sync_done && self.durable_epoch >= last_sync_epoch {
+            if !self.sync_done && queued == 0 && self.durable_epoch >= last_sync_epoch {
                 self.sync_done = true;
                 tracing::info!("every disk's initial sync is durable at the receiver");
                 self.update_synced();

@@ -333,6 +333,9 @@ impl DiskState {
     pub const STALLED: Self = Self(5);
     pub const DISCONNECTED: Self = Self(6);
     pub const PAUSED: Self = Self(7);
+    /// Waiting for one of the receiver's initial-sync/rescan slots: the agent sends the
+    /// disk's changes below its watermark but neither syncs nor rescans it this session.
+    pub const QUEUED: Self = Self(8);
 
     pub fn name(self) -> &'static str {
         match self {
@@ -344,6 +347,7 @@ impl DiskState {
             Self::STALLED => "STALLED",
             Self::DISCONNECTED => "DISCONNECTED",
             Self::PAUSED => "PAUSED",
+            Self::QUEUED => "QUEUED",
             _ => "UNKNOWN",
         }
     }

@@ -43,6 +43,8 @@ pub(crate) struct StagingDisk {
     written: Counter,
     /// Whether a write has completed since the last durable epoch took stock.
     wrote: std::sync::atomic::AtomicBool,
+    /// Waiting for a sync slot: initial-sync writes are refused this session.
+    pub(crate) queued: std::sync::atomic::AtomicBool,
 }
 
 impl StagingDisk {
@@ -52,6 +54,7 @@ impl StagingDisk {
             store,
             written,
             wrote: std::sync::atomic::AtomicBool::new(false),
+            queued: std::sync::atomic::AtomicBool::new(false),
             in_flight: Mutex::new(BTreeMap::new()),
             range_released: Notify::new(),
             rescanning: std::sync::atomic::AtomicBool::new(false),

@@ -602,8 +602,10 @@ impl Catalog {
         progress: &[(String, u64)],
         rescans: &[RescanProgress],
         written: &[String],
-    ) -> Result<(), CatalogError> {
+    ) -> Result<Vec<String>, CatalogError> {
         let txn = self.db.begin_write()?;
+        // Disks whose initial sync or rescan this epoch completed.
+        let mut completed = Vec::new();
         {
             let mut servers = txn.open_table(SERVERS)?;
             let server = match servers.get(server_id)? {
@@ -632,6 +634,7 @@ impl Catalog {
                 if disk.sync_complete() {
                     if disk.rescan_reason.is_empty() {
                         disk.set_state(DiskState::CONTINUOUS, "initial_sync_complete");
+                        completed.push(disk.name.clone());
                     } else {
                         let reason = disk.rescan_reason.clone();
                         disk.set_state(DiskState::RESCAN, &reason);
@@ -652,6 +655,7 @@ impl Catalog {
                     disk.rescan_reason.clear();
                     if disk.sync_complete() {
                         disk.set_state(DiskState::CONTINUOUS, "rescan_complete");
+                        completed.push(disk.name.clone());
                     }
                 }
                 disks.insert(key, encode(&disk).as_slice())?;
@@ -670,7 +674,7 @@ impl Catalog {
             }
         }
         txn.commit()?;
-        Ok(())
+        Ok(completed)
     }
 
     /// Records that a disk cannot make progress for `reason` (e.g. `staging_full`), until

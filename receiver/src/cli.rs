@@ -64,6 +64,10 @@ pub enum Command {
         /// STALLED (reason no_progress).
         #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(5..=86400))]
         stall_after_secs: u64,
+        /// Initial syncs and rescans running at once, all servers together; more wait as
+        /// QUEUED. 0 is unlimited.
+        #[arg(long, default_value_t = 0)]
+        max_concurrent_syncs: usize,
     },
     /// Enrollment tokens for new agents.
     #[command(subcommand)]
@@ -270,6 +274,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             agent_cert_hours,
             metrics,
             stall_after_secs,
+            max_concurrent_syncs,
         } => {
             if barrier_interval_mib == 0 {
                 bail!("--barrier-interval-mib must be at least 1");
@@ -284,6 +289,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             config.agent_cert_lifetime = std::time::Duration::from_secs(agent_cert_hours * 3600);
             config.metrics = metrics.0;
             config.stall_after = std::time::Duration::from_secs(stall_after_secs);
+            config.max_concurrent_syncs = max_concurrent_syncs;
             let receiver = Receiver::start(config).await?;
             wait_for_signal().await;
             tracing::info!("shutting down: finishing sessions");

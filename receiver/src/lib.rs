@@ -16,6 +16,7 @@ mod registry;
 pub mod revocation;
 mod server;
 mod session;
+mod slots;
 pub mod status;
 pub mod tls;
 

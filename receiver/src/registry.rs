@@ -18,6 +18,8 @@ pub(crate) struct SessionRegistry {
     live: Mutex<HashMap<String, LiveSession>>,
     /// Sessions that streams may join, by session id.
     joinable: Mutex<HashMap<Uuid, Weak<Session>>>,
+    /// Initial-sync and rescan slots.
+    pub(crate) slots: crate::slots::SyncSlots,
 }
 
 #[derive(Debug, Clone)]
@@ -29,6 +31,32 @@ struct LiveSession {
 }
 
 impl SessionRegistry {
+    /// A registry whose receiver runs at most `max_syncs` initial syncs and rescans at
+    /// once (0: no limit).
+    pub(crate) fn new(max_syncs: usize) -> Self {
+        Self {
+            slots: crate::slots::SyncSlots::new(max_syncs),
+            ..Self::default()
+        }
+    }
+
+    /// Restarts the sessions of the servers whose disks just got a slot, so that their
+    /// agents hear it in a new Welcome.
+    pub(crate) fn grant(&self, granted: Vec<crate::slots::DiskKey>) {
+        for (server, disk) in granted {
+            tracing::info!(server = %server, disk = %disk, "initial sync or rescan slot granted");
+            if let Some(session) = self.session_of(&server) {
+                // The server keeps its slots across the reconnect.
+                session.keep_slots();
+                tokio::spawn(async move {
+                    session
+                        .restart("a sync slot is free; reconnect to start the queued disk")
+                        .await;
+                });
+            }
+        }
+    }
+
     /// Registers a session of `identity`'s server, first ending any older one.
     pub(crate) async fn claim(self: &Arc<Self>, identity: &AgentIdentity) -> SessionGuard {
         let (done_tx, done_rx) = watch::channel(false);

@@ -69,6 +69,9 @@ pub struct ReceiverConfig {
     pub metrics: Option<SocketAddr>,
     /// A disk with changes waiting and no durable progress for this long is STALLED.
     pub stall_after: Duration,
+    /// Initial syncs and rescans running at once across all servers; more wait in a
+    /// queue. 0 is unlimited.
+    pub max_concurrent_syncs: usize,
 }
 
 impl ReceiverConfig {
@@ -88,6 +91,7 @@ impl ReceiverConfig {
             agent_cert_lifetime: Duration::from_secs(24 * 3600),
             metrics: None,
             stall_after: Duration::from_secs(60),
+            max_concurrent_syncs: 0,
         }
     }
 }
@@ -219,7 +223,7 @@ impl Receiver {
                 idle_timeout: config.idle_timeout,
                 stall_after: config.stall_after,
             },
-            registry: Arc::new(SessionRegistry::default()),
+            registry: Arc::new(SessionRegistry::new(config.max_concurrent_syncs)),
             revocations,
             metrics: Arc::clone(&metrics),
             events: Arc::clone(&events),

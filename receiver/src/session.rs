@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use blockferry_proto::limits::{MAX_STREAMS, MAX_WRITE_DATA};
 use blockferry_proto::{
-    Barrier, Checkpoint, DiskResume, Durable, ErrorCode, ErrorFrame, Frame, FrameBuffer, FrameKind,
-    Goodbye, Heartbeat, Hello, JoinStream, Settings, SumReply, SumRequest, Welcome, Write,
-    WriteFlags, block_digest,
+    Barrier, Checkpoint, DiskResume, DiskState, Durable, ErrorCode, ErrorFrame, Frame, FrameBuffer,
+    FrameKind, Goodbye, Heartbeat, Hello, JoinStream, Settings, SumReply, SumRequest, Welcome,
+    Write, WriteFlags, block_digest,
 };
 pub(crate) use blockferry_storage::error_chain;
 use blockferry_storage::{BlockStore, Engine, FileStore};
@@ -29,12 +29,15 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use std::collections::HashMap;
+
 use crate::apply::{ApplyPipeline, StagingDisk};
 use crate::catalog::{Catalog, DurableEvidence, RescanProgress, now_ms};
 use crate::gate::{EpochGate, Sealed};
 use crate::lock;
 use crate::pki::{AgentIdentity, validate_name};
 use crate::registry::SessionRegistry;
+use crate::slots::Slot;
 
 /// An agent must say Hello this soon after its TLS handshake.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
@@ -47,6 +50,8 @@ const BARRIER_QUEUE: usize = 64;
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a stream waits at a barrier for the session's other streams.
 const BARRIER_WAIT: Duration = Duration::from_secs(60);
+/// How long a server keeps its sync slots after a session ended to restart with one.
+const SLOT_GRACE: Duration = Duration::from_secs(60);
 /// Checksum queries of one session answered at once; more wait, and their stream with
 /// them (the agent keeps many in flight, so the disks stay busy).
 const SUMS_IN_PARALLEL: usize = 4;
@@ -230,6 +235,8 @@ pub(crate) struct Session {
     stall_after: Duration,
     /// The session's disks, in Hello order (heartbeats name disks by index).
     disk_names: Vec<String>,
+    /// Ending to hear of a granted slot: the server keeps its slots for its next session.
+    keeping_slots: std::sync::atomic::AtomicBool,
 }
 
 /// What `status` shows of a live session.
@@ -273,6 +280,13 @@ impl Session {
             no_progress: pending && u128::from(idle_ms) > self.stall_after.as_millis(),
             disk_names: self.disk_names.clone(),
         }
+    }
+
+    /// Keeps the server's sync slots and queue places when this session ends (it ends to
+    /// let the agent hear of a granted slot); they are released if no session of the
+    /// server follows within [`SLOT_GRACE`].
+    pub(crate) fn keep_slots(&self) {
+        self.keeping_slots.store(true, Ordering::Relaxed);
     }
 
     /// Tells the agent its new bandwidth limit (bytes per second, 0: unlimited).
@@ -425,9 +439,30 @@ async fn run_primary(
         progress_at_ms: AtomicU64::new(now_ms()),
         stall_after: ctx.settings.stall_after,
         disk_names: records.iter().map(|r| r.name.clone()).collect(),
+        keeping_slots: std::sync::atomic::AtomicBool::new(false),
     });
     let disk_names: Vec<String> = records.iter().map(|r| r.name.clone()).collect();
 
+    // Disks with an initial sync or a rescan to do take a slot, or wait in line.
+    let slots: HashMap<String, Slot> = records
+        .iter()
+        .filter(|r| !r.sync_complete() || r.rescan().is_some())
+        .map(|r| {
+            let slot = ctx
+                .registry
+                .slots
+                .acquire(&(identity.server_id.clone(), r.name.clone()));
+            if let Slot::Queued(position) = slot {
+                tracing::info!(disk = %r.name, position, "queued for an initial sync or rescan slot");
+            }
+            (r.name.clone(), slot)
+        })
+        .collect();
+    for disk in session.pipeline.disks() {
+        if matches!(slots.get(&disk.name), Some(Slot::Queued(_))) {
+            disk.queued.store(true, Ordering::Relaxed);
+        }
+    }
     let welcome = Welcome {
         session_id: *session.id.as_bytes(),
         next_epoch,
@@ -446,7 +481,10 @@ async fn run_primary(
                 name: r.name.clone(),
                 size: r.size,
                 sync_watermark: r.sync_watermark,
-                state: r.disk_state(),
+                state: match slots.get(&r.name) {
+                    Some(Slot::Queued(_)) => DiskState::QUEUED,
+                    _ => r.disk_state(),
+                },
                 rescan: r.rescan(),
             })
             .collect(),
@@ -471,6 +509,7 @@ async fn run_primary(
             barrier_queue,
             Arc::clone(&session),
             Arc::clone(&ctx.catalog),
+            Arc::clone(&ctx.registry),
             ctx.metrics.barrier_seconds.clone(),
         )
         .in_current_span(),
@@ -514,6 +553,18 @@ async fn run_primary(
         catalog.mark_disconnected(&server_id, &disk_names, "session_ended")
     })
     .await;
+    if session.keeping_slots.load(Ordering::Relaxed) {
+        let (registry, server) = (Arc::clone(&ctx.registry), identity.server_id.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(SLOT_GRACE).await;
+            if !registry.is_connected(&server) {
+                registry.grant(registry.slots.release_server(&server));
+            }
+        });
+    } else {
+        ctx.registry
+            .grant(ctx.registry.slots.release_server(&identity.server_id));
+    }
     drop(guard);
     let end = result?;
     worker_result?;
@@ -581,6 +632,14 @@ async fn stream_frames(
             None => return Ok(End::AgentClosed),
             Some(Frame::Write(write)) => {
                 let disk = validate_write(pipeline, &write)?;
+                if write.header.flags.contains(WriteFlags::INITIAL_SYNC)
+                    && disk.queued.load(Ordering::Relaxed)
+                {
+                    return Err(SessionError::Limit(format!(
+                        "initial-sync write to disk {}, which waits for a sync slot (Welcome said QUEUED)",
+                        disk.name
+                    )));
+                }
                 if !write.header.flags.contains(WriteFlags::INITIAL_SYNC)
                     && disk.rescanning.load(Ordering::Relaxed)
                 {
@@ -904,11 +963,12 @@ async fn barrier_worker(
     mut queue: mpsc::Receiver<Sealed>,
     session: Arc<Session>,
     catalog: Arc<Catalog>,
+    registry: Arc<SessionRegistry>,
     barrier_seconds: prometheus_client::metrics::histogram::Histogram,
 ) -> Result<(), SessionError> {
     while let Some(sealed) = queue.recv().await {
         let started = std::time::Instant::now();
-        if let Err(err) = make_durable(&session, &catalog, &sealed).await {
+        if let Err(err) = make_durable(&session, &catalog, &registry, &sealed).await {
             session.end.cancel();
             return Err(err);
         }
@@ -932,6 +992,7 @@ async fn barrier_worker(
 async fn make_durable(
     session: &Session,
     catalog: &Arc<Catalog>,
+    registry: &SessionRegistry,
     sealed: &Sealed,
 ) -> Result<(), SessionError> {
     let pipeline = &session.pipeline;
@@ -978,12 +1039,16 @@ async fn make_durable(
     let catalog = Arc::clone(catalog);
     let epoch = sealed.epoch;
     let recorded = rescans.clone();
-    tokio::task::spawn_blocking(move || {
-        catalog.record_durable(evidence, &server_id, epoch, &progress, &recorded, &written)
+    let server = server_id.clone();
+    let completed = tokio::task::spawn_blocking(move || {
+        catalog.record_durable(evidence, &server, epoch, &progress, &recorded, &written)
     })
     .await
     .map_err(|e| SessionError::Storage(e.to_string()))?
     .map_err(|e| SessionError::Storage(error_chain(&e)))?;
+    for disk in completed {
+        registry.grant(registry.slots.release(&(server_id.clone(), disk)));
+    }
     for rescan in rescans.iter().filter(|r| r.done) {
         if let Some(disk) = pipeline.disks().iter().find(|d| d.name == rescan.disk) {
             disk.rescanning.store(false, Ordering::Relaxed);

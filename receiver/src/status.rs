@@ -12,7 +12,7 @@ use crate::catalog::{Catalog, CatalogError, InventoryRecord};
 use crate::registry::SessionRegistry;
 
 /// Every state a disk can be in, as status and metrics name them.
-pub const DISK_STATES: [&str; 8] = [
+pub const DISK_STATES: [&str; 9] = [
     "INITIATING",
     "INITIAL_SYNC",
     "CONTINUOUS",
@@ -21,6 +21,7 @@ pub const DISK_STATES: [&str; 8] = [
     "STALLED",
     "DISCONNECTED",
     "PAUSED",
+    "QUEUED",
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -78,9 +79,11 @@ pub struct DiskStatus {
     pub replicated_bytes: u64,
     pub sync_watermark: u64,
     /// One of INITIATING, INITIAL_SYNC, CONTINUOUS, RESCAN, BACKLOG, STALLED,
-    /// DISCONNECTED, PAUSED.
+    /// DISCONNECTED, PAUSED, QUEUED.
     pub state: String,
     pub reason: String,
+    /// While QUEUED for an initial-sync or rescan slot: the place in line, 1 is next.
+    pub queue_position: Option<usize>,
     /// Bytes changed on the source and not yet durable here, from the agent's latest
     /// heartbeat (null when not connected or before the first).
     pub backlog_bytes: Option<u64>,
@@ -125,10 +128,14 @@ impl StatusReport {
                                 .find(|b| usize::from(b.disk) == position)
                                 .copied()
                         });
+                        let queue_position = live
+                            .filter(|_| connected)
+                            .and_then(|r| r.slots.position(&server.server_id, &d.name));
                         let (state, reason) = effective_state(
                             &d,
                             connected,
                             view.as_ref().is_some_and(|v| v.no_progress),
+                            queue_position,
                             beat.map(|b| b.state),
                         );
                         DiskStatus {
@@ -136,6 +143,7 @@ impl StatusReport {
                             sync_watermark: d.sync_watermark,
                             image: d.image.display().to_string(),
                             backlog_bytes: beat.map(|b| b.backlog_bytes),
+                            queue_position,
                             state,
                             reason,
                             name: d.name,
@@ -258,7 +266,10 @@ impl StatusReport {
                     d.progress_percent(),
                     human_bytes(d.size),
                     d.backlog_bytes.map_or("-".to_owned(), human_bytes),
-                    d.reason,
+                    match d.queue_position {
+                        Some(position) => format!("{} #{position}", d.reason),
+                        None => d.reason.clone(),
+                    },
                     d.image
                 );
             }
@@ -290,7 +301,8 @@ impl DiskStatus {
 
 /// The state a disk is in now: what the catalog recorded, refined by what only the live
 /// session knows. In order: a staging failure stalls the disk whatever else holds; a
-/// disk without a session is DISCONNECTED; a session without durable progress while
+/// disk without a session is DISCONNECTED; a disk waiting for a sync slot is QUEUED; a
+/// session without durable progress while
 /// changes wait is STALLED; a disk whose first bytes are not durable yet is INITIATING;
 /// an initial sync or rescan shows as such; a disk whose changes outrun the link (the
 /// agent re-reads them from the volume) is in BACKLOG.
@@ -298,6 +310,7 @@ fn effective_state(
     disk: &crate::catalog::DiskRecord,
     connected: bool,
     no_progress: bool,
+    queue_position: Option<usize>,
     agent_view: Option<DiskState>,
 ) -> (String, String) {
     let recorded = disk.disk_state();
@@ -305,6 +318,8 @@ fn effective_state(
         (DiskState::STALLED, disk.stall.as_str())
     } else if !connected {
         (DiskState::DISCONNECTED, disk.reason.as_str())
+    } else if queue_position.is_some() {
+        (DiskState::QUEUED, "waiting_for_slot")
     } else if no_progress {
         (DiskState::STALLED, "no_progress")
     } else if recorded == DiskState::INITIAL_SYNC && disk.sync_watermark == 0 {

@@ -572,7 +572,13 @@ impl Mount {
     fn tmpfs(at: &Path, size: &str) -> Option<Self> {
         std::fs::create_dir_all(at).unwrap();
         let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
             .arg(at)
             .stderr(Stdio::null())
             .status()
@@ -623,7 +629,10 @@ async fn a_full_staging_file_system_stalls_the_disk_loses_nothing_and_resumes() 
         .then(|| server.disks[0].clone())
     })
     .await;
-    assert!(!run.is_finished(), "the agent gave up on a full staging disk");
+    assert!(
+        !run.is_finished(),
+        "the agent gave up on a full staging disk"
+    );
     // What was acknowledged is in place, however full the disk.
     let watermark = stalled.sync_watermark;
     assert!(watermark < 24 << 20);
@@ -652,5 +661,61 @@ async fn a_full_staging_file_system_stalls_the_disk_loses_nothing_and_resumes() 
     assert_eq!(status.servers[0].stalled, None);
     stop.cancel();
     let _ = run.await;
+    receiver.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_sync_slot_a_second_disk_waits_queued_then_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let mut config = ops_config(&data);
+    config.max_concurrent_syncs = 1;
+    let receiver = Receiver::start(config).await.unwrap();
+    // Slow enough to look at the queue while the first disk syncs.
+    cli(
+        &data,
+        &["settings", "set", "--default", "--bandwidth-mbps", "80"],
+    );
+    let creds = credentials(&data, "srv", &dir.path().join("creds"));
+    let (first, _) = image(dir.path(), "a.img", 32 << 20, 1.0, 1 << 20, 21);
+    let (second, _) = image(dir.path(), "b.img", 16 << 20, 1.0, 1 << 20, 22);
+    let volumes = vec![volume("a", &first), volume("b", &second)];
+    let config = agent_config(receiver.local_addr(), creds);
+    let run = {
+        let volumes = volumes.clone();
+        tokio::spawn(async move { sync(&config, &volumes, Duration::from_secs(120)).await })
+    };
+    let queued = wait_for("one disk QUEUED", Duration::from_secs(30), || {
+        let status = receiver.status().unwrap();
+        let disks = &status.servers.first()?.disks;
+        let queued: Vec<_> = disks.iter().filter(|d| d.state == "QUEUED").collect();
+        let syncing = disks
+            .iter()
+            .filter(|d| d.state == "INITIAL_SYNC" || d.state == "INITIATING")
+            .count();
+        (queued.len() == 1 && syncing == 1).then(|| queued[0].clone())
+    })
+    .await;
+    assert_eq!(queued.queue_position, Some(1));
+    assert_eq!(queued.reason, "waiting_for_slot");
+    assert_eq!(queued.replicated_bytes, 0, "a queued disk must not sync");
+    let table = receiver.status().unwrap().render_table();
+    assert!(table.contains("QUEUED") && table.contains("#1"), "{table}");
+
+    let report = run.await.unwrap();
+    assert!(
+        report.sessions >= 2,
+        "the grant reaches the agent by a new session"
+    );
+    assert_identical(&first, &staging_image(&data, "srv", "a"));
+    assert_identical(&second, &staging_image(&data, "srv", "b"));
+    let status = receiver.status().unwrap();
+    assert!(
+        status.servers[0]
+            .disks
+            .iter()
+            .all(|d| d.replicated_bytes == d.size && d.queue_position.is_none()),
+        "{status:?}"
+    );
     receiver.shutdown().await;
 }
