@@ -131,6 +131,71 @@ fn assert_every_metric_updated(text: &str) {
     }
 }
 
+fn deploy_file(path: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(path)
+}
+
+/// Every metric the Grafana dashboard and the alert rules name is on the page (a renamed
+/// metric would leave a panel empty and an alert silent).
+fn assert_deploy_uses_only_real_metrics(page: &str) {
+    let declared: Vec<String> = page
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|rest| rest.split(' ').next().unwrap().to_owned())
+        .collect();
+    for file in [
+        "grafana/blockferry-dashboard.json",
+        "prometheus/blockferry-alerts.yml",
+    ] {
+        let text = std::fs::read_to_string(deploy_file(file)).unwrap();
+        let mut used = 0;
+        for (start, _) in text.match_indices("blockferry_") {
+            let name: String = text[start..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let known = declared.iter().any(|d| {
+                name == *d
+                    || ["_total", "_bucket", "_sum", "_count"]
+                        .iter()
+                        .any(|suffix| name == format!("{d}{suffix}"))
+            });
+            // The dashboard's uid and tag are names, not metrics.
+            if name == "blockferry_" || name.starts_with("blockferry_replication") {
+                continue;
+            }
+            assert!(
+                known,
+                "{file} uses {name}, which the receiver does not export"
+            );
+            used += 1;
+        }
+        assert!(used >= 5, "{file} names only {used} metrics");
+    }
+}
+
+#[test]
+fn the_alert_rules_pass_promtool() {
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(deploy_file("prometheus/blockferry-alerts.yml"))
+        .output()
+        .expect("promtool is needed: apt-get install prometheus (.ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy_file("grafana/blockferry-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(dashboard["panels"].as_array().unwrap().len() >= 10);
+}
+
 fn promtool_check_metrics(text: &str) {
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
@@ -311,6 +376,7 @@ async fn progress_rises_to_100_states_follow_and_a_killed_agent_stalls_then_resu
             >= (64 << 20) as f64
     );
     assert_every_metric_updated(&text);
+    assert_deploy_uses_only_real_metrics(&text);
     promtool_check_metrics(&text);
     assert_identical(&source, &staging_image(&data, "srv", "d0"));
 
