@@ -785,3 +785,62 @@ async fn with_one_sync_slot_a_second_disk_waits_queued_then_syncs() {
     );
     receiver.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_that_carries_almost_nothing_stalls_the_disk_then_it_resumes() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let mut config = ops_config(&data);
+    config.stall_after = Duration::from_secs(3);
+    let receiver = Receiver::start(config).await.unwrap();
+    let throttled = Arc::new(AtomicBool::new(false));
+    // When throttled: 20 kB/s, enough for heartbeats, far too little for a barrier's
+    // worth of data.
+    let proxy = throttling_proxy(receiver.local_addr(), 20_000, Arc::clone(&throttled)).await;
+    let creds = credentials(&data, "srv", &dir.path().join("creds"));
+    let (source, _) = image(dir.path(), "src.img", 96 << 20, 1.0, 1 << 20, 31);
+    let volumes = vec![volume("d0", &source)];
+    let mut config = agent_config(proxy, creds);
+    config.exit_when_synced = false;
+    let agent = Agent::new(&volumes);
+    let stats = std::sync::Arc::clone(agent.stats());
+    let stop = CancellationToken::new();
+    let run = {
+        let (config, volumes, stop) = (config.clone(), volumes.clone(), stop.clone());
+        tokio::spawn(async move { agent.run(&config, &volumes, stop).await })
+    };
+    wait_for("the sync to start", Duration::from_secs(30), || {
+        let status = receiver.status().unwrap();
+        (status.servers.first()?.disks[0].replicated_bytes > 0).then_some(())
+    })
+    .await;
+    throttled.store(true, Ordering::Relaxed);
+    wait_for("STALLED no_progress", Duration::from_secs(30), || {
+        let status = receiver.status().unwrap();
+        let server = status.servers.first()?;
+        let events = receiver.events().unwrap();
+        (server.connected
+            && server.disks[0].state == "STALLED"
+            && server.disks[0].reason == "no_progress"
+            && event_index(&events, "srv", EventKind::Stalled, "no_progress").is_some())
+        .then_some(())
+    })
+    .await;
+    throttled.store(false, Ordering::Relaxed);
+    wait_synced(&stats).await;
+    wait_for("resumed", Duration::from_secs(10), || {
+        event_index(
+            &receiver.events().unwrap(),
+            "srv",
+            EventKind::Resumed,
+            "progress",
+        )
+    })
+    .await;
+    assert_identical(&source, &staging_image(&data, "srv", "d0"));
+    stop.cancel();
+    let _ = run.await;
+    receiver.shutdown().await;
+}
