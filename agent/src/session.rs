@@ -237,6 +237,8 @@ pub(crate) struct Session<'a> {
     rescan_task: Option<tokio::task::JoinHandle<()>>,
     /// Whether Welcome has come: only then can a clean stop record a checkpoint.
     welcomed: bool,
+    /// Bytes between barriers, as the receiver asked.
+    barrier_interval: u64,
 }
 
 /// What the agent tells the receiver about itself at Hello.
@@ -304,6 +306,7 @@ pub(crate) async fn run(
         sum_replies: Some(sums),
         rescan_task: None,
         welcomed: false,
+        barrier_interval: 16 << 20,
     };
     let claim = std::mem::replace(&mut identity.claim, ResumeClaim::Live);
     // Stopping is noticed between frames, never inside one, so the Goodbye is the last
@@ -417,6 +420,7 @@ impl Session<'_> {
             .throttle
             .set_rate(welcome.settings.bandwidth_limit);
         let barrier_interval = welcome.settings.barrier_interval.max(1 << 20);
+        self.barrier_interval = barrier_interval;
         self.join_streams(&welcome, &sums_tx).await?;
         self.stats
             .sessions
@@ -967,6 +971,20 @@ impl Session<'_> {
         }
     }
 
+    /// How long to wait for the receiver to take data or acknowledge a barrier: longer
+    /// under a bandwidth limit, which holds back on purpose what the streams' queues and
+    /// the unacknowledged barriers contain.
+    fn patience(&self) -> Duration {
+        let rate = self.stats.throttle.rate();
+        if rate == 0 {
+            return STALL_TIMEOUT;
+        }
+        let queued = (self.streams.len() * (STREAM_QUEUE + 1)) as u64
+            * (blockferry_proto::limits::MAX_WRITE_DATA as u64);
+        let unacked = (MAX_UNACKED_BARRIERS + 1) * self.barrier_interval;
+        STALL_TIMEOUT + Duration::from_secs_f64((queued + unacked) as f64 / rate as f64)
+    }
+
     async fn heartbeat(&mut self) -> Result<(), SessionError> {
         self.last_heartbeat = Instant::now();
         let sample = self.sampler.sample();
@@ -1015,7 +1033,7 @@ impl Session<'_> {
     async fn next_event(&mut self) -> Result<Event, SessionError> {
         tokio::select! {
             () = self.stop.cancelled() => Err(SessionError::Stopping),
-            event = tokio::time::timeout(STALL_TIMEOUT, self.events.recv()) => match event {
+            event = tokio::time::timeout(self.patience(), self.events.recv()) => match event {
                 Ok(Some(event)) => Ok(event),
                 Ok(None) => Err(broken("the connection closed")),
                 Err(_) => Err(SessionError::Timeout("the receiver to acknowledge a barrier")),
@@ -1103,7 +1121,7 @@ impl Session<'_> {
         };
         let sent = tokio::select! {
             () = stop.cancelled() => return Err(SessionError::Stopping),
-            sent = tokio::time::timeout(STALL_TIMEOUT, self.streams[stream].frames.send(bytes)) => sent,
+            sent = tokio::time::timeout(self.patience(), self.streams[stream].frames.send(bytes)) => sent,
         };
         match sent {
             Ok(Ok(())) => Ok(()),
