@@ -472,7 +472,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             message
         })),
         arb_string(200).prop_map(|message| Frame::Goodbye(Goodbye { message })),
-        (14u8..=255, proptest::collection::vec(any::<u8>(), 0..64)).prop_map(|(kind, payload)| {
+        (15u8..=255, proptest::collection::vec(any::<u8>(), 0..64)).prop_map(|(kind, payload)| {
             Frame::Unknown {
                 kind: FrameKind(kind),
                 payload,

@@ -119,21 +119,24 @@ impl StatusReport {
                 let heartbeat = view.as_ref().and_then(|v| v.heartbeat.clone());
                 let disks: Vec<DiskStatus> = disks
                     .into_iter()
-                    .enumerate()
-                    .map(|(index, d)| {
-                        let beat = heartbeat.as_ref().and_then(|h| {
-                            let position = view.as_ref()?.disk_index(&d.name).unwrap_or(index);
+                    .map(|d| {
+                        // Heartbeats name disks by their place in the session's Hello; a
+                        // disk the live session does not carry is not replicating.
+                        let position = view.as_ref().and_then(|v| v.disk_index(&d.name));
+                        let beat = heartbeat.as_ref().zip(position).and_then(|(h, position)| {
                             h.disks
                                 .iter()
                                 .find(|b| usize::from(b.disk) == position)
                                 .copied()
                         });
+                        // (A session claimed but not yet published knows no disks yet.)
+                        let disk_connected = connected && (view.is_none() || position.is_some());
                         let queue_position = live
-                            .filter(|_| connected)
+                            .filter(|_| disk_connected)
                             .and_then(|r| r.slots.position(&server.server_id, &d.name));
                         let (state, reason) = effective_state(
                             &d,
-                            connected,
+                            disk_connected,
                             view.as_ref().is_some_and(|v| v.no_progress),
                             queue_position,
                             beat.map(|b| b.state),
