@@ -158,6 +158,18 @@ impl From<&Inventory> for InventoryRecord {
     }
 }
 
+/// What [`Catalog::register_session`] recorded and found.
+#[derive(Debug)]
+pub struct Registered {
+    /// The server's consistent epoch.
+    pub durable_epoch: u64,
+    /// The disks, in Hello order.
+    pub disks: Vec<DiskRecord>,
+    /// The agent of the server's previous session (None: first contact).
+    pub previous_agent: Option<String>,
+    pub settings: ServerSettings,
+}
+
 /// One staging disk. JSON field names are part of the status interface.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DiskRecord {
@@ -381,18 +393,20 @@ impl Catalog {
 
     /// Records a new session of `identity`: the server's inventory, and each disk of the
     /// Hello, created or resumed, with the reason it must be rescanned if the agent's
-    /// claim about its changes cannot be trusted. Returns the server's consistent epoch
-    /// and the disks in Hello order. A disk whose size changed starts its initial sync
-    /// again into the resized image.
+    /// claim about its changes cannot be trusted. Returns the server's consistent epoch,
+    /// the disks in Hello order, the previous session's agent and the server's settings.
+    /// A disk whose size changed starts its initial sync again into the resized image.
     pub fn register_session(
         &self,
         identity: &AgentIdentity,
         hello: &Hello,
         images_dir: &Path,
-    ) -> Result<(u64, Vec<DiskRecord>), CatalogError> {
+    ) -> Result<Registered, CatalogError> {
         let txn = self.db.begin_write()?;
         let mut disks_out = Vec::with_capacity(hello.disks.len());
         let durable_epoch;
+        let previous_agent;
+        let server_settings;
         {
             let mut servers = txn.open_table(SERVERS)?;
             let now = now();
@@ -418,17 +432,26 @@ impl Catalog {
                 checkpoint: None,
             };
             durable_epoch = record.durable_epoch;
+            previous_agent = previous.as_ref().map(|p| p.agent_id.clone());
             servers.insert(identity.server_id.as_str(), encode(&record).as_slice())?;
             // A new server gets the template's settings, unless an operator set its own
             // before it first connected.
             let mut settings = txn.open_table(SETTINGS)?;
-            if settings.get(identity.server_id.as_str())?.is_none() {
-                let template = match settings.get(DEFAULT_SETTINGS)? {
-                    Some(raw) => raw.value().to_vec(),
-                    None => encode(&ServerSettings::default()),
-                };
-                settings.insert(identity.server_id.as_str(), template.as_slice())?;
-            }
+            let own = settings
+                .get(identity.server_id.as_str())?
+                .map(|raw| raw.value().to_vec());
+            let raw = match own {
+                Some(raw) => raw,
+                None => {
+                    let template = match settings.get(DEFAULT_SETTINGS)? {
+                        Some(raw) => raw.value().to_vec(),
+                        None => encode(&ServerSettings::default()),
+                    };
+                    settings.insert(identity.server_id.as_str(), template.as_slice())?;
+                    template
+                }
+            };
+            server_settings = decode(&identity.server_id, &raw)?;
 
             let mut disks = txn.open_table(DISKS)?;
             for spec in &hello.disks {
@@ -509,7 +532,12 @@ impl Catalog {
             }
         }
         txn.commit()?;
-        Ok((durable_epoch, disks_out))
+        Ok(Registered {
+            durable_epoch,
+            disks: disks_out,
+            previous_agent,
+            settings: server_settings,
+        })
     }
 
     /// Records the chain id of the state an agent is about to save at a clean shutdown.
@@ -716,18 +744,6 @@ impl Catalog {
         )?;
         txn.commit()?;
         Ok(())
-    }
-
-    /// The settings of `server_id` (the template's if it has none yet).
-    pub fn settings_of(&self, server_id: &str) -> Result<ServerSettings, CatalogError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(SETTINGS)?;
-        for key in [server_id, DEFAULT_SETTINGS] {
-            if let Some(raw) = table.get(key)? {
-                return decode(key, raw.value());
-            }
-        }
-        Ok(ServerSettings::default())
     }
 
     /// The template, and every server's own settings, by server id.

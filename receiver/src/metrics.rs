@@ -482,16 +482,10 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) {
     loop {
-        let (tcp, peer) = tokio::select! {
-            () = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    tracing::warn!(error = %err, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let Some((tcp, peer)) =
+            crate::server::next_connection(&listener, &shutdown, "metrics").await
+        else {
+            return;
         };
         let registry = Arc::clone(&registry);
         tokio::spawn(async move {

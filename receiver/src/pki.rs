@@ -318,20 +318,13 @@ impl CertificateAuthority {
             admin_id: uuid::Uuid::new_v4().simple().to_string(),
             name: name.to_owned(),
         };
-        let mut params = CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("blockferry admin {name}"));
-        params.subject_alt_names = vec![SanType::URI(
-            format!("{ADMIN_URI}{}:{name}", identity.admin_id).try_into()?,
-        )];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - Duration::minutes(5);
-        params.not_after = now + validity;
+        let params = client_params(
+            format!("blockferry admin {name}"),
+            vec![SanType::URI(
+                format!("{ADMIN_URI}{}:{name}", identity.admin_id).try_into()?,
+            )],
+            validity,
+        );
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer()?)?;
         Ok((
@@ -365,23 +358,36 @@ fn agent_params(
 ) -> Result<CertificateParams, PkiError> {
     validate_name("agent id", &identity.agent_id)?;
     validate_name("server id", &identity.server_id)?;
+    Ok(client_params(
+        format!("blockferry agent {}", identity.agent_id),
+        vec![
+            SanType::URI(format!("{AGENT_URI}{}", identity.agent_id).try_into()?),
+            SanType::URI(format!("{SERVER_URI}{}", identity.server_id).try_into()?),
+        ],
+        validity,
+    ))
+}
+
+/// A client-auth-only, non-CA certificate named `common_name` and `names`, valid for
+/// `validity` from now (5 minutes back, for clocks a little behind).
+fn client_params(
+    common_name: String,
+    names: Vec<SanType>,
+    validity: Duration,
+) -> CertificateParams {
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(
-        DnType::CommonName,
-        format!("blockferry agent {}", identity.agent_id),
-    );
-    params.subject_alt_names = vec![
-        SanType::URI(format!("{AGENT_URI}{}", identity.agent_id).try_into()?),
-        SanType::URI(format!("{SERVER_URI}{}", identity.server_id).try_into()?),
-    ];
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.subject_alt_names = names;
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let now = OffsetDateTime::now_utc();
     params.not_before = now - Duration::minutes(5);
     params.not_after = now + validity;
-    Ok(params)
+    params
 }
 
 fn expires_soon(cert_path: &Path) -> bool {

@@ -372,6 +372,27 @@ impl Receiver {
     }
 }
 
+/// The next connection on `listener`, or None once `shutdown` fires. An accept error
+/// (EMFILE and friends) is logged and retried after a pause instead of spinning.
+pub(crate) async fn next_connection(
+    listener: &TcpListener,
+    shutdown: &CancellationToken,
+    what: &str,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => return Some(conn),
+                Err(err) => {
+                    tracing::warn!(error = %err, listener = what, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
@@ -385,17 +406,9 @@ async fn accept_loop(
             () = ctx.shutdown.cancelled() => return,
             permit = Arc::clone(&slots).acquire_owned() => permit.expect("never closed"),
         };
-        let (tcp, peer) = tokio::select! {
-            () = ctx.shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(err) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let Some((tcp, peer)) = next_connection(&listener, &ctx.shutdown, "replication").await
+        else {
+            return;
         };
         let (acceptor, ctx, refusals) = (acceptor.clone(), Arc::clone(&ctx), Arc::clone(&refusals));
         tasks.spawn(async move {

@@ -364,16 +364,17 @@ async fn run_primary(
 
     let catalog = Arc::clone(&ctx.catalog);
     let (identity_c, hello_c, images) = (identity.clone(), hello.clone(), ctx.images_dir.clone());
-    let (previous_agent, durable_epoch, records, settings) =
-        tokio::task::spawn_blocking(move || {
-            let previous_agent = catalog.agent_of(&identity_c.server_id)?;
-            let (epoch, records) = catalog.register_session(&identity_c, &hello_c, &images)?;
-            let settings = catalog.settings_of(&identity_c.server_id)?;
-            Ok::<_, crate::catalog::CatalogError>((previous_agent, epoch, records, settings))
-        })
-        .await
-        .map_err(|e| SessionError::Storage(e.to_string()))?
-        .map_err(|e| SessionError::Storage(error_chain(&e)))?;
+    let crate::catalog::Registered {
+        durable_epoch,
+        disks: records,
+        previous_agent,
+        settings,
+    } = tokio::task::spawn_blocking(move || {
+        catalog.register_session(&identity_c, &hello_c, &images)
+    })
+    .await
+    .map_err(|e| SessionError::Storage(e.to_string()))?
+    .map_err(|e| SessionError::Storage(error_chain(&e)))?;
     let started = match previous_agent {
         None => Some("first_contact"),
         Some(previous) if previous != identity.agent_id => Some("agent_reinstalled"),
