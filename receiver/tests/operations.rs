@@ -531,8 +531,9 @@ async fn the_bandwidth_limit_holds_over_10_s_windows_and_changes_live() {
         "the receiver measures {measured} B/s"
     );
 
-    // Live: no reconnect, and the new rate within 2 s.
-    let changed_at = Instant::now();
+    // Live: no reconnect, and the new rate at once. The clock starts when the command
+    // returns (it has reached the agent by then): on a loaded machine the CLI process
+    // alone can take a second to start.
     let out = cli(
         &data,
         &[
@@ -545,7 +546,14 @@ async fn the_bandwidth_limit_holds_over_10_s_windows_and_changes_live() {
         ],
     );
     assert!(out.contains("applied to its agent now"), "{out}");
-    sample_for(&receiver, &mut samples, started, Duration::from_secs(27)).await;
+    let changed_at = Instant::now();
+    sample_for(
+        &receiver,
+        &mut samples,
+        started,
+        changed_at.duration_since(started) + Duration::from_secs(13),
+    )
+    .await;
     let limit = 10e6;
     let after = rate(
         &samples,
@@ -557,14 +565,10 @@ async fn the_bandwidth_limit_holds_over_10_s_windows_and_changes_live() {
         "{after:.0} B/s in the 10 s from 2 s after the change to 80 Mbit/s"
     );
     eprintln!("10 s from 2 s after the change to 10 MB/s: {after:.0} B/s");
-    let first_second = rate(
-        &samples,
-        changed_at + Duration::from_secs(1),
-        changed_at + Duration::from_secs(2),
-    );
+    let first_seconds = rate(&samples, changed_at, changed_at + Duration::from_secs(2));
     assert!(
-        first_second > 0.8 * limit,
-        "{first_second:.0} B/s between 1 and 2 s after the change"
+        first_seconds > 0.8 * limit,
+        "{first_seconds:.0} B/s in the first 2 s after the change"
     );
     assert_eq!(
         stats.sessions.load(std::sync::atomic::Ordering::Relaxed),
