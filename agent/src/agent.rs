@@ -84,6 +84,8 @@ pub struct AgentStats {
     pub synced: AtomicBool,
     /// The bandwidth limit the receiver set, shared by every stream.
     pub throttle: crate::throttle::Throttle,
+    /// The operator's pause of this server's replication.
+    pub pause: crate::throttle::Pause,
     sizes: Vec<u64>,
     positions: Vec<AtomicU64>,
     durable: Vec<AtomicU64>,
@@ -103,6 +105,7 @@ impl AgentStats {
             rescan_marked_bytes: AtomicU64::new(0),
             synced: AtomicBool::new(false),
             throttle: crate::throttle::Throttle::default(),
+            pause: crate::throttle::Pause::default(),
             sizes: volumes.iter().map(|v| v.size).collect(),
             positions: volumes.iter().map(|_| AtomicU64::new(0)).collect(),
             durable: volumes.iter().map(|_| AtomicU64::new(0)).collect(),

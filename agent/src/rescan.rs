@@ -100,6 +100,12 @@ async fn rescan_disk(
     let mut hashing: JoinSet<std::io::Result<(u64, Vec<u128>)>> = JoinSet::new();
     loop {
         while windows.len() < IN_FLIGHT && next_block < total_blocks {
+            // Paused by an operator: no new questions (each costs a read of the
+            // volume); the answers to those asked still come in.
+            if stats.pause.is_paused() && !windows.is_empty() {
+                break;
+            }
+            stats.pause.resumed().await;
             let count = (total_blocks - next_block).min(u64::from(REQUEST_BLOCKS)) as u32;
             let request = SumRequest {
                 disk: disk16,

@@ -419,6 +419,7 @@ impl Session<'_> {
         self.stats
             .throttle
             .set_rate(welcome.settings.bandwidth_limit);
+        self.stats.pause.set(welcome.settings.paused);
         let barrier_interval = welcome.settings.barrier_interval.max(1 << 20);
         self.barrier_interval = barrier_interval;
         self.join_streams(&welcome, &sums_tx).await?;
@@ -487,18 +488,39 @@ impl Session<'_> {
         // The epoch of the last initial-sync barrier: the sync is complete once it is
         // durable.
         let mut last_sync_epoch = self.epoch;
+        let stats = self.stats;
         loop {
-            // Registered first, so that a write landing during this iteration wakes the
-            // wait at its end.
+            // Registered first, so that a write landing (or a resume arriving) during
+            // this iteration wakes the wait at its end.
             let changed = capture.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
+            let pause_changed = stats.pause.changed();
+            tokio::pin!(pause_changed);
+            pause_changed.as_mut().enable();
             self.poll_events()?;
             while let Ok(event) = rescan_events.try_recv() {
                 self.on_rescan_event(event)?;
             }
             if self.last_heartbeat.elapsed() >= self.heartbeat_every {
                 self.heartbeat().await?;
+            }
+
+            if stats.pause.is_paused() {
+                // Nothing is sent but heartbeats: captured writes pile up in the dirty
+                // map, the sync and the rescan hold their places, and what was sent
+                // before the pause is still acknowledged.
+                tokio::select! {
+                    () = self.stop.cancelled() => return Err(SessionError::Stopping),
+                    () = &mut pause_changed => {}
+                    Some(event) = rescan_events.recv() => self.on_rescan_event(event)?,
+                    event = tokio::time::timeout(self.heartbeat_every, self.events.recv()) => match event {
+                        Err(_) => {}
+                        Ok(Some(event)) => self.on_event(event)?,
+                        Ok(None) => return Err(broken("the connection closed")),
+                    },
+                }
+                continue;
             }
 
             // Changes first: they are what the lag is made of.
@@ -947,6 +969,21 @@ impl Session<'_> {
     async fn drain(&mut self) -> Result<(), SessionError> {
         loop {
             self.poll_events()?;
+            if self.stats.pause.is_paused() {
+                // Paused: nothing more is sent. What went before the pause is made
+                // durable; the rest stays in the dirty map the caller saves.
+                if self.changes_since_barrier > 0 {
+                    self.barrier(Vec::new()).await?;
+                    self.changes_since_barrier = 0;
+                    continue;
+                }
+                if self.durable_epoch == self.epoch {
+                    return Ok(());
+                }
+                let event = self.next_event().await?;
+                self.on_event(event)?;
+                continue;
+            }
             let shipped = self.ship_changes(u64::MAX).await?;
             if shipped > 0 || self.capture.generation_state() != GenerationState::Open {
                 continue;
@@ -995,7 +1032,9 @@ impl Session<'_> {
             .enumerate()
             .map(|(disk, backlog)| DiskBeat {
                 disk: u16::try_from(disk).unwrap_or(u16::MAX),
-                state: if !self.stats.disk_synced(disk) {
+                state: if self.stats.pause.is_paused() {
+                    DiskState::PAUSED
+                } else if !self.stats.disk_synced(disk) {
                     DiskState::INITIAL_SYNC
                 } else if self.rescans_pending.contains(&disk) {
                     DiskState::RESCAN
@@ -1203,6 +1242,7 @@ async fn read_frames(
                 Ok(Some(Frame::Goodbye(g))) => Event::Goodbye(g.message),
                 Ok(Some(Frame::SettingsUpdate(update))) => {
                     stats.throttle.set_rate(update.bandwidth_limit);
+                    stats.pause.set(update.paused);
                     continue;
                 }
                 Ok(Some(Frame::Unknown { kind, .. })) => {

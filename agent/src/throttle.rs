@@ -1,13 +1,64 @@
-//! The bandwidth limit an operator sets per source server: one token bucket shared by
-//! every stream of the agent, so the limit holds for the sum, however the work spreads.
+//! What an operator sets per source server to hold the agent back: the bandwidth limit,
+//! one token bucket shared by every stream of the agent so that the limit holds for the
+//! sum however the work spreads, and the pause, which stops the sending altogether.
 //!
-//! The receiver sends the limit in `Welcome` and again in `SettingsUpdate` whenever it
-//! changes; a change applies to the next frame each stream sends.
+//! The receiver sends both in `Welcome` and again in `SettingsUpdate` whenever they
+//! change; a change applies to the next frame each stream sends.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
+
+/// An operator's pause of the server's replication. While paused the agent sends no
+/// data, no checksum requests and no barriers; it keeps capturing changes into its dirty
+/// map and keeps heartbeating, so the receiver shows the backlog growing.
+///
+/// It is not part of the token bucket on purpose: heartbeats pass the bucket, and they
+/// must keep flowing while replication is paused.
+#[derive(Debug, Default)]
+pub struct Pause {
+    paused: AtomicBool,
+    changed: Notify,
+}
+
+impl Pause {
+    pub fn set(&self, paused: bool) {
+        if self.paused.swap(paused, Ordering::SeqCst) != paused {
+            if paused {
+                tracing::info!("replication paused by an operator: changes are tracked, not sent");
+            } else {
+                tracing::info!("replication resumed by an operator");
+            }
+            self.changed.notify_waiters();
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Completes at the next change of the pause. Create it before checking
+    /// [`Self::is_paused`], and a change in between is not missed.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
+    /// Returns once replication is not paused.
+    pub async fn resumed(&self) {
+        loop {
+            let changed = self.changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !self.is_paused() {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
 
 /// How much unused allowance may build up, in time at the current rate: enough to keep
 /// streams busy between frames, too little to distort a 10-second average.
@@ -150,5 +201,26 @@ mod tests {
         let start = Instant::now();
         throttle.acquire(1 << 30).await;
         assert_eq!(start.elapsed(), Duration::ZERO, "unlimited must not wait");
+    }
+
+    #[tokio::test]
+    async fn a_paused_sender_waits_until_it_is_resumed() {
+        let pause = std::sync::Arc::new(Pause::default());
+        pause.resumed().await;
+        pause.set(true);
+        let waiter = {
+            let pause = std::sync::Arc::clone(&pause);
+            tokio::spawn(async move { pause.resumed().await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "a paused sender must wait");
+        pause.set(true);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "pausing again is no resume");
+        pause.set(false);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("a resume wakes the waiting sender")
+            .unwrap();
     }
 }

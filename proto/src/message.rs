@@ -305,6 +305,10 @@ pub struct Settings {
     /// The agent sends a Barrier after at most this many bytes of writes.
     pub barrier_interval: u64,
     pub heartbeat_interval_ms: u32,
+    /// An operator paused the server's replication: the agent sends no data, checksum
+    /// requests or barriers until a `SettingsUpdate` resumes it, and keeps tracking
+    /// changes meanwhile.
+    pub paused: bool,
 }
 
 /// Where a disk stands at the receiver when a session starts.
@@ -486,6 +490,16 @@ pub struct DiskBeat {
 pub struct SettingsUpdate {
     /// Bytes per second for the whole agent (all streams together); 0 means unlimited.
     pub bandwidth_limit: u64,
+    /// As [`Settings::paused`].
+    pub paused: bool,
+}
+
+/// Bits of the settings flags byte. Bits this side does not know are ignored, so that a
+/// later setting can be added without breaking older peers.
+const SETTINGS_PAUSED: u8 = 1;
+
+fn settings_flags(paused: bool) -> u8 {
+    if paused { SETTINGS_PAUSED } else { 0 }
 }
 
 /// A fatal error, sent before closing a stream.
@@ -646,7 +660,10 @@ impl Frame {
                     out.put_u64(d.backlog_bytes);
                 }
             }
-            Self::SettingsUpdate(m) => out.put_u64(m.bandwidth_limit),
+            Self::SettingsUpdate(m) => {
+                out.put_u64(m.bandwidth_limit);
+                out.put_u8(settings_flags(m.paused));
+            }
             Self::Error(m) => {
                 out.put_u16(m.code.0);
                 out.put_str(&m.message, MAX_STRING_LEN);
@@ -714,6 +731,7 @@ impl Frame {
             }),
             FrameKind::SETTINGS_UPDATE => Self::SettingsUpdate(SettingsUpdate {
                 bandwidth_limit: r.u64("bandwidth_limit")?,
+                paused: r.u8("flags")? & SETTINGS_PAUSED != 0,
             }),
             FrameKind::ERROR => Self::Error(ErrorFrame {
                 code: ErrorCode(r.u16("code")?),
@@ -956,6 +974,7 @@ impl Welcome {
         out.put_u32(s.alignment);
         out.put_u64(s.barrier_interval);
         out.put_u32(s.heartbeat_interval_ms);
+        out.put_u8(settings_flags(s.paused));
         out.put_count(self.disks.len(), MAX_DISKS);
         for d in &self.disks {
             out.put_str(&d.name, MAX_DISK_NAME_LEN);
@@ -977,6 +996,7 @@ impl Welcome {
                 alignment: r.u32("alignment")?,
                 barrier_interval: r.u64("barrier_interval")?,
                 heartbeat_interval_ms: r.u32("heartbeat_interval_ms")?,
+                paused: r.u8("flags")? & SETTINGS_PAUSED != 0,
             },
             disks: r.list("disks", MAX_DISKS, |r| {
                 Ok(DiskResume {

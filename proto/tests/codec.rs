@@ -51,6 +51,7 @@ fn sample_frames() -> Vec<Frame> {
                 alignment: 4096,
                 barrier_interval: 64 << 20,
                 heartbeat_interval_ms: 5000,
+                paused: true,
             },
             disks: vec![DiskResume {
                 name: "nvme0n1".into(),
@@ -126,6 +127,11 @@ fn sample_frames() -> Vec<Frame> {
         }),
         Frame::SettingsUpdate(SettingsUpdate {
             bandwidth_limit: 5_000_000,
+            paused: false,
+        }),
+        Frame::SettingsUpdate(SettingsUpdate {
+            bandwidth_limit: 0,
+            paused: true,
         }),
         Frame::Error(ErrorFrame {
             code: ErrorCode::OUT_OF_RANGE,
@@ -337,7 +343,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         );
     let welcome = (
         any::<([u8; 16], u64)>(),
-        any::<(u64, u8, u32, u32, u64, u32)>(),
+        any::<(u64, u8, u32, u32, u64, u32, bool)>(),
         proptest::collection::vec((arb_disk(), any::<u64>(), any::<(u8, u8)>()), 0..4),
     )
         .prop_map(|((session_id, next_epoch), s, disks)| {
@@ -351,6 +357,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                     alignment: s.3,
                     barrier_interval: s.4,
                     heartbeat_interval_ms: s.5,
+                    paused: s.6,
                 },
                 disks: disks
                     .into_iter()
@@ -465,8 +472,12 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                     })
                     .collect(),
             })),
-        any::<u64>()
-            .prop_map(|bandwidth_limit| Frame::SettingsUpdate(SettingsUpdate { bandwidth_limit })),
+        any::<(u64, bool)>().prop_map(|(bandwidth_limit, paused)| Frame::SettingsUpdate(
+            SettingsUpdate {
+                bandwidth_limit,
+                paused
+            }
+        )),
         (any::<u16>(), arb_string(200)).prop_map(|(c, message)| Frame::Error(ErrorFrame {
             code: ErrorCode(c),
             message
@@ -588,4 +599,29 @@ fn an_unknown_resume_claim_is_kept_as_untrusted() {
     );
     // Kept whole: it re-encodes to the bytes it came from.
     assert_eq!(Frame::Hello(decoded).to_bytes(), bytes);
+}
+
+#[test]
+fn settings_flags_this_version_does_not_know_are_ignored() {
+    let update = |paused| {
+        Frame::SettingsUpdate(SettingsUpdate {
+            bandwidth_limit: 7,
+            paused,
+        })
+        .to_bytes()
+    };
+    let mut later = update(false);
+    // A later receiver sets bits of settings this agent has never heard of.
+    *later.last_mut().unwrap() = 0xfe;
+    let Some((Frame::SettingsUpdate(decoded), _)) = decode(&later).unwrap() else {
+        panic!("a SettingsUpdate");
+    };
+    assert!(!decoded.paused);
+    assert_eq!(decoded.bandwidth_limit, 7);
+    *later.last_mut().unwrap() = 0xff;
+    let Some((Frame::SettingsUpdate(decoded), _)) = decode(&later).unwrap() else {
+        panic!("a SettingsUpdate");
+    };
+    assert!(decoded.paused);
+    assert_eq!(*update(true).last().unwrap(), 1, "paused is bit 0");
 }

@@ -13,7 +13,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{ServerSettings, TokenRecord};
+use crate::catalog::{ServerSettings, SettingsChange, TokenRecord};
 use crate::session::{SessionContext, error_chain};
 use crate::status::StatusReport;
 
@@ -46,11 +46,11 @@ pub enum AdminRequest {
     RevokeToken {
         id: String,
     },
-    /// Set a server's settings (or the template, when `server_id` is absent); a connected
-    /// agent hears the change at once.
-    SetSettings {
+    /// Change a server's settings (or the template, when `server_id` is absent); a
+    /// connected agent hears the change at once.
+    UpdateSettings {
         server_id: Option<String>,
-        settings: ServerSettings,
+        change: SettingsChange,
     },
     ListSettings,
 }
@@ -63,8 +63,9 @@ pub enum AdminResponse {
     Revoked(RevokeAnswer),
     Tokens(Vec<TokenRecord>),
     Settings(SettingsList),
-    /// Whether a connected agent was told.
+    /// The settings as they now are, and whether a connected agent was told.
     SettingsSet {
+        settings: ServerSettings,
         applied_live: bool,
     },
     Done,
@@ -218,30 +219,29 @@ async fn answer(stream: UnixStream, ctx: &SessionContext) -> io::Result<()> {
                 Err(err) => AdminResponse::Error(err.to_string()),
             }
         }
-        Ok(AdminRequest::SetSettings {
-            server_id,
-            settings,
-        }) => {
+        Ok(AdminRequest::UpdateSettings { server_id, change }) => {
             let catalog = Arc::clone(&ctx.catalog);
             let server = server_id.clone();
-            match blocking(move || {
-                catalog
-                    .set_settings(server.as_deref(), settings)
-                    .map(|()| AdminResponse::Done)
+            match tokio::task::spawn_blocking(move || {
+                catalog.update_settings(server.as_deref(), change)
             })
             .await
             {
-                AdminResponse::Done => {
+                Ok(Ok(settings)) => {
                     let session = server_id
                         .as_deref()
                         .and_then(|s| ctx.registry.session_of(s));
                     let applied_live = session.is_some();
                     if let Some(session) = session {
-                        session.update_bandwidth(settings.bandwidth_limit()).await;
+                        session.apply_settings(&settings).await;
                     }
-                    AdminResponse::SettingsSet { applied_live }
+                    AdminResponse::SettingsSet {
+                        settings,
+                        applied_live,
+                    }
                 }
-                other => other,
+                Ok(Err(err)) => AdminResponse::Error(error_chain(&err)),
+                Err(err) => AdminResponse::Error(err.to_string()),
             }
         }
         Ok(AdminRequest::ListSettings) => {

@@ -251,6 +251,29 @@ pub struct ServerSettings {
     /// The agent's bandwidth limit, all streams together, in megabits per second
     /// (10^6 bit/s); 0 is unlimited.
     pub bandwidth_mbps: u64,
+    /// An operator paused the server's replication (`pause`): its agent sends nothing
+    /// but heartbeats, and keeps tracking changes, until `resume`.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// What an operator changes of a server's settings; `None` leaves a setting as it is.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SettingsChange {
+    pub bandwidth_mbps: Option<u64>,
+    pub paused: Option<bool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("no source server {0} in the catalog (see `blockferry-receiver status`)")]
+    NoSuchServer(String),
+    #[error(
+        "a pause applies to one server (`--server ID`), not to the template for servers to come"
+    )]
+    PauseTemplate,
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
 }
 
 impl ServerSettings {
@@ -731,19 +754,51 @@ impl Catalog {
         Ok(())
     }
 
-    /// Sets the settings of `server_id`, or the template for servers to come (`None`).
-    pub fn set_settings(
+    /// Changes the settings of `server_id`, or of the template for servers to come
+    /// (`None`), and returns them as they now are. A server without settings of its own
+    /// starts from the template, as it would at its first connection. Only a server the
+    /// catalog knows can be paused: a pause of a mistyped id would pause nothing.
+    pub fn update_settings(
         &self,
         server_id: Option<&str>,
-        value: ServerSettings,
-    ) -> Result<(), CatalogError> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(SETTINGS)?.insert(
-            server_id.unwrap_or(DEFAULT_SETTINGS),
-            encode(&value).as_slice(),
-        )?;
-        txn.commit()?;
-        Ok(())
+        change: SettingsChange,
+    ) -> Result<ServerSettings, SettingsError> {
+        let txn = self.db.begin_write().map_err(CatalogError::from)?;
+        let settings = {
+            match (server_id, change.paused) {
+                (None, Some(_)) => return Err(SettingsError::PauseTemplate),
+                (Some(server), Some(_)) => {
+                    let servers = txn.open_table(SERVERS).map_err(CatalogError::from)?;
+                    if servers.get(server).map_err(CatalogError::from)?.is_none() {
+                        return Err(SettingsError::NoSuchServer(server.to_owned()));
+                    }
+                }
+                (_, None) => {}
+            }
+            let mut table = txn.open_table(SETTINGS).map_err(CatalogError::from)?;
+            let key = server_id.unwrap_or(DEFAULT_SETTINGS);
+            let current = match table.get(key).map_err(CatalogError::from)? {
+                Some(raw) => Some(decode::<ServerSettings>(key, raw.value())?),
+                None => None,
+            };
+            let current = match current {
+                Some(own) => own,
+                None => match table.get(DEFAULT_SETTINGS).map_err(CatalogError::from)? {
+                    Some(raw) => decode(DEFAULT_SETTINGS, raw.value())?,
+                    None => ServerSettings::default(),
+                },
+            };
+            let settings = ServerSettings {
+                bandwidth_mbps: change.bandwidth_mbps.unwrap_or(current.bandwidth_mbps),
+                paused: change.paused.unwrap_or(current.paused),
+            };
+            table
+                .insert(key, encode(&settings).as_slice())
+                .map_err(CatalogError::from)?;
+            settings
+        };
+        txn.commit().map_err(CatalogError::from)?;
+        Ok(settings)
     }
 
     /// The template, and every server's own settings, by server id.

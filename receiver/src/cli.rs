@@ -9,7 +9,7 @@ use blockferry_storage::IoEngine;
 use clap::{Parser, Subcommand};
 
 use crate::admin::{self, AdminRequest, AdminResponse};
-use crate::catalog::{Catalog, CatalogError, ServerSettings};
+use crate::catalog::{Catalog, CatalogError, ServerSettings, SettingsChange};
 use crate::demo::{self, DemoOptions, parse_size};
 use crate::status::StatusReport;
 use crate::{Receiver, ReceiverConfig};
@@ -104,6 +104,24 @@ pub enum Command {
         /// Only this disk (default: every disk of the server).
         #[arg(long)]
         disk: Option<String>,
+    },
+    /// Pause a source server's replication: its agent stops sending data, initial sync
+    /// and rescan included, keeps heartbeating, and keeps tracking changes, which it
+    /// sends on `resume`. Survives restarts of either side.
+    Pause {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The source server id (as in `status`).
+        #[arg(long)]
+        server: String,
+    },
+    /// Resume a paused source server's replication where it stopped.
+    Resume {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The source server id (as in `status`).
+        #[arg(long)]
+        server: String,
     },
     /// Replicate a generated image through a local receiver and agent, and verify it.
     Demo {
@@ -467,19 +485,11 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             if let Some(server) = &server {
                 crate::pki::validate_name("server id", server)?;
             }
-            let settings = ServerSettings { bandwidth_mbps };
-            let request = AdminRequest::SetSettings {
-                server_id: server.clone(),
-                settings,
+            let change = SettingsChange {
+                bandwidth_mbps: Some(bandwidth_mbps),
+                paused: None,
             };
-            let answer = admin_or_catalog(&data_dir, request, |catalog| {
-                catalog.set_settings(server.as_deref(), settings).map(|()| {
-                    AdminResponse::SettingsSet {
-                        applied_live: false,
-                    }
-                })
-            })
-            .await?;
+            let answer = update_settings(&data_dir, server.as_deref(), change).await?;
             let limit = if bandwidth_mbps == 0 {
                 "unlimited".to_owned()
             } else {
@@ -489,7 +499,12 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 (None, _) => println!(
                     "template bandwidth limit: {limit} (for servers that connect from now on)"
                 ),
-                (Some(server), AdminResponse::SettingsSet { applied_live: true }) => {
+                (
+                    Some(server),
+                    AdminResponse::SettingsSet {
+                        applied_live: true, ..
+                    },
+                ) => {
                     println!("server {server}: bandwidth limit {limit}, applied to its agent now")
                 }
                 (Some(server), _) => println!(
@@ -518,14 +533,20 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
                         format!("{} Mbit/s", s.bandwidth_mbps)
                     }
                 };
-                println!("{:<24} BANDWIDTH", "SERVER");
-                println!("{:<24} {}", "(template)", limit(&list.default));
+                println!("{:<24} {:<16} PAUSED", "SERVER", "BANDWIDTH");
+                println!("{:<24} {:<16} -", "(template)", limit(&list.default));
                 for (server, settings) in &list.servers {
-                    println!("{server:<24} {}", limit(settings));
+                    println!(
+                        "{server:<24} {:<16} {}",
+                        limit(settings),
+                        if settings.paused { "yes" } else { "no" }
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Pause { data_dir, server } => pause(&data_dir, &server, true).await,
+        Command::Resume { data_dir, server } => pause(&data_dir, &server, false).await,
         Command::Rescan {
             data_dir,
             server,
@@ -618,6 +639,59 @@ fn humantime(secs: u64) -> String {
         s if s % 60 == 0 => format!("{}m", s / 60),
         s => format!("{s}s"),
     }
+}
+
+/// `pause` (`paused`) or `resume` (not `paused`) a server's replication.
+async fn pause(data_dir: &std::path::Path, server: &str, paused: bool) -> anyhow::Result<ExitCode> {
+    let change = SettingsChange {
+        bandwidth_mbps: None,
+        paused: Some(paused),
+    };
+    let answer = update_settings(data_dir, Some(server), change).await?;
+    let live = matches!(
+        answer,
+        AdminResponse::SettingsSet {
+            applied_live: true,
+            ..
+        }
+    );
+    match (paused, live) {
+        (true, true) => println!(
+            "server {server}: replication paused; its agent stopped sending now and keeps tracking changes"
+        ),
+        (true, false) => println!(
+            "server {server}: replication paused; its agent will send nothing when it connects"
+        ),
+        (false, true) => println!(
+            "server {server}: replication resumed; its agent is sending what changed meanwhile"
+        ),
+        (false, false) => {
+            println!("server {server}: replication resumed; its agent replicates when it connects")
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Through the running receiver (which tells a connected agent at once), or in the
+/// catalog directly when none runs.
+async fn update_settings(
+    data_dir: &std::path::Path,
+    server_id: Option<&str>,
+    change: SettingsChange,
+) -> anyhow::Result<AdminResponse> {
+    let request = AdminRequest::UpdateSettings {
+        server_id: server_id.map(str::to_owned),
+        change,
+    };
+    admin_or_catalog(data_dir, request, |catalog| {
+        catalog
+            .update_settings(server_id, change)
+            .map(|settings| AdminResponse::SettingsSet {
+                settings,
+                applied_live: false,
+            })
+    })
+    .await
 }
 
 /// Through the running receiver, or in the catalog directly when none runs.

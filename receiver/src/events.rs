@@ -3,9 +3,10 @@
 //! by the control API (`GET /v1/events`).
 //!
 //! `started` is recorded when a server's first session (or the first after a reinstall)
-//! begins. `stalled` and `resumed` come from a watcher that looks at every server once a
-//! second: a server is stalled while it is disconnected or any of its disks is STALLED,
-//! and a change of that verdict (or of its reason) is an event.
+//! begins. `stalled`, `paused` and `resumed` come from a watcher that looks at every
+//! server once a second: a server is stalled while it is disconnected or any of its disks
+//! is STALLED, paused while an operator paused it and it is connected, and a change of
+//! that verdict (or of its reason) is an event.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -33,6 +34,7 @@ pub const MAX_EVENTS_READ: usize = 10_000;
 pub enum EventKind {
     Started,
     Stalled,
+    Paused,
     Resumed,
 }
 
@@ -47,7 +49,7 @@ pub struct Event {
     pub event: EventKind,
     /// Machine-readable: `first_contact`, `agent_reinstalled`, `disconnected`,
     /// `staging_full`, `staging_error`, `no_progress`, `reconnected`, `progress`,
-    /// `staging_space_available`.
+    /// `staging_space_available`, `operator_request`.
     pub reason: String,
     /// For people.
     pub detail: String,
@@ -96,6 +98,9 @@ impl EventLog {
             EventKind::Started => {
                 tracing::info!(server = server_id, reason, detail, "replication started")
             }
+            EventKind::Paused => {
+                tracing::info!(server = server_id, reason, detail, "replication paused")
+            }
             EventKind::Resumed => {
                 tracing::info!(server = server_id, reason, detail, "replication resumed")
             }
@@ -137,7 +142,18 @@ pub fn read_events(path: &Path) -> std::io::Result<Vec<Event>> {
     Ok(events)
 }
 
-/// Watches every server once a second and records `stalled` and `resumed`.
+/// What the watcher tracks of a server: None while it replicates, else why not — a stall
+/// reason, or `paused`.
+fn condition(server: &crate::status::ServerStatus) -> Option<String> {
+    server
+        .stalled
+        .clone()
+        .or_else(|| (server.paused && server.connected).then(|| PAUSED.to_owned()))
+}
+
+const PAUSED: &str = "paused";
+
+/// Watches every server once a second and records `stalled`, `paused` and `resumed`.
 pub(crate) async fn watch(
     catalog: Arc<Catalog>,
     sessions: Arc<SessionRegistry>,
@@ -157,7 +173,7 @@ pub(crate) async fn watch(
             let now: HashMap<String, Option<String>> = report
                 .servers
                 .iter()
-                .map(|s| (s.server_id.clone(), s.stalled.clone()))
+                .map(|s| (s.server_id.clone(), condition(s)))
                 .collect();
             if let Some(before) = &seen {
                 for server in &report.servers {
@@ -174,12 +190,18 @@ pub(crate) async fn watch(
     }
 }
 
-/// Records the change, if any, between what a server was (`was`: its stall reason, or
-/// None while replicating) and what it is.
+/// Records the change, if any, between what a server was (`was`: its [`condition`]) and
+/// what it is.
 fn announce(events: &EventLog, server: &crate::status::ServerStatus, was: Option<&str>) {
-    match (was, server.stalled.as_deref()) {
+    match (was, condition(server).as_deref()) {
         (None, None) => {}
         (Some(old), Some(new)) if old == new => {}
+        (_, Some(PAUSED)) => events.record(
+            &server.server_id,
+            EventKind::Paused,
+            "operator_request",
+            "an operator paused replication; the agent tracks changes and sends them on resume",
+        ),
         (_, Some(reason)) => {
             let detail = match reason {
                 "disconnected" => "the agent is not connected".to_owned(),
@@ -195,16 +217,17 @@ fn announce(events: &EventLog, server: &crate::status::ServerStatus, was: Option
         }
         (Some(old), None) => {
             let reason = match old {
+                PAUSED => "operator_request",
                 "disconnected" => "reconnected",
                 "staging_full" | "staging_error" => "staging_space_available",
                 _ => "progress",
             };
-            events.record(
-                &server.server_id,
-                EventKind::Resumed,
-                reason,
-                &format!("was stalled: {old}"),
-            );
+            let detail = if old == PAUSED {
+                "an operator resumed replication".to_owned()
+            } else {
+                format!("was stalled: {old}")
+            };
+            events.record(&server.server_id, EventKind::Resumed, reason, &detail);
         }
     }
 }

@@ -337,6 +337,14 @@ impl Collector for StateCollector {
         )?;
         gauge(
             &mut encoder,
+            "blockferry_server_paused",
+            "1 while an operator has paused the server's replication (`pause`), else 0",
+            servers
+                .iter()
+                .map(|s| (server(s), if s.paused { 1.0 } else { 0.0 })),
+        )?;
+        gauge(
+            &mut encoder,
             "blockferry_server_last_seen_timestamp_seconds",
             "When the server's agent last connected or was last heard from (Unix time)",
             servers.iter().map(|s| (server(s), s.last_seen as f64)),

@@ -233,6 +233,8 @@ pub(crate) struct Session {
     /// Unix ms of the session's start or its latest durable epoch.
     progress_at_ms: AtomicU64,
     stall_after: Duration,
+    /// An operator paused the server: no progress is expected, so none is missed.
+    paused: std::sync::atomic::AtomicBool,
     /// The session's disks, in Hello order (heartbeats name disks by index).
     disk_names: Vec<String>,
     /// Ending to hear of a granted slot: the server keeps its slots for its next session.
@@ -277,7 +279,9 @@ impl Session {
             },
             heartbeat,
             receive_rate: self.meter.rate.rate(),
-            no_progress: pending && u128::from(idle_ms) > self.stall_after.as_millis(),
+            no_progress: pending
+                && !self.paused.load(Ordering::Relaxed)
+                && u128::from(idle_ms) > self.stall_after.as_millis(),
             disk_names: self.disk_names.clone(),
         }
     }
@@ -289,11 +293,22 @@ impl Session {
         self.keeping_slots.store(true, Ordering::Relaxed);
     }
 
-    /// Tells the agent its new bandwidth limit (bytes per second, 0: unlimited).
-    pub(crate) async fn update_bandwidth(&self, limit: u64) {
-        tracing::info!(bytes_per_second = limit, "bandwidth limit changed");
+    /// Tells the agent its server's settings as an operator just changed them.
+    pub(crate) async fn apply_settings(&self, settings: &crate::catalog::ServerSettings) {
+        tracing::info!(
+            server = %self.identity.server_id,
+            bytes_per_second = settings.bandwidth_limit(),
+            paused = settings.paused,
+            "settings changed"
+        );
+        if self.paused.swap(settings.paused, Ordering::Relaxed) != settings.paused {
+            // The stall clock starts again: a pause is no lack of progress, and a resume
+            // gives the agent the stall time to show some.
+            self.progress_at_ms.store(now_ms(), Ordering::Relaxed);
+        }
         self.broadcast(Frame::SettingsUpdate(blockferry_proto::SettingsUpdate {
-            bandwidth_limit: limit,
+            bandwidth_limit: settings.bandwidth_limit(),
+            paused: settings.paused,
         }))
         .await;
     }
@@ -439,6 +454,7 @@ async fn run_primary(
         meter: ctx.metrics.server(&identity.server_id),
         progress_at_ms: AtomicU64::new(now_ms()),
         stall_after: ctx.settings.stall_after,
+        paused: std::sync::atomic::AtomicBool::new(settings.paused),
         disk_names: records.iter().map(|r| r.name.clone()).collect(),
         keeping_slots: std::sync::atomic::AtomicBool::new(false),
     });
@@ -475,6 +491,7 @@ async fn run_primary(
             barrier_interval: ctx.settings.barrier_interval,
             heartbeat_interval_ms: u32::try_from(ctx.settings.heartbeat_interval.as_millis())
                 .unwrap_or(u32::MAX),
+            paused: settings.paused,
         },
         disks: records
             .iter()

@@ -65,8 +65,11 @@ pub struct ServerStatus {
     /// at the measured rate (null when unknown: not connected, or nothing measured).
     pub eta_seconds: Option<f64>,
     /// Why the server is not replicating, if it is not: `disconnected`, `staging_full`,
-    /// `staging_error`, `no_progress`. Null while it replicates.
+    /// `staging_error`, `no_progress`. Null while it replicates (or is paused).
     pub stalled: Option<String>,
+    /// An operator paused the server's replication (`pause`); its connected disks show
+    /// PAUSED until `resume`.
+    pub paused: bool,
     pub inventory: InventoryRecord,
     pub disks: Vec<DiskStatus>,
 }
@@ -109,6 +112,12 @@ impl StatusReport {
         live: Option<&SessionRegistry>,
     ) -> Result<Self, CatalogError> {
         let (template, own_settings) = catalog.all_settings()?;
+        let settings_of = |server_id: &str| {
+            own_settings
+                .iter()
+                .find(|(id, _)| id == server_id)
+                .map_or(template, |(_, s)| *s)
+        };
         let servers = catalog
             .servers()?
             .into_iter()
@@ -117,6 +126,7 @@ impl StatusReport {
                 let view = session.as_ref().map(|s| s.live_view());
                 let connected = live.is_some_and(|r| r.is_connected(&server.server_id));
                 let heartbeat = view.as_ref().and_then(|v| v.heartbeat.clone());
+                let settings = settings_of(&server.server_id);
                 let disks: Vec<DiskStatus> = disks
                     .into_iter()
                     .map(|d| {
@@ -137,6 +147,7 @@ impl StatusReport {
                         let (state, reason) = effective_state(
                             &d,
                             disk_connected,
+                            settings.paused,
                             view.as_ref().is_some_and(|v| v.no_progress),
                             queue_position,
                             beat.map(|b| b.state),
@@ -185,13 +196,10 @@ impl StatusReport {
                     + backlog_bytes.unwrap_or(0);
                 let eta_seconds = match rate {
                     _ if left == 0 && connected => Some(0.0),
+                    _ if settings.paused => None,
                     Some(rate) if rate > 0.0 => Some(left as f64 / rate),
                     _ => None,
                 };
-                let settings = own_settings
-                    .iter()
-                    .find(|(id, _)| *id == server.server_id)
-                    .map_or(template, |(_, s)| *s);
                 ServerStatus {
                     connected,
                     streams: view.as_ref().map_or(0, |v| v.streams),
@@ -203,6 +211,7 @@ impl StatusReport {
                     bandwidth_mbps: settings.bandwidth_mbps,
                     eta_seconds,
                     stalled,
+                    paused: settings.paused,
                     consistent_at: server.consistent_at_ms / 1000,
                     disks,
                     server_id: server.server_id,
@@ -246,7 +255,9 @@ impl StatusReport {
                 s.server_id,
                 s.agent_id,
                 match &s.stalled {
+                    None if s.paused => "paused by an operator".to_owned(),
                     None => "replicating".to_owned(),
+                    Some(reason) if s.paused => format!("stalled: {reason} (and paused)"),
                     Some(reason) => format!("stalled: {reason}"),
                 }
             );
@@ -304,14 +315,15 @@ impl DiskStatus {
 
 /// The state a disk is in now: what the catalog recorded, refined by what only the live
 /// session knows. In order: a staging failure stalls the disk whatever else holds; a
-/// disk without a session is DISCONNECTED; a disk waiting for a sync slot is QUEUED; a
-/// session without durable progress while
-/// changes wait is STALLED; a disk whose first bytes are not durable yet is INITIATING;
+/// disk without a session is DISCONNECTED; a connected disk of a paused server is
+/// PAUSED; a disk waiting for a sync slot is QUEUED; a session without durable progress
+/// while changes wait is STALLED; a disk whose first bytes are not durable yet is INITIATING;
 /// an initial sync or rescan shows as such; a disk whose changes outrun the link (the
 /// agent re-reads them from the volume) is in BACKLOG.
 fn effective_state(
     disk: &crate::catalog::DiskRecord,
     connected: bool,
+    paused: bool,
     no_progress: bool,
     queue_position: Option<usize>,
     agent_view: Option<DiskState>,
@@ -321,6 +333,8 @@ fn effective_state(
         (DiskState::STALLED, disk.stall.as_str())
     } else if !connected {
         (DiskState::DISCONNECTED, disk.reason.as_str())
+    } else if paused {
+        (DiskState::PAUSED, "operator_request")
     } else if queue_position.is_some() {
         (DiskState::QUEUED, "waiting_for_slot")
     } else if no_progress {

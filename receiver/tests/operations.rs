@@ -856,3 +856,202 @@ async fn a_link_that_carries_almost_nothing_stalls_the_disk_then_it_resumes() {
     let _ = run.await;
     receiver.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_server_sends_nothing_keeps_tracking_and_resumes_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let mut config = ops_config(&data);
+    // A pause is no stall, however long it lasts. (Barriers every MiB: at the test's
+    // 5 MB/s, durable progress comes far more often than the stall time.)
+    config.stall_after = Duration::from_secs(2);
+    config.barrier_interval = 1 << 20;
+    let receiver = Receiver::start(config).await.unwrap();
+    // Slow enough to pause in the middle of the initial sync.
+    cli(
+        &data,
+        &["settings", "set", "--default", "--bandwidth-mbps", "40"],
+    );
+    let creds = credentials(&data, "srv", &dir.path().join("creds"));
+    let size = 48u64 << 20;
+    let (source, _) = image(dir.path(), "src.img", size, 1.0, 1 << 20, 41);
+    let volumes = vec![volume("d0", &source)];
+    let mut config = agent_config(receiver.local_addr(), creds);
+    config.exit_when_synced = false;
+    let first = std::sync::Arc::new(Agent::new(&volumes));
+    let stop = CancellationToken::new();
+    let run = {
+        let (config, volumes, stop) = (config.clone(), volumes.clone(), stop.clone());
+        let agent = std::sync::Arc::clone(&first);
+        tokio::spawn(async move { agent.run(&config, &volumes, stop).await })
+    };
+    wait_for("4 MiB synced", Duration::from_secs(30), || {
+        let status = receiver.status().unwrap();
+        (status.servers.first()?.disks[0].replicated_bytes >= 4 << 20).then_some(())
+    })
+    .await;
+
+    let out = cli(&data, &["pause", "--server", "srv"]);
+    assert!(out.contains("stopped sending now"), "{out}");
+    wait_for(
+        "the agent to hear of the pause",
+        Duration::from_secs(5),
+        || first.stats().pause.is_paused().then_some(()),
+    )
+    .await;
+    // Writes go on at the source, below and above the sync's position: tracked, not sent.
+    let mut rng = Rng(41);
+    for offset in [0u64, 40 << 20] {
+        let block: Vec<u8> = (0..1 << 20).map(|_| rng.next() as u8).collect();
+        first.capture().write(0, offset, block).await.unwrap();
+    }
+    // What the streams had queued before the pause drains first.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = receiver.received_bytes("srv");
+    let watermark = receiver.status().unwrap().servers[0].disks[0].sync_watermark;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = receiver.received_bytes("srv") - before;
+    assert!(
+        during < 64 << 10,
+        "{during} bytes arrived in 3 s of pause: only heartbeats may"
+    );
+    let status = receiver.status().unwrap();
+    let server = &status.servers[0];
+    assert!(server.paused && server.connected && server.stalled.is_none());
+    assert_eq!(server.disks[0].state, "PAUSED", "{:?}", server.disks[0]);
+    assert_eq!(server.disks[0].reason, "operator_request");
+    assert_eq!(server.disks[0].sync_watermark, watermark);
+    assert_eq!(server.eta_seconds, None);
+    assert!(
+        server.disks[0].backlog_bytes >= Some(1 << 20),
+        "the write below the sync position is tracked and reported: {:?}",
+        server.disks[0].backlog_bytes
+    );
+    assert!(status.render_table().contains("paused by an operator"));
+    let page = scrape(&receiver).await;
+    assert_eq!(
+        sample(&page, "blockferry_server_paused", &[("server", "srv")]),
+        Some(1.0)
+    );
+    assert_eq!(state_of(&page, "srv", "d0").as_deref(), Some("PAUSED"));
+    // Another setting changed meanwhile leaves the pause as it is.
+    cli(
+        &data,
+        &[
+            "settings",
+            "set",
+            "--server",
+            "srv",
+            "--bandwidth-mbps",
+            "80",
+        ],
+    );
+    let shown = cli(&data, &["settings", "show"]);
+    let line = shown.lines().find(|l| l.starts_with("srv ")).unwrap();
+    assert!(
+        line.contains("80 Mbit/s") && line.ends_with("yes"),
+        "{shown}"
+    );
+    assert!(first.stats().pause.is_paused());
+
+    // The agent restarts without a state record while paused: the receiver asks for a
+    // rescan, and the pause holds that too — not one checksum query goes out.
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    let second = Agent::new(&volumes);
+    let stats = std::sync::Arc::clone(second.stats());
+    let stop = CancellationToken::new();
+    let run = {
+        let (config, volumes, stop) = (config.clone(), volumes.clone(), stop.clone());
+        tokio::spawn(async move { second.run(&config, &volumes, stop).await })
+    };
+    wait_for(
+        "the restarted agent, paused",
+        Duration::from_secs(10),
+        || {
+            let status = receiver.status().unwrap();
+            let disk = &status.servers[0].disks[0];
+            (stats.pause.is_paused() && status.servers[0].connected && disk.state == "PAUSED")
+                .then_some(())
+        },
+    )
+    .await;
+    let before = receiver.received_bytes("srv");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = receiver.received_bytes("srv") - before;
+    assert!(during < 64 << 10, "{during} bytes arrived while paused");
+    let disk = receiver.status().unwrap().servers[0].disks[0].clone();
+    assert_eq!(disk.rescan_reason.as_deref(), Some("unclean_shutdown"));
+    assert_eq!(
+        stats
+            .rescanned_bytes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "a paused agent must not rescan"
+    );
+    assert_eq!(disk.sync_watermark, watermark);
+
+    let out = cli(&data, &["resume", "--server", "srv"]);
+    assert!(out.contains("resumed; its agent is sending"), "{out}");
+    wait_synced(&stats).await;
+    assert_identical(&source, &staging_image(&data, "srv", "d0"));
+    assert_eq!(
+        stats.sessions.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "a resume needs no reconnect"
+    );
+    let events: Vec<Event> = receiver
+        .events()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.server_id == "srv")
+        .collect();
+    let paused = event_index(&events, "srv", EventKind::Paused, "operator_request").unwrap();
+    let resumed = event_index(&events, "srv", EventKind::Resumed, "operator_request").unwrap();
+    assert!(paused < resumed, "{events:?}");
+    assert!(
+        events
+            .iter()
+            .all(|e| !(e.event == EventKind::Stalled && e.reason == "no_progress")),
+        "a pause is no stall: {events:?}"
+    );
+    let status = receiver.status().unwrap();
+    assert!(!status.servers[0].paused);
+    assert_ne!(status.servers[0].disks[0].state, "PAUSED");
+    stop.cancel();
+    let _ = run.await;
+    receiver.shutdown().await;
+}
+
+#[test]
+fn pausing_an_unknown_server_or_the_template_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    // A data dir with a catalog and no receiver running: the commands work offline.
+    std::fs::create_dir_all(&data).unwrap();
+    drop(blockferry_receiver::catalog::Catalog::open(&data).unwrap());
+    let out = Command::new(env!("CARGO_BIN_EXE_blockferry-receiver"))
+        .args(["pause", "--server", "no-such-server", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no source server no-such-server") && stderr.contains("status"),
+        "{stderr}"
+    );
+    // Nothing was written for it.
+    assert!(!cli(&data, &["settings", "show"]).contains("no-such-server"));
+    let catalog = blockferry_receiver::catalog::Catalog::open(&data).unwrap();
+    let err = catalog
+        .update_settings(
+            None,
+            blockferry_receiver::catalog::SettingsChange {
+                bandwidth_mbps: None,
+                paused: Some(true),
+            },
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("--server"), "{err}");
+}
