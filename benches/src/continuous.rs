@@ -220,7 +220,7 @@ fn self_cpu() -> f64 {
 }
 
 /// CPU seconds (user + system) of process `pid`, from /proc.
-fn proc_cpu(pid: u32) -> f64 {
+pub(crate) fn proc_cpu(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
@@ -237,6 +237,19 @@ fn proc_cpu(pid: u32) -> f64 {
     // SAFETY: sysconf only reads a configuration value.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     (ticks(11) + ticks(12)) / hz
+}
+
+/// The peak resident set size of process `pid` (VmHWM), from /proc.
+pub(crate) fn peak_rss_of(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kb| kb * 1024)
 }
 
 fn rss_bytes() -> u64 {

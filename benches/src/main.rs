@@ -20,6 +20,8 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 mod continuous;
+mod loadgen;
+mod plot;
 mod rescan;
 
 #[derive(Parser)]
@@ -67,6 +69,62 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Many simulated agents (the agent library, each with its own certificate and
+    /// disks) against one receiver: initial sync, then continuous writes; throughput,
+    /// lag, CPU, memory and bytes on the wire, as a table, JSON and a PNG plot.
+    Loadgen {
+        /// Simulated agents (source servers).
+        #[arg(long, default_value_t = 4)]
+        agents: usize,
+        /// Disks per agent.
+        #[arg(long, default_value_t = 2)]
+        disks: usize,
+        /// TLS streams per agent (the receiver grants at most 5).
+        #[arg(long, default_value_t = 4)]
+        streams: u8,
+        /// Size of each disk image, e.g. 64M, 1G.
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        size: u64,
+        /// Fraction of each image that is zeros (0 to 1), spread in 1 MiB regions.
+        #[arg(long, default_value_t = 0.0)]
+        zero_fraction: f64,
+        /// Continuous phase: MiB/s of writes per agent.
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+        /// Smallest write, bytes (a multiple of 512), e.g. 4K.
+        #[arg(long, default_value = "4K", value_parser = parse_size)]
+        min_write: u64,
+        /// Largest write, bytes (a multiple of 512), e.g. 64K.
+        #[arg(long, default_value = "64K", value_parser = parse_size)]
+        max_write: u64,
+        /// Where writes land: uniform, sequential, zipf.
+        #[arg(long, value_enum, default_value = "uniform")]
+        pattern: loadgen::Pattern,
+        /// Seconds of continuous writes.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// An external receiver (HOST:PORT) instead of one started here; needs
+        /// --credentials.
+        #[arg(long)]
+        receiver: Option<String>,
+        /// With --receiver: a directory holding agent-000, agent-001, … each an agent
+        /// credentials directory (`blockferry-receiver agent issue --out`).
+        #[arg(long)]
+        credentials: Option<PathBuf>,
+        /// Directory for images and the local receiver's data (default: a temp dir under
+        /// /var/tmp, removed afterwards).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Also draw throughput and lag over time into this PNG file.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// How often throughput and lag are sampled, milliseconds.
+        #[arg(long, default_value_t = 100)]
+        sample_ms: u64,
+    },
     /// Rescan by checksum after scattered untracked changes vs. rsync --inplace
     /// --no-whole-file on the same data, and vs. reading both images (the lower bound).
     Rescan {
@@ -109,6 +167,45 @@ fn main() -> anyhow::Result<()> {
         } => {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(continuous::run(&rates, seconds, size, dir))
+        }
+        Command::Loadgen {
+            agents,
+            disks,
+            streams,
+            size,
+            zero_fraction,
+            rate,
+            min_write,
+            max_write,
+            pattern,
+            seconds,
+            receiver,
+            credentials,
+            dir,
+            json,
+            plot,
+            sample_ms,
+        } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            let options = loadgen::Options {
+                agents,
+                disks,
+                streams,
+                size,
+                zero_fraction,
+                rate,
+                min_write,
+                max_write,
+                pattern,
+                seconds,
+                receiver,
+                credentials,
+                dir,
+                json,
+                plot,
+                sample_every: Duration::from_millis(sample_ms.max(10)),
+            };
+            runtime.block_on(loadgen::run(options)).map(drop)
         }
         Command::Rescan {
             size,
@@ -192,6 +289,11 @@ async fn initial_sync(
         peak_rss_mib()
     );
     Ok(())
+}
+
+/// Locks a mutex, also after a panic elsewhere: the data are measurements, still usable.
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn gbps(size: u64, d: Duration) -> f64 {
