@@ -309,6 +309,9 @@ pub struct Settings {
     /// requests or barriers until a `SettingsUpdate` resumes it, and keeps tracking
     /// changes meanwhile.
     pub paused: bool,
+    /// Bits of the flags byte this version does not know (a later peer's settings):
+    /// ignored, and kept so that the frame re-encodes as it came.
+    pub unknown_flags: u8,
 }
 
 /// Where a disk stands at the receiver when a session starts.
@@ -492,14 +495,16 @@ pub struct SettingsUpdate {
     pub bandwidth_limit: u64,
     /// As [`Settings::paused`].
     pub paused: bool,
+    /// As [`Settings::unknown_flags`].
+    pub unknown_flags: u8,
 }
 
 /// Bits of the settings flags byte. Bits this side does not know are ignored, so that a
 /// later setting can be added without breaking older peers.
 const SETTINGS_PAUSED: u8 = 1;
 
-fn settings_flags(paused: bool) -> u8 {
-    if paused { SETTINGS_PAUSED } else { 0 }
+fn settings_flags(paused: bool, unknown: u8) -> u8 {
+    (unknown & !SETTINGS_PAUSED) | if paused { SETTINGS_PAUSED } else { 0 }
 }
 
 /// A fatal error, sent before closing a stream.
@@ -662,7 +667,7 @@ impl Frame {
             }
             Self::SettingsUpdate(m) => {
                 out.put_u64(m.bandwidth_limit);
-                out.put_u8(settings_flags(m.paused));
+                out.put_u8(settings_flags(m.paused, m.unknown_flags));
             }
             Self::Error(m) => {
                 out.put_u16(m.code.0);
@@ -729,10 +734,15 @@ impl Frame {
                     })
                 })?,
             }),
-            FrameKind::SETTINGS_UPDATE => Self::SettingsUpdate(SettingsUpdate {
-                bandwidth_limit: r.u64("bandwidth_limit")?,
-                paused: r.u8("flags")? & SETTINGS_PAUSED != 0,
-            }),
+            FrameKind::SETTINGS_UPDATE => {
+                let bandwidth_limit = r.u64("bandwidth_limit")?;
+                let flags = r.u8("flags")?;
+                Self::SettingsUpdate(SettingsUpdate {
+                    bandwidth_limit,
+                    paused: flags & SETTINGS_PAUSED != 0,
+                    unknown_flags: flags & !SETTINGS_PAUSED,
+                })
+            }
             FrameKind::ERROR => Self::Error(ErrorFrame {
                 code: ErrorCode(r.u16("code")?),
                 message: r.string("message", MAX_STRING_LEN)?,
@@ -974,7 +984,7 @@ impl Welcome {
         out.put_u32(s.alignment);
         out.put_u64(s.barrier_interval);
         out.put_u32(s.heartbeat_interval_ms);
-        out.put_u8(settings_flags(s.paused));
+        out.put_u8(settings_flags(s.paused, s.unknown_flags));
         out.put_count(self.disks.len(), MAX_DISKS);
         for d in &self.disks {
             out.put_str(&d.name, MAX_DISK_NAME_LEN);
@@ -986,17 +996,31 @@ impl Welcome {
     }
 
     fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let session_id = r.bytes16("session_id")?;
+        let next_epoch = r.u64("next_epoch")?;
+        let (bandwidth_limit, max_streams, block_size, alignment) = (
+            r.u64("bandwidth_limit")?,
+            r.u8("max_streams")?,
+            r.u32("block_size")?,
+            r.u32("alignment")?,
+        );
+        let (barrier_interval, heartbeat_interval_ms, flags) = (
+            r.u64("barrier_interval")?,
+            r.u32("heartbeat_interval_ms")?,
+            r.u8("flags")?,
+        );
         Ok(Self {
-            session_id: r.bytes16("session_id")?,
-            next_epoch: r.u64("next_epoch")?,
+            session_id,
+            next_epoch,
             settings: Settings {
-                bandwidth_limit: r.u64("bandwidth_limit")?,
-                max_streams: r.u8("max_streams")?,
-                block_size: r.u32("block_size")?,
-                alignment: r.u32("alignment")?,
-                barrier_interval: r.u64("barrier_interval")?,
-                heartbeat_interval_ms: r.u32("heartbeat_interval_ms")?,
-                paused: r.u8("flags")? & SETTINGS_PAUSED != 0,
+                bandwidth_limit,
+                max_streams,
+                block_size,
+                alignment,
+                barrier_interval,
+                heartbeat_interval_ms,
+                paused: flags & SETTINGS_PAUSED != 0,
+                unknown_flags: flags & !SETTINGS_PAUSED,
             },
             disks: r.list("disks", MAX_DISKS, |r| {
                 Ok(DiskResume {

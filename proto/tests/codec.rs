@@ -52,6 +52,7 @@ fn sample_frames() -> Vec<Frame> {
                 barrier_interval: 64 << 20,
                 heartbeat_interval_ms: 5000,
                 paused: true,
+                unknown_flags: 0,
             },
             disks: vec![DiskResume {
                 name: "nvme0n1".into(),
@@ -128,10 +129,12 @@ fn sample_frames() -> Vec<Frame> {
         Frame::SettingsUpdate(SettingsUpdate {
             bandwidth_limit: 5_000_000,
             paused: false,
+            unknown_flags: 0,
         }),
         Frame::SettingsUpdate(SettingsUpdate {
             bandwidth_limit: 0,
             paused: true,
+            unknown_flags: 0x80,
         }),
         Frame::Error(ErrorFrame {
             code: ErrorCode::OUT_OF_RANGE,
@@ -343,7 +346,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         );
     let welcome = (
         any::<([u8; 16], u64)>(),
-        any::<(u64, u8, u32, u32, u64, u32, bool)>(),
+        any::<(u64, u8, u32, u32, u64, u32, u8)>(),
         proptest::collection::vec((arb_disk(), any::<u64>(), any::<(u8, u8)>()), 0..4),
     )
         .prop_map(|((session_id, next_epoch), s, disks)| {
@@ -357,7 +360,8 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                     alignment: s.3,
                     barrier_interval: s.4,
                     heartbeat_interval_ms: s.5,
-                    paused: s.6,
+                    paused: s.6 & 1 != 0,
+                    unknown_flags: s.6 & !1,
                 },
                 disks: disks
                     .into_iter()
@@ -472,10 +476,11 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                     })
                     .collect(),
             })),
-        any::<(u64, bool)>().prop_map(|(bandwidth_limit, paused)| Frame::SettingsUpdate(
+        any::<(u64, u8)>().prop_map(|(bandwidth_limit, flags)| Frame::SettingsUpdate(
             SettingsUpdate {
                 bandwidth_limit,
-                paused
+                paused: flags & 1 != 0,
+                unknown_flags: flags & !1,
             }
         )),
         (any::<u16>(), arb_string(200)).prop_map(|(c, message)| Frame::Error(ErrorFrame {
@@ -602,11 +607,12 @@ fn an_unknown_resume_claim_is_kept_as_untrusted() {
 }
 
 #[test]
-fn settings_flags_this_version_does_not_know_are_ignored() {
+fn settings_flags_this_version_does_not_know_are_ignored_and_kept() {
     let update = |paused| {
         Frame::SettingsUpdate(SettingsUpdate {
             bandwidth_limit: 7,
             paused,
+            unknown_flags: 0,
         })
         .to_bytes()
     };
@@ -618,10 +624,31 @@ fn settings_flags_this_version_does_not_know_are_ignored() {
     };
     assert!(!decoded.paused);
     assert_eq!(decoded.bandwidth_limit, 7);
+    assert_eq!(decoded.unknown_flags, 0xfe);
+    assert_eq!(Frame::SettingsUpdate(decoded).to_bytes(), later);
     *later.last_mut().unwrap() = 0xff;
     let Some((Frame::SettingsUpdate(decoded), _)) = decode(&later).unwrap() else {
         panic!("a SettingsUpdate");
     };
     assert!(decoded.paused);
     assert_eq!(*update(true).last().unwrap(), 1, "paused is bit 0");
+}
+
+/// Found by the fuzzer: a Welcome whose settings flags carry a bit this version does not
+/// know decodes, and re-encodes to the bytes it came from.
+#[test]
+fn a_welcome_with_settings_flags_of_a_later_version_round_trips() {
+    let bytes: &[u8] = &[
+        66, 70, 1, 2, 0, 0, 0, 80, 1, 0, 0, 87, 204, 204, 0, 0, 2, 0, 0, 0, 0, 0, 204, 204, 204,
+        52, 52, 204, 204, 204, 204, 204, 204, 204, 204, 204, 204, 52, 215, 0, 8, 0, 91, 0, 0, 0,
+        70, 1, 1, 0, 0, 128, 0, 255, 255, 250, 0, 4, 0, 0, 0, 3, 0, 1, 0, 4, 0, 0, 0, 0, 0, 1, 0,
+        0, 0, 0, 0, 0, 0, 7, 0, 0, 1, 0, 59, 0, 0, 0, 0, 7, 45,
+    ];
+    let Some((frame, used)) = decode(bytes).unwrap() else {
+        panic!("a whole frame");
+    };
+    assert!(
+        matches!(&frame, Frame::Welcome(w) if w.settings.paused && w.settings.unknown_flags == 2)
+    );
+    assert_eq!(frame.to_bytes(), bytes[..used]);
 }

@@ -309,6 +309,7 @@ impl Session {
         self.broadcast(Frame::SettingsUpdate(blockferry_proto::SettingsUpdate {
             bandwidth_limit: settings.bandwidth_limit(),
             paused: settings.paused,
+            unknown_flags: 0,
         }))
         .await;
     }
@@ -492,6 +493,7 @@ async fn run_primary(
             heartbeat_interval_ms: u32::try_from(ctx.settings.heartbeat_interval.as_millis())
                 .unwrap_or(u32::MAX),
             paused: settings.paused,
+            unknown_flags: 0,
         },
         disks: records
             .iter()
