@@ -19,6 +19,7 @@ use blockferry_storage::IoEngine;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+mod compare;
 mod continuous;
 mod loadgen;
 mod plot;
@@ -65,6 +66,24 @@ enum Command {
         /// Size of the replicated disk.
         #[arg(long, default_value = "1G", value_parser = parse_size)]
         size: u64,
+        /// Directory on the file system to measure (default: a temp dir under /var/tmp).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// The standard comparison in one go: initial sync (random, then half zeros) vs. a
+    /// socat TLS 1.3 pipe and cp + fsync; rescan vs. an rsync daemon and reading both
+    /// images. Alternating runs, medians, ratios, and the suite's targets checked. Needs
+    /// socat and rsync (apt-get install socat rsync).
+    Compare {
+        /// Image size, e.g. 1G, 4G.
+        #[arg(long, default_value = "4G", value_parser = parse_size)]
+        size: u64,
+        /// Runs of each contender (alternating); medians are reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Percentage of 4 KiB blocks changed before each rescan, scattered.
+        #[arg(long, default_value_t = 1.0)]
+        changed_percent: f64,
         /// Directory on the file system to measure (default: a temp dir under /var/tmp).
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -206,6 +225,15 @@ fn main() -> anyhow::Result<()> {
                 sample_every: Duration::from_millis(sample_ms.max(10)),
             };
             runtime.block_on(loadgen::run(options)).map(drop)
+        }
+        Command::Compare {
+            size,
+            runs,
+            changed_percent,
+            dir,
+        } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(compare::run(size, runs.max(1), changed_percent, dir))
         }
         Command::Rescan {
             size,

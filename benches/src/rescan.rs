@@ -23,9 +23,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{ReceiverOptions, local_pair, median};
 
-struct Measured {
-    time: Duration,
-    wire: u64,
+pub(crate) struct Measured {
+    pub(crate) time: Duration,
+    pub(crate) wire: u64,
 }
 
 pub async fn run(size: u64, runs: usize, percent: f64, dir: Option<PathBuf>) -> anyhow::Result<()> {
@@ -75,12 +75,12 @@ pub async fn run(size: u64, runs: usize, percent: f64, dir: Option<PathBuf>) -> 
         // Turns: who goes first changes each run, so cache and noise fall on both.
         let (a, b) = if run % 2 == 1 {
             (
-                blockferry(&agent_config, &volumes).await?,
+                blockferry_rescan(&agent_config, &volumes).await?,
                 rsync(&source, &copy)?,
             )
         } else {
             let r = rsync(&source, &copy)?;
-            (blockferry(&agent_config, &volumes).await?, r)
+            (blockferry_rescan(&agent_config, &volumes).await?, r)
         };
         let read = read_both(&source, &staging)?;
         if let Some(at) = first_difference(&source, &staging)? {
@@ -151,7 +151,10 @@ pub async fn run(size: u64, runs: usize, percent: f64, dir: Option<PathBuf>) -> 
 }
 
 /// A new agent process's view: no state record, so an operator-requested rescan.
-async fn blockferry(config: &AgentConfig, volumes: &[Volume]) -> anyhow::Result<Measured> {
+pub(crate) async fn blockferry_rescan(
+    config: &AgentConfig,
+    volumes: &[Volume],
+) -> anyhow::Result<Measured> {
     let mut config = config.clone();
     config.rescan = true;
     let agent = Agent::new(volumes);
@@ -173,7 +176,17 @@ async fn blockferry(config: &AgentConfig, volumes: &[Volume]) -> anyhow::Result<
 fn rsync(source: &Path, copy: &Path) -> anyhow::Result<Measured> {
     let started = Instant::now();
     let out = Command::new("rsync")
-        .args(["--inplace", "--no-whole-file", "-B", "4096", "--stats"])
+        // --ignore-times: the delta transfer always runs, as for an image whose
+        // modification time changed; rsync's quick check would otherwise skip a file
+        // changed within the second its copy was last written.
+        .args([
+            "--inplace",
+            "--no-whole-file",
+            "--ignore-times",
+            "-B",
+            "4096",
+            "--stats",
+        ])
         .arg(source)
         .arg(copy)
         .output()
@@ -182,7 +195,16 @@ fn rsync(source: &Path, copy: &Path) -> anyhow::Result<Measured> {
     if !out.status.success() {
         bail!("rsync failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let stats = String::from_utf8_lossy(&out.stdout);
+    // rsync's data goes through fdatasync-less writes; make it as durable as ours.
+    File::open(copy)?.sync_data()?;
+    Ok(Measured {
+        time: started.elapsed().max(time),
+        wire: rsync_wire_bytes(&String::from_utf8_lossy(&out.stdout)),
+    })
+}
+
+/// Bytes sent plus received, from the totals of `rsync --stats`.
+pub(crate) fn rsync_wire_bytes(stats: &str) -> u64 {
     let field = |name: &str| -> u64 {
         stats
             .lines()
@@ -190,15 +212,10 @@ fn rsync(source: &Path, copy: &Path) -> anyhow::Result<Measured> {
             .and_then(|rest| rest.split_whitespace().next())
             .map_or(0, |n| n.replace(',', "").parse().unwrap_or(0))
     };
-    // rsync's data goes through fdatasync-less writes; make it as durable as ours.
-    File::open(copy)?.sync_data()?;
-    Ok(Measured {
-        time: started.elapsed().max(time),
-        wire: field("Total bytes sent:") + field("Total bytes received:"),
-    })
+    field("Total bytes sent:") + field("Total bytes received:")
 }
 
-fn read_both(a: &Path, b: &Path) -> anyhow::Result<Duration> {
+pub(crate) fn read_both(a: &Path, b: &Path) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let mut buf = vec![0u8; 8 << 20];
     for path in [a, b] {
@@ -208,7 +225,7 @@ fn read_both(a: &Path, b: &Path) -> anyhow::Result<Duration> {
     Ok(started.elapsed())
 }
 
-fn change_blocks(path: &Path, blocks: u64, count: u64, seed: u64) -> anyhow::Result<()> {
+pub(crate) fn change_blocks(path: &Path, blocks: u64, count: u64, seed: u64) -> anyhow::Result<()> {
     let file = std::fs::OpenOptions::new().write(true).open(path)?;
     let mut x = (seed << 1) | 1;
     let mut next = || {

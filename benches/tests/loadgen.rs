@@ -112,3 +112,27 @@ fn bad_loadgen_options_are_refused_before_any_work() {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }
+
+#[test]
+fn compare_names_a_missing_tool_and_how_to_install_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bench()
+        .args(["compare", "--size", "1M", "--runs", "1", "--dir"])
+        .arg(dir.path())
+        // No socat, no rsync, no cp on this PATH.
+        .env("PATH", dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("missing: socat, rsync, cp")
+            && stderr.contains("apt-get install socat rsync"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "no work before the check"
+    );
+}
