@@ -1,4 +1,9 @@
-//! `blockferry-bench`: measurements that need a quiet machine, never run as tests.
+//! `blockferry-bench`: measurements that need a quiet machine, never run as tests (a
+//! short `loadgen` run is, as a smoke test). `compare` (compare.rs) runs the standard
+//! comparison with socat, cp and an rsync daemon; `loadgen` (loadgen.rs, plot.rs) many
+//! simulated agents; `continuous` (continuous.rs) lag and footprint at fixed write
+//! rates; `rescan` (rescan.rs) a rescan against a local rsync. BENCHMARKS.md holds the
+//! figures.
 //!
 //! `initial-sync` replicates a random (incompressible, all non-zero) image over loopback
 //! mutual TLS into the file backend, durable at the end, and compares it with copying the
