@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 mod compare;
 mod continuous;
+mod ebs_upload;
 mod loadgen;
 mod plot;
 mod rescan;
@@ -92,6 +93,19 @@ enum Command {
         /// Directory on the file system to measure (default: a temp dir under /var/tmp).
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+    /// The EBS snapshot uploader against the in-memory fake with a fixed latency per
+    /// PUT: throughput per concurrency level, beside the ceiling that latency allows.
+    EbsUpload {
+        /// Blocks of 512 KiB per run.
+        #[arg(long, default_value_t = 2000)]
+        blocks: u32,
+        /// Latency of each PUT, milliseconds.
+        #[arg(long, default_value_t = 100)]
+        latency_ms: u64,
+        /// Concurrency levels, comma-separated.
+        #[arg(long, default_value = "1,16,64,128", value_delimiter = ',')]
+        concurrency: Vec<usize>,
     },
     /// Many simulated agents (the agent library, each with its own certificate and
     /// disks) against one receiver: initial sync, then continuous writes; throughput,
@@ -230,6 +244,18 @@ fn main() -> anyhow::Result<()> {
                 sample_every: Duration::from_millis(sample_ms.max(10)),
             };
             runtime.block_on(loadgen::run(options)).map(drop)
+        }
+        Command::EbsUpload {
+            blocks,
+            latency_ms,
+            concurrency,
+        } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(ebs_upload::run(
+                blocks.max(1),
+                Duration::from_millis(latency_ms),
+                &concurrency,
+            ))
         }
         Command::Compare {
             size,

@@ -12,10 +12,13 @@
 //!
 //! Backends form a closed set ([`BlockStore`] is an enum): a sparse file or raw block
 //! device driven by an [`Engine`] (io_uring or portable synchronous I/O), and memory for
-//! tests.
+//! tests. [`ebs`] holds the parts of staging into EBS snapshot chains through the EBS
+//! direct APIs: the client interface, a strict fake of the service, the uploader and the
+//! restore; the receiver does not stage into it yet.
 
 mod device;
 pub mod durable;
+pub mod ebs;
 mod engine;
 mod error;
 mod file;
