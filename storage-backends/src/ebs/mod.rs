@@ -22,6 +22,7 @@
 //! wins) but two concurrent PUTs of one block can fail (`CONFLICTING_BLOCK_UPDATE`);
 //! "snapshot not found" just after StartSnapshot is normal for a while.
 
+pub mod aws;
 pub mod fake;
 pub mod restore;
 pub mod upload;

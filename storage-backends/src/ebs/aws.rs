@@ -1,0 +1,258 @@
+//! [`EbsClient`] on the real service, through `aws-sdk-ebs`.
+//!
+//! Retries are ours alone: the SDK's own retry layer is disabled, so that one policy
+//! ([`super::RetryPolicy`]) decides for every operation — including "not found" just
+//! after StartSnapshot, which the SDK would not retry — and retry loops never nest. Each
+//! attempt has a timeout, so a stalled connection becomes a retryable error.
+
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_sdk_ebs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ebs::primitives::ByteStream;
+use aws_sdk_ebs::types::{ChecksumAggregationMethod, ChecksumAlgorithm, Tag};
+use bytes::Bytes;
+
+use super::{BlockIndex, BlockPage, EbsClient, EbsError, StartSnapshot};
+
+/// Where and how to reach the service. Credentials come from the standard provider chain
+/// (environment, profile, IMDS on EC2, …).
+#[derive(Debug, Clone, Default)]
+pub struct AwsSettings {
+    /// None: from the environment or profile (`AWS_REGION`, …).
+    pub region: Option<String>,
+    /// An endpoint other than the service's (an emulator, a VPC endpoint); None: from
+    /// `AWS_ENDPOINT_URL_EBS` / `AWS_ENDPOINT_URL` if set, else the regional endpoint.
+    pub endpoint_url: Option<String>,
+    /// Longest single attempt of an operation (a 512 KiB PUT included).
+    pub attempt_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AwsEbs {
+    client: aws_sdk_ebs::Client,
+}
+
+impl AwsEbs {
+    pub async fn connect(settings: &AwsSettings) -> Self {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .operation_attempt_timeout(
+                        settings.attempt_timeout.unwrap_or(Duration::from_secs(30)),
+                    )
+                    .build(),
+            );
+        if let Some(region) = &settings.region {
+            loader = loader.region(aws_config::Region::new(region.clone()));
+        }
+        if let Some(url) = &settings.endpoint_url {
+            loader = loader.endpoint_url(url.clone());
+        }
+        let config = loader.load().await;
+        Self {
+            client: aws_sdk_ebs::Client::new(&config),
+        }
+    }
+}
+
+/// Sorts an SDK failure by what to do about it.
+fn classify<E>(operation: &str, err: SdkError<E>) -> EbsError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match &err {
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().unwrap_or("").to_owned();
+            let status = service.raw().status().as_u16();
+            let why = format!(
+                "{operation}: {code} (HTTP {status}): {}",
+                service.err().message().unwrap_or("no message")
+            );
+            match code.as_str() {
+                "AccessDeniedException"
+                | "UnrecognizedClientException"
+                | "InvalidSignatureException"
+                | "ExpiredTokenException"
+                | "InvalidClientTokenId" => EbsError::AccessDenied(why),
+                "ResourceNotFoundException" => EbsError::NotFound(why),
+                "ThrottlingException"
+                | "RequestThrottledException"
+                | "InternalServerException"
+                | "ServiceUnavailableException" => EbsError::Retryable(why),
+                _ if status == 429 || status >= 500 => EbsError::Retryable(why),
+                _ if status == 403 => EbsError::AccessDenied(why),
+                _ => EbsError::Rejected(why),
+            }
+        }
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            EbsError::Retryable(format!("{operation}: {}", DisplayErrorContext(&err)))
+        }
+        _ => EbsError::Rejected(format!("{operation}: {}", DisplayErrorContext(&err))),
+    }
+}
+
+fn index_i32(index: BlockIndex) -> Result<i32, EbsError> {
+    i32::try_from(index).map_err(|_| EbsError::Rejected(format!("block index {index} too large")))
+}
+
+impl EbsClient for AwsEbs {
+    async fn start_snapshot(&self, request: StartSnapshot) -> Result<String, EbsError> {
+        let tags = request
+            .tags
+            .iter()
+            .map(|(key, value)| Tag::builder().key(key).value(value).build())
+            .collect();
+        let mut call = self
+            .client
+            .start_snapshot()
+            .volume_size(i64::try_from(request.volume_size_gib).unwrap_or(i64::MAX))
+            .description(&request.description)
+            .set_tags(Some(tags))
+            .timeout(i32::try_from(request.timeout_minutes).unwrap_or(i32::MAX))
+            .client_token(&request.client_token);
+        if let Some(parent) = &request.parent {
+            call = call.parent_snapshot_id(parent);
+        }
+        if let Some(key) = &request.kms_key_arn {
+            call = call.encrypted(true).kms_key_arn(key);
+        }
+        let output = call
+            .send()
+            .await
+            .map_err(|e| classify("StartSnapshot", e))?;
+        output
+            .snapshot_id
+            .ok_or_else(|| EbsError::Rejected("StartSnapshot returned no snapshot id".into()))
+    }
+
+    async fn put_snapshot_block(
+        &self,
+        snapshot: &str,
+        index: BlockIndex,
+        data: Bytes,
+        checksum: &str,
+    ) -> Result<(), EbsError> {
+        let length = i32::try_from(data.len()).unwrap_or(i32::MAX);
+        self.client
+            .put_snapshot_block()
+            .snapshot_id(snapshot)
+            .block_index(index_i32(index)?)
+            .data_length(length)
+            .block_data(ByteStream::from(data))
+            .checksum(checksum)
+            .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
+            .send()
+            .await
+            .map_err(|e| classify("PutSnapshotBlock", e))?;
+        Ok(())
+    }
+
+    async fn complete_snapshot(
+        &self,
+        snapshot: &str,
+        changed_blocks: u32,
+        aggregate: &str,
+    ) -> Result<(), EbsError> {
+        self.client
+            .complete_snapshot()
+            .snapshot_id(snapshot)
+            .changed_blocks_count(i32::try_from(changed_blocks).unwrap_or(i32::MAX))
+            .checksum(aggregate)
+            .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
+            .checksum_aggregation_method(ChecksumAggregationMethod::ChecksumAggregationLinear)
+            .send()
+            .await
+            .map_err(|e| classify("CompleteSnapshot", e))?;
+        Ok(())
+    }
+
+    async fn list_snapshot_blocks(
+        &self,
+        snapshot: &str,
+        next_token: Option<String>,
+    ) -> Result<BlockPage, EbsError> {
+        let output = self
+            .client
+            .list_snapshot_blocks()
+            .snapshot_id(snapshot)
+            .set_next_token(next_token)
+            .send()
+            .await
+            .map_err(|e| classify("ListSnapshotBlocks", e))?;
+        let blocks = output
+            .blocks()
+            .iter()
+            .filter_map(|b| {
+                Some((
+                    BlockIndex::try_from(b.block_index()?).ok()?,
+                    b.block_token()?.to_owned(),
+                ))
+            })
+            .collect();
+        Ok(BlockPage {
+            blocks,
+            next_token: output.next_token().map(str::to_owned),
+        })
+    }
+
+    async fn get_snapshot_block(
+        &self,
+        snapshot: &str,
+        index: BlockIndex,
+        block_token: &str,
+    ) -> Result<(Bytes, String), EbsError> {
+        let output = self
+            .client
+            .get_snapshot_block()
+            .snapshot_id(snapshot)
+            .block_index(index_i32(index)?)
+            .block_token(block_token)
+            .send()
+            .await
+            .map_err(|e| classify("GetSnapshotBlock", e))?;
+        let checksum = output.checksum().unwrap_or_default().to_owned();
+        let data = output
+            .block_data
+            .collect()
+            .await
+            .map_err(|e| EbsError::Retryable(format!("GetSnapshotBlock body: {e}")))?
+            .into_bytes();
+        Ok((data, checksum))
+    }
+
+    async fn list_changed_blocks(
+        &self,
+        first: Option<&str>,
+        second: &str,
+        next_token: Option<String>,
+    ) -> Result<BlockPage, EbsError> {
+        let output = self
+            .client
+            .list_changed_blocks()
+            .set_first_snapshot_id(first.map(str::to_owned))
+            .second_snapshot_id(second)
+            .set_next_token(next_token)
+            .send()
+            .await
+            .map_err(|e| classify("ListChangedBlocks", e))?;
+        let blocks = output
+            .changed_blocks()
+            .iter()
+            .filter_map(|b| {
+                Some((
+                    BlockIndex::try_from(b.block_index()?).ok()?,
+                    b.second_block_token()?.to_owned(),
+                ))
+            })
+            .collect();
+        Ok(BlockPage {
+            blocks,
+            next_token: output.next_token().map(str::to_owned),
+        })
+    }
+}

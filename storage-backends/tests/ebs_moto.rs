@@ -1,0 +1,155 @@
+//! The real aws-sdk-ebs client against moto's server (an EBS direct API emulator on
+//! 127.0.0.1): a disk's blocks go up as a snapshot and the restore returns identical
+//! bytes. moto models neither parents nor checksums nor throttling; the strict fake
+//! covers those (tests/ebs.rs).
+
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blockferry_storage::ebs::aws::{AwsEbs, AwsSettings};
+use blockferry_storage::ebs::restore::restore;
+use blockferry_storage::ebs::upload::{PendingSnapshot, UploadConfig};
+use blockferry_storage::ebs::{BLOCK_SIZE, RetryPolicy, StartSnapshot};
+use bytes::Bytes;
+
+/// Where `.ci/run` installs moto; `BLOCKFERRY_MOTO_SERVER` or `PATH` may say otherwise.
+const MOTO_VENV: &str = "/opt/blockferry-moto/bin/moto_server";
+
+fn moto_server() -> PathBuf {
+    if let Some(path) = std::env::var_os("BLOCKFERRY_MOTO_SERVER") {
+        return PathBuf::from(path);
+    }
+    if std::path::Path::new(MOTO_VENV).exists() {
+        return PathBuf::from(MOTO_VENV);
+    }
+    let on_path = Command::new("moto_server")
+        .arg("--help")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    assert!(
+        on_path,
+        "moto_server not found; install it as .ci/run does: python3 -m venv \
+         /opt/blockferry-moto && /opt/blockferry-moto/bin/pip install 'moto[server]'"
+    );
+    PathBuf::from("moto_server")
+}
+
+struct Moto(Child);
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_moto() -> (Moto, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let moto = Moto(
+        Command::new(moto_server())
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting moto_server"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "moto_server did not listen on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (moto, port)
+}
+
+fn block(seed: u8) -> Bytes {
+    Bytes::from(
+        (0..BLOCK_SIZE)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed)
+            .collect::<Vec<u8>>(),
+    )
+}
+
+#[test]
+fn the_sdk_client_uploads_a_snapshot_to_moto_and_restores_it_byte_for_byte() {
+    // Only this test runs in this process, before any runtime or thread that could read
+    // the environment: credentials for the emulator, and no instance-metadata probing
+    // (nothing may leave the loopback interface).
+    // SAFETY: no other thread exists yet that reads or writes the environment.
+    unsafe {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "blockferry-test");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "blockferry-test");
+        std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+        std::env::remove_var("AWS_PROFILE");
+    }
+    let (_moto, port) = start_moto();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client = Arc::new(
+            AwsEbs::connect(&AwsSettings {
+                region: Some("us-east-1".into()),
+                endpoint_url: Some(format!("http://127.0.0.1:{port}")),
+                attempt_timeout: Some(Duration::from_secs(10)),
+            })
+            .await,
+        );
+        let retry = RetryPolicy {
+            attempts: 5,
+            first_delay: Duration::from_millis(20),
+            max_delay: Duration::from_millis(200),
+        };
+        let size = 7 * BLOCK_SIZE as u64 + 4096;
+        let mut image = vec![0u8; size as usize];
+        let mut snapshot = PendingSnapshot::start(
+            Arc::clone(&client),
+            StartSnapshot {
+                volume_size_gib: 1,
+                parent: None,
+                description: "blockferry moto test".into(),
+                tags: vec![("blockferry:server".into(), "srv".into())],
+                kms_key_arn: None,
+                timeout_minutes: 60,
+                client_token: "moto-1".into(),
+            },
+            UploadConfig {
+                concurrency: 4,
+                retry,
+            },
+        )
+        .await
+        .expect("StartSnapshot against moto");
+        for index in [0u32, 1, 2, 4, 6, 7] {
+            let data = block(index as u8 + 1);
+            let at = index as usize * BLOCK_SIZE;
+            let len = (image.len() - at).min(BLOCK_SIZE);
+            image[at..at + len].copy_from_slice(&data[..len]);
+            snapshot.put(index, data).await.unwrap();
+        }
+        // Block 1 again: the last write wins.
+        let again = block(99);
+        image[BLOCK_SIZE..2 * BLOCK_SIZE].copy_from_slice(&again);
+        snapshot.put(1, again).await.unwrap();
+        let done = snapshot.complete().await.expect("CompleteSnapshot");
+        assert_eq!(done.changed_blocks, 6);
+
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("restored.img");
+        let blocks = restore(Arc::clone(&client), &done.id, size, &out, retry)
+            .await
+            .expect("restoring from moto");
+        assert_eq!(blocks, 6);
+        let restored = std::fs::read(&out).unwrap();
+        assert!(restored == image, "the restored image differs");
+    });
+}
