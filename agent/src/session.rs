@@ -969,31 +969,24 @@ impl Session<'_> {
     async fn drain(&mut self) -> Result<(), SessionError> {
         loop {
             self.poll_events()?;
-            if self.stats.pause.is_paused() {
-                // Paused: nothing more is sent. What went before the pause is made
-                // durable; the rest stays in the dirty map the caller saves.
-                if self.changes_since_barrier > 0 {
-                    self.barrier(Vec::new()).await?;
-                    self.changes_since_barrier = 0;
+            // Paused: nothing more is sent. What went before the pause is made durable;
+            // the rest stays in the dirty map the caller saves.
+            let paused = self.stats.pause.is_paused();
+            if !paused {
+                let shipped = self.ship_changes(u64::MAX).await?;
+                if shipped > 0 || self.capture.generation_state() != GenerationState::Open {
                     continue;
                 }
-                if self.durable_epoch == self.epoch {
-                    return Ok(());
-                }
-                let event = self.next_event().await?;
-                self.on_event(event)?;
-                continue;
-            }
-            let shipped = self.ship_changes(u64::MAX).await?;
-            if shipped > 0 || self.capture.generation_state() != GenerationState::Open {
-                continue;
             }
             if self.changes_since_barrier > 0 {
-                match self.capture.quiescent() {
-                    Some((write_seq, _)) if self.sync_done => {
-                        self.consistent_barrier(write_seq, None).await?;
-                    }
-                    _ => {
+                let consistent = if paused {
+                    None
+                } else {
+                    self.capture.quiescent().filter(|_| self.sync_done)
+                };
+                match consistent {
+                    Some((write_seq, _)) => self.consistent_barrier(write_seq, None).await?,
+                    None => {
                         self.barrier(Vec::new()).await?;
                         self.changes_since_barrier = 0;
                     }

@@ -454,35 +454,10 @@ impl RsyncDaemon {
         })
     }
 
-    /// Brings the module's `copy` up to date with `source` through the daemon, then
-    /// fsyncs it (rsync itself does not).
+    /// Brings the module's `copy` up to date with `source` through the daemon.
     fn sync(&self, source: &Path, copy: &Path) -> anyhow::Result<crate::rescan::Measured> {
         let name = copy.file_name().expect("a file").to_string_lossy();
-        let started = Instant::now();
-        let out = Command::new("rsync")
-            // --ignore-times: the delta transfer always runs, as for an image whose
-            // modification time changed; rsync's quick check would otherwise skip a file
-            // changed within the second its copy was last written.
-            .args([
-                "--inplace",
-                "--no-whole-file",
-                "--ignore-times",
-                "-B",
-                "4096",
-                "--stats",
-            ])
-            .arg(source)
-            .arg(format!("rsync://127.0.0.1:{}/bench/{name}", self.port))
-            .output()
-            .context("running rsync")?;
-        if !out.status.success() {
-            bail!("rsync failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        File::open(copy)?.sync_all()?;
-        let time = started.elapsed();
-        Ok(crate::rescan::Measured {
-            time,
-            wire: crate::rescan::rsync_wire_bytes(&String::from_utf8_lossy(&out.stdout)),
-        })
+        let url = format!("rsync://127.0.0.1:{}/bench/{name}", self.port);
+        crate::rescan::rsync_to(source, std::ffi::OsStr::new(&url), copy)
     }
 }

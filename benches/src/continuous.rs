@@ -2,11 +2,10 @@
 //! write rates.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
 use blockferry_agent::{Agent, AgentConfig, Credentials, Volume};
 use tokio_util::sync::CancellationToken;
 
@@ -14,28 +13,12 @@ use tokio_util::sync::CancellationToken;
 /// becomes durable at the receiver.
 const SAMPLE_EVERY: Duration = Duration::from_millis(20);
 
-struct ReceiverProcess(Child);
-
-impl Drop for ReceiverProcess {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
-        let _ = self.0.wait();
-    }
-}
-
 pub async fn run(
     rates: &[u64],
     seconds: u64,
     size: u64,
     dir: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let receiver_bin = std::env::current_exe()?.with_file_name("blockferry-receiver");
-    if !receiver_bin.exists() {
-        bail!(
-            "{} is missing: build it with cargo build --release -p blockferry-receiver",
-            receiver_bin.display()
-        );
-    }
     let base = dir.unwrap_or_else(|| PathBuf::from("/var/tmp"));
     std::fs::create_dir_all(&base)?;
     let work = tempfile::Builder::new()
@@ -52,34 +35,11 @@ pub async fn run(
     let source = work.path().join("source.img");
     std::fs::File::create(&source)?.set_len(size)?;
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let receiver = ReceiverProcess(
-        Command::new(&receiver_bin)
-            .args([
-                "run",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--data-dir",
-            ])
-            .arg(&data)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting the receiver")?,
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("the receiver did not start listening");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (address, receiver) = crate::loadgen::start_receiver(&data, 5).await?;
 
     let volumes = Volume::open_all(&[format!("disk0={}", source.display())])?;
     let agent = Agent::new(&volumes);
-    let mut config = AgentConfig::new(format!("127.0.0.1:{port}"), Credentials::load(&creds)?);
+    let mut config = AgentConfig::new(address, Credentials::load(&creds)?);
     config.exit_when_synced = false;
     let stop = CancellationToken::new();
     let run = tokio::spawn({
@@ -96,14 +56,14 @@ pub async fn run(
     println!(
         "continuous replication, random 4-64 KiB writes on a {} disk, agent in this process, receiver pid {}",
         blockferry_receiver::status::human_bytes(size),
-        receiver.0.id()
+        receiver.pid()
     );
     println!(
         "{:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10}",
         "MiB/s", "written", "lag p50", "lag p99", "lag max", "agent %", "agent RSS", "receiver %"
     );
     for &rate in rates {
-        let phase = measure(&agent, rate, seconds, size, receiver.0.id()).await?;
+        let phase = measure(&agent, rate, seconds, size, receiver.pid()).await?;
         println!(
             "{:>9} {:>9.0}M {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>9.1} {:>9}M {:>10.1}",
             rate,

@@ -120,7 +120,14 @@ pub struct AgentFigures {
     pub wire_bytes: u64,
 }
 
-struct ReceiverProcess(Child);
+/// A receiver process, stopped (SIGTERM) when dropped.
+pub(crate) struct ReceiverProcess(Child);
+
+impl ReceiverProcess {
+    pub(crate) fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
 
 impl Drop for ReceiverProcess {
     fn drop(&mut self) {
@@ -245,7 +252,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
             (address, Some(process))
         }
     };
-    let receiver_pid = receiver.as_ref().map(|r| r.0.id());
+    let receiver_pid = receiver.as_ref().map(ReceiverProcess::pid);
     let (cpu_start, receiver_cpu_start) =
         (proc_cpu(std::process::id()), receiver_pid.map(proc_cpu));
 
@@ -488,7 +495,10 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
 
 /// The receiver binary beside this one, on a free loopback port, without metrics or
 /// control API (nothing else may share the port space of a benchmark).
-async fn start_receiver(data: &Path, streams: u8) -> anyhow::Result<(String, ReceiverProcess)> {
+pub(crate) async fn start_receiver(
+    data: &Path,
+    streams: u8,
+) -> anyhow::Result<(String, ReceiverProcess)> {
     let binary = std::env::current_exe()?.with_file_name("blockferry-receiver");
     if !binary.exists() {
         bail!(

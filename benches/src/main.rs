@@ -182,7 +182,9 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    let runtime = tokio::runtime::Runtime::new()?;
+    match command {
         Command::InitialSync {
             size,
             runs,
@@ -190,7 +192,6 @@ fn main() -> anyhow::Result<()> {
             io_engine,
             barrier_interval_mib,
         } => {
-            let runtime = tokio::runtime::Runtime::new()?;
             let receiver = ReceiverOptions {
                 io_engine,
                 barrier_interval: barrier_interval_mib.max(1) << 20,
@@ -202,10 +203,7 @@ fn main() -> anyhow::Result<()> {
             seconds,
             size,
             dir,
-        } => {
-            let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(continuous::run(&rates, seconds, size, dir))
-        }
+        } => runtime.block_on(continuous::run(&rates, seconds, size, dir)),
         Command::Loadgen {
             agents,
             disks,
@@ -224,7 +222,6 @@ fn main() -> anyhow::Result<()> {
             plot,
             sample_ms,
         } => {
-            let runtime = tokio::runtime::Runtime::new()?;
             let options = loadgen::Options {
                 agents,
                 disks,
@@ -249,32 +246,23 @@ fn main() -> anyhow::Result<()> {
             blocks,
             latency_ms,
             concurrency,
-        } => {
-            let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(ebs_upload::run(
-                blocks.max(1),
-                Duration::from_millis(latency_ms),
-                &concurrency,
-            ))
-        }
+        } => runtime.block_on(ebs_upload::run(
+            blocks.max(1),
+            Duration::from_millis(latency_ms),
+            &concurrency,
+        )),
         Command::Compare {
             size,
             runs,
             changed_percent,
             dir,
-        } => {
-            let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(compare::run(size, runs.max(1), changed_percent, dir))
-        }
+        } => runtime.block_on(compare::run(size, runs.max(1), changed_percent, dir)),
         Command::Rescan {
             size,
             runs,
             changed_percent,
             dir,
-        } => {
-            let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(rescan::run(size, runs.max(1), changed_percent, dir))
-        }
+        } => runtime.block_on(rescan::run(size, runs.max(1), changed_percent, dir)),
     }
 }
 

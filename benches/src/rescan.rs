@@ -174,6 +174,17 @@ pub(crate) async fn blockferry_rescan(
 }
 
 fn rsync(source: &Path, copy: &Path) -> anyhow::Result<Measured> {
+    rsync_to(source, copy.as_os_str(), copy)
+}
+
+/// `rsync --inplace --no-whole-file -B 4096` of `source` to `destination` (a path, or a
+/// daemon's `rsync://` URL) whose data lands in `copy`, then fsync of `copy`: rsync
+/// itself does not make its writes durable, and ours are.
+pub(crate) fn rsync_to(
+    source: &Path,
+    destination: &std::ffi::OsStr,
+    copy: &Path,
+) -> anyhow::Result<Measured> {
     let started = Instant::now();
     let out = Command::new("rsync")
         // --ignore-times: the delta transfer always runs, as for an image whose
@@ -188,17 +199,15 @@ fn rsync(source: &Path, copy: &Path) -> anyhow::Result<Measured> {
             "--stats",
         ])
         .arg(source)
-        .arg(copy)
+        .arg(destination)
         .output()
         .context("running rsync")?;
-    let time = started.elapsed();
     if !out.status.success() {
         bail!("rsync failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    // rsync's data goes through fdatasync-less writes; make it as durable as ours.
-    File::open(copy)?.sync_data()?;
+    File::open(copy)?.sync_all()?;
     Ok(Measured {
-        time: started.elapsed().max(time),
+        time: started.elapsed(),
         wire: rsync_wire_bytes(&String::from_utf8_lossy(&out.stdout)),
     })
 }
