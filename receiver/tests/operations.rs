@@ -806,7 +806,15 @@ async fn a_link_that_carries_almost_nothing_stalls_the_disk_then_it_resumes() {
     let data = dir.path().join("receiver");
     let mut config = ops_config(&data);
     config.stall_after = Duration::from_secs(3);
+    config.barrier_interval = 1 << 20;
     let receiver = Receiver::start(config).await.unwrap();
+    // 5 MB/s until the link is throttled: the sync must still be running when it is,
+    // however late a loaded machine lets this test look (unlimited, 96 MiB can be
+    // synced before the first look). Durable progress comes every MiB meanwhile.
+    cli(
+        &data,
+        &["settings", "set", "--default", "--bandwidth-mbps", "40"],
+    );
     let throttled = Arc::new(AtomicBool::new(false));
     // When throttled: 20 kB/s, enough for heartbeats, far too little for a barrier's
     // worth of data.
