@@ -252,6 +252,11 @@ pub(crate) struct LiveView {
     pub(crate) receive_rate: f64,
     /// Changes are waiting and nothing became durable for the stall time.
     pub(crate) no_progress: bool,
+    /// Nothing became durable for the stall time, and the server is not paused: a stall
+    /// for any disk with work left, such as the rest of an initial sync, whose every
+    /// received byte may be sealed while the link carries no more (heartbeats, queued
+    /// behind the data on a saturated link, cannot be relied on to say so).
+    pub(crate) idle_too_long: bool,
     disk_names: Vec<String>,
 }
 
@@ -268,6 +273,8 @@ impl Session {
         let pending = self.pipeline.last_submitted() > self.sealed_through.load(Ordering::Relaxed)
             || heartbeat.as_ref().is_some_and(|hb| hb.backlog_bytes > 0);
         let idle_ms = now_ms().saturating_sub(self.progress_at_ms.load(Ordering::Relaxed));
+        let idle_too_long = !self.paused.load(Ordering::Relaxed)
+            && u128::from(idle_ms) > self.stall_after.as_millis();
         let (_, at_ms) = *lock(&self.consistent);
         let since = if at_ms > 0 { at_ms } else { self.started_at_ms };
         LiveView {
@@ -279,9 +286,8 @@ impl Session {
             },
             heartbeat,
             receive_rate: self.meter.rate.rate(),
-            no_progress: pending
-                && !self.paused.load(Ordering::Relaxed)
-                && u128::from(idle_ms) > self.stall_after.as_millis(),
+            no_progress: pending && idle_too_long,
+            idle_too_long,
             disk_names: self.disk_names.clone(),
         }
     }

@@ -148,7 +148,14 @@ impl StatusReport {
                             &d,
                             disk_connected,
                             settings.paused,
-                            view.as_ref().is_some_and(|v| v.no_progress),
+                            view.as_ref().is_some_and(|v| {
+                                v.no_progress
+                                    || (v.idle_too_long
+                                        && matches!(
+                                            d.disk_state(),
+                                            DiskState::INITIAL_SYNC | DiskState::RESCAN
+                                        ))
+                            }),
                             queue_position,
                             beat.map(|b| b.state),
                         );
