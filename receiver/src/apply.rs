@@ -170,6 +170,14 @@ impl ApplyPipeline {
         &self.disks
     }
 
+    /// Runs `f` if no write after sequence `through` has been submitted, and holds off new
+    /// submissions until it returns: with every write up to `through` completed, the
+    /// staging images then hold exactly what those writes made.
+    pub(crate) fn if_quiescent<T>(&self, through: u64, f: impl FnOnce() -> T) -> Option<T> {
+        let sequence = lock(&self.sequence);
+        (sequence.next.saturating_sub(1) == through).then(f)
+    }
+
     /// Submits a write that the session has already validated (disk index, range, flags).
     /// Returns once the write is in flight, after waiting for budget and for overlapping
     /// writes. Returns the write's sequence number.

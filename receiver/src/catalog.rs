@@ -26,6 +26,10 @@ const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("enrollment_to
 /// Per-server replication settings, by server id; [`DEFAULT_SETTINGS`] holds the template
 /// copied to each server at its first session.
 const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("server_settings");
+/// (server id, consistent epoch) → [`RecoveryPointRecord`] (JSON): the EBS backend's
+/// recovery points.
+const RECOVERY_POINTS: TableDefinition<(&str, u64), &[u8]> =
+    TableDefinition::new("recovery_points");
 /// The template's key: not a valid server id, so it never collides with one.
 const DEFAULT_SETTINGS: &str = "*";
 
@@ -377,6 +381,30 @@ fn resume_verdict(
 
 /// Evidence that every staging store of a session was flushed after the writes a barrier
 /// covers. Only flush proofs make one.
+/// A crash-consistent point of all of a server's disks, held as one EBS snapshot per disk.
+/// The keys are an interface (status JSON), documented in the README.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryPointRecord {
+    /// The server's consistent epoch the point was cut at; its id.
+    pub epoch: u64,
+    /// Unix ms of the cut, and of the completion of its last snapshot.
+    pub cut_at_ms: u64,
+    pub completed_at_ms: u64,
+    pub disks: Vec<SnapshotRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub disk: String,
+    pub size: u64,
+    pub snapshot_id: String,
+    /// The snapshot this one is a child of (none for a chain's first).
+    pub parent: Option<String>,
+    /// Blocks written to this snapshot; 0 when the disk did not change since the previous
+    /// point (whose snapshot this point shares).
+    pub changed_blocks: u32,
+}
+
 #[derive(Debug)]
 pub struct DurableEvidence {
     _flushed: Vec<Flushed>,
@@ -410,6 +438,7 @@ impl Catalog {
         txn.open_table(REVOKED)?;
         txn.open_table(TOKENS)?;
         txn.open_table(SETTINGS)?;
+        txn.open_table(RECOVERY_POINTS)?;
         txn.commit()?;
         Ok(Self { db })
     }
@@ -990,6 +1019,37 @@ impl Catalog {
         let mut out = Vec::new();
         for entry in revoked.iter()? {
             out.push(entry?.0.value().to_owned());
+        }
+        Ok(out)
+    }
+
+    /// Records a recovery point whose every snapshot is complete.
+    pub fn record_recovery_point(
+        &self,
+        server_id: &str,
+        point: &RecoveryPointRecord,
+    ) -> Result<(), CatalogError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(RECOVERY_POINTS)?
+            .insert((server_id, point.epoch), encode(point).as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// A server's recovery points, oldest first.
+    pub fn recovery_points(
+        &self,
+        server_id: &str,
+    ) -> Result<Vec<RecoveryPointRecord>, CatalogError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(RECOVERY_POINTS)?;
+        let mut out = Vec::new();
+        for entry in table.range((server_id, 0)..=(server_id, u64::MAX))? {
+            let (key, value) = entry?;
+            out.push(decode(
+                &format!("{server_id}@{}", key.value().1),
+                value.value(),
+            )?);
         }
         Ok(out)
     }

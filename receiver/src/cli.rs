@@ -68,6 +68,15 @@ pub enum Command {
         /// QUEUED. 0 is unlimited.
         #[arg(long, default_value_t = 0)]
         max_concurrent_syncs: usize,
+        /// Where disks are staged: `file` (an image per disk in the data dir) or `ebs`
+        /// (that image is a local base copy, and each recovery point becomes one EBS
+        /// snapshot per disk, a chain of children, through the EBS direct APIs).
+        #[arg(long, value_enum, default_value_t = Backend::File)]
+        backend: Backend,
+        #[command(flatten)]
+        ebs: EbsArgs,
+        #[command(flatten)]
+        aws: AwsArgs,
     },
     /// Enrollment tokens for new agents.
     #[command(subcommand)]
@@ -114,6 +123,29 @@ pub enum Command {
         /// The source server id (as in `status`).
         #[arg(long)]
         server: String,
+    },
+    /// Download one disk of a recovery point (EBS backend) into a raw image, verifying
+    /// every block's SHA-256.
+    Restore {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The disk's name (as in `status`).
+        #[arg(long)]
+        disk: String,
+        /// The source server id; needed only when several servers have a disk of that name.
+        #[arg(long)]
+        server: Option<String>,
+        /// The recovery point's epoch (as in `status --json`); the latest by default.
+        #[arg(long)]
+        recovery_point: Option<u64>,
+        /// The raw image to write (created; an existing file needs --overwrite).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace `--out` if it exists.
+        #[arg(long)]
+        overwrite: bool,
+        #[command(flatten)]
+        aws: AwsArgs,
     },
     /// Resume a paused source server's replication where it stopped.
     Resume {
@@ -293,6 +325,9 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             metrics,
             stall_after_secs,
             max_concurrent_syncs,
+            backend,
+            ebs,
+            aws,
         } => {
             if barrier_interval_mib == 0 {
                 bail!("--barrier-interval-mib must be at least 1");
@@ -308,6 +343,9 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             config.metrics = metrics.0;
             config.stall_after = std::time::Duration::from_secs(stall_after_secs);
             config.max_concurrent_syncs = max_concurrent_syncs;
+            if backend == Backend::Ebs {
+                config.ebs = Some(ebs.config(&aws)?);
+            }
             let receiver = Receiver::start(config).await?;
             wait_for_signal().await;
             tracing::info!("shutting down: finishing sessions");
@@ -545,6 +583,40 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Restore {
+            data_dir,
+            disk,
+            server,
+            recovery_point,
+            out,
+            overwrite,
+            aws,
+        } => {
+            if out.exists() && !overwrite {
+                bail!("{} exists; pass --overwrite to replace it", out.display());
+            }
+            let report = status(&data_dir).await?;
+            let client = crate::snapshots::aws_client(&aws.settings()).await;
+            let restored = crate::snapshots::restore(
+                &report,
+                client,
+                server.as_deref(),
+                &disk,
+                recovery_point,
+                &out,
+            )
+            .await?;
+            println!(
+                "restored disk {disk} of server {} at recovery point {} (snapshot {}): {} blocks, {} into {}",
+                restored.server_id,
+                restored.epoch,
+                restored.snapshot_id,
+                restored.blocks,
+                crate::status::human_bytes(restored.size),
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Pause { data_dir, server } => pause(&data_dir, &server, true).await,
         Command::Resume { data_dir, server } => pause(&data_dir, &server, false).await,
         Command::Rescan {
@@ -755,4 +827,102 @@ async fn wait_for_signal() {
         }
         _ => std::future::pending::<()>().await,
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    File,
+    Ebs,
+}
+
+/// How the EBS direct API is reached. Credentials come from the standard chain
+/// (environment, profile, instance role).
+#[derive(Debug, Clone, clap::Args)]
+pub struct AwsArgs {
+    /// AWS region (default: the standard chain, e.g. AWS_REGION or the instance's).
+    #[arg(long)]
+    ebs_region: Option<String>,
+    /// Endpoint override, e.g. a VPC endpoint or a local emulator (AWS_ENDPOINT_URL_EBS
+    /// and AWS_ENDPOINT_URL are read too).
+    #[arg(long)]
+    ebs_endpoint_url: Option<String>,
+    /// Seconds one EBS request attempt may take before it is retried.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
+    ebs_attempt_timeout_secs: u64,
+}
+
+impl AwsArgs {
+    fn settings(&self) -> blockferry_storage::ebs::aws::AwsSettings {
+        blockferry_storage::ebs::aws::AwsSettings {
+            region: self.ebs_region.clone(),
+            endpoint_url: self.ebs_endpoint_url.clone(),
+            attempt_timeout: Some(std::time::Duration::from_secs(
+                self.ebs_attempt_timeout_secs,
+            )),
+        }
+    }
+}
+
+/// How `--backend ebs` makes its snapshots.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EbsArgs {
+    /// KMS key (ARN) that encrypts each chain's first snapshot; children inherit it.
+    #[arg(long)]
+    ebs_kms_key_arn: Option<String>,
+    /// A tag on every snapshot, KEY=VALUE; repeatable. Each snapshot is also tagged with
+    /// its source server, disk and recovery point.
+    #[arg(long = "ebs-tag", value_parser = parse_tag)]
+    ebs_tags: Vec<(String, String)>,
+    /// Minutes a pending snapshot may go without a request before EBS fails it (10 to
+    /// 4320).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(10..=4320))]
+    ebs_snapshot_timeout_minutes: u32,
+    /// Block uploads in flight per disk (EBS needs about 100 for 500 MB/s).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    ebs_concurrency: u32,
+    /// MiB of consistent-point blocks kept in memory per disk while its snapshot uploads
+    /// and writes go on (beyond it, writes to blocks not yet uploaded wait).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    ebs_preserve_mib: u64,
+    /// A recovery point is cut at the first consistent point this many seconds after the
+    /// previous one (0: as often as the uploads allow).
+    #[arg(long, default_value_t = 600)]
+    recovery_interval_secs: u64,
+}
+
+impl EbsArgs {
+    fn config(&self, aws: &AwsArgs) -> anyhow::Result<crate::snapshots::EbsBackendConfig> {
+        Ok(crate::snapshots::EbsBackendConfig {
+            connection: crate::snapshots::EbsConnection::Aws(aws.settings()),
+            chain: blockferry_storage::ebs::chain::ChainSettings {
+                upload: blockferry_storage::ebs::upload::UploadConfig {
+                    concurrency: self.ebs_concurrency as usize,
+                    ..Default::default()
+                },
+                kms_key_arn: self.ebs_kms_key_arn.clone(),
+                tags: self.ebs_tags.clone(),
+                timeout_minutes: self.ebs_snapshot_timeout_minutes,
+                preserve_limit: usize::try_from(self.ebs_preserve_mib << 20)
+                    .context("--ebs-preserve-mib is too large")?,
+            },
+            recovery_interval: std::time::Duration::from_secs(self.recovery_interval_secs),
+        })
+    }
+}
+
+fn parse_tag(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
+    if key.is_empty() || key.len() > 127 || value.len() > 255 {
+        return Err(format!(
+            "{text:?}: EBS tag keys are 1 to 127 characters, values at most 255"
+        ));
+    }
+    if key.starts_with("aws:") || key.starts_with("blockferry:") {
+        return Err(format!(
+            "{text:?}: keys starting with aws: or blockferry: are reserved"
+        ));
+    }
+    Ok((key.to_owned(), value.to_owned()))
 }

@@ -17,6 +17,7 @@ pub mod revocation;
 mod server;
 mod session;
 mod slots;
+pub mod snapshots;
 pub mod status;
 pub mod tls;
 

@@ -72,6 +72,9 @@ pub struct ReceiverConfig {
     /// Initial syncs and rescans running at once across all servers; more wait in a
     /// queue. 0 is unlimited.
     pub max_concurrent_syncs: usize,
+    /// Stage into EBS snapshot chains (each disk through a local base copy); `None`
+    /// stages into image files only.
+    pub ebs: Option<crate::snapshots::EbsBackendConfig>,
 }
 
 impl ReceiverConfig {
@@ -92,6 +95,7 @@ impl ReceiverConfig {
             metrics: None,
             stall_after: Duration::from_secs(60),
             max_concurrent_syncs: 0,
+            ebs: None,
         }
     }
 }
@@ -211,6 +215,12 @@ impl Receiver {
                     source,
                 })?,
             );
+        let ebs = match &config.ebs {
+            Some(ebs) => Some(Arc::new(
+                crate::snapshots::EbsStaging::connect(ebs, Arc::clone(&catalog)).await,
+            )),
+            None => None,
+        };
         let ctx = Arc::new(SessionContext {
             catalog,
             engine,
@@ -227,6 +237,7 @@ impl Receiver {
             revocations,
             metrics: Arc::clone(&metrics),
             events: Arc::clone(&events),
+            ebs,
             shutdown: shutdown.clone(),
             global_budget: Arc::new(Semaphore::new(
                 config.global_in_flight.max(config.session_in_flight) as usize,

@@ -55,6 +55,8 @@ const SLOT_GRACE: Duration = Duration::from_secs(60);
 /// Checksum queries of one session answered at once; more wait, and their stream with
 /// them (the agent keeps many in flight, so the disks stay busy).
 const SUMS_IN_PARALLEL: usize = 4;
+/// How often an idle session looks whether a recovery point can be cut.
+const RECOVERY_TICK: Duration = Duration::from_millis(250);
 
 /// What every session of a receiver shares.
 #[derive(Debug)]
@@ -70,6 +72,8 @@ pub(crate) struct SessionContext {
     pub(crate) revocations: Arc<crate::revocation::Revocations>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     pub(crate) events: Arc<crate::events::EventLog>,
+    /// Staging into EBS snapshot chains (`--backend ebs`); `None` stages into files only.
+    pub(crate) ebs: Option<Arc<crate::snapshots::EbsStaging>>,
 }
 
 #[derive(Debug, Clone)]
@@ -239,6 +243,10 @@ pub(crate) struct Session {
     disk_names: Vec<String>,
     /// Ending to hear of a granted slot: the server keeps its slots for its next session.
     keeping_slots: std::sync::atomic::AtomicBool,
+    /// (last write sequence, epoch) of the newest epoch applied on every stream.
+    sealed_mark: Mutex<(u64, u64)>,
+    /// Recovery points (EBS backend).
+    recovery: Option<crate::snapshots::RecoveryClock>,
 }
 
 /// What `status` shows of a live session.
@@ -257,6 +265,8 @@ pub(crate) struct LiveView {
     /// received byte may be sealed while the link carries no more (heartbeats, queued
     /// behind the data on a saturated link, cannot be relied on to say so).
     pub(crate) idle_too_long: bool,
+    /// Why the latest recovery point failed (EBS backend), until one succeeds.
+    pub(crate) recovery_point_error: Option<String>,
     disk_names: Vec<String>,
 }
 
@@ -288,6 +298,7 @@ impl Session {
             receive_rate: self.meter.rate.rate(),
             no_progress: pending && idle_too_long,
             idle_too_long,
+            recovery_point_error: self.recovery.as_ref().and_then(|r| r.last_error()),
             disk_names: self.disk_names.clone(),
         }
     }
@@ -418,7 +429,7 @@ async fn run_primary(
 
     let mut disks = Vec::with_capacity(records.len());
     for record in &records {
-        let store = open_store(&record.image, record.size, ctx.engine.clone()).map_err(|e| {
+        let store = open_store(ctx, &identity.server_id, record).map_err(|e| {
             SessionError::Storage(format!("disk {}: {}", record.name, error_chain(&*e)))
         })?;
         let disk = StagingDisk::new(
@@ -436,6 +447,20 @@ async fn run_primary(
         .clamp(1, ctx.settings.max_streams.clamp(1, MAX_STREAMS));
     let next_epoch = durable_epoch + 1;
     let (barriers, barrier_queue) = mpsc::channel(BARRIER_QUEUE);
+    let recovery = match &ctx.ebs {
+        Some(ebs) => Some(
+            crate::snapshots::RecoveryClock::new(
+                Arc::clone(ebs),
+                &identity.server_id,
+                records
+                    .iter()
+                    .map(|r| r.sync_complete() && !r.rescan().is_some())
+                    .collect(),
+            )
+            .map_err(|e| SessionError::Storage(error_chain(&e)))?,
+        ),
+        None => None,
+    };
     let session = Arc::new(Session {
         id: guard.id(),
         identity: identity.clone(),
@@ -464,6 +489,8 @@ async fn run_primary(
         paused: std::sync::atomic::AtomicBool::new(settings.paused),
         disk_names: records.iter().map(|r| r.name.clone()).collect(),
         keeping_slots: std::sync::atomic::AtomicBool::new(false),
+        sealed_mark: Mutex::new((0, durable_epoch)),
+        recovery,
     });
     let disk_names: Vec<String> = records.iter().map(|r| r.name.clone()).collect();
 
@@ -494,7 +521,13 @@ async fn run_primary(
             bandwidth_limit: settings.bandwidth_limit(),
             max_streams: streams,
             block_size: 4096,
-            alignment: 4096,
+            // EBS snapshot blocks: whole blocks are what the snapshots take. (Partial
+            // blocks are fine too: the base copy completes them.)
+            alignment: if ctx.ebs.is_some() {
+                blockferry_storage::ebs::BLOCK_SIZE as u32
+            } else {
+                4096
+            },
             barrier_interval: ctx.settings.barrier_interval,
             heartbeat_interval_ms: u32::try_from(ctx.settings.heartbeat_interval.as_millis())
                 .unwrap_or(u32::MAX),
@@ -530,6 +563,27 @@ async fn run_primary(
     send(outgoing, Frame::Welcome(welcome)).await?;
     ctx.metrics.sessions_started.inc();
 
+    if session.recovery.is_some() {
+        // An idle server's next point: cut once the running upload is done, at the
+        // epoch the images hold while no newer write has come.
+        let session = Arc::clone(&session);
+        tokio::spawn(
+            async move {
+                loop {
+                    tokio::select! {
+                        () = session.end.cancelled() => return,
+                        () = tokio::time::sleep(RECOVERY_TICK) => {}
+                    }
+                    let Some(recovery) = &session.recovery else {
+                        return;
+                    };
+                    let (through, epoch) = *lock(&session.sealed_mark);
+                    recovery.maybe_cut(&session.pipeline, through, epoch);
+                }
+            }
+            .in_current_span(),
+        );
+    }
     let worker = tokio::spawn(
         barrier_worker(
             barrier_queue,
@@ -723,6 +777,14 @@ async fn stream_frames(
                     session
                         .sealed_through
                         .store(sealed.through, Ordering::Relaxed);
+                    *lock(&session.sealed_mark) = (sealed.through, epoch);
+                    if let Some(recovery) = &session.recovery {
+                        recovery.sealed(pipeline, &sealed.progress, &sealed.rescan_done);
+                        // The other streams wait for this epoch to be marked applied, so
+                        // no write of the next one has been submitted: a recovery point
+                        // can be cut here even on a server that is never idle.
+                        recovery.maybe_cut(pipeline, sealed.through, epoch);
+                    }
                     session.gate.mark_applied(epoch);
                     let queue = lock(&session.barriers).clone();
                     match queue {
@@ -1121,16 +1183,20 @@ async fn stall(
 }
 
 fn open_store(
-    image: &std::path::Path,
-    size: u64,
-    engine: Engine,
+    ctx: &SessionContext,
+    server_id: &str,
+    record: &crate::catalog::DiskRecord,
 ) -> Result<BlockStore, Box<dyn std::error::Error + Send + Sync>> {
+    let (image, size, engine) = (&record.image, record.size, ctx.engine.clone());
     if let Some(dir) = image.parent() {
         blockferry_storage::durable::create_dir_durable(dir, 0o700)?;
     }
-    Ok(BlockStore::File(FileStore::open_or_create(
-        image, size, engine,
-    )?))
+    match &ctx.ebs {
+        Some(ebs) => ebs.open_store(server_id, &record.name, image, size, engine),
+        None => Ok(BlockStore::File(FileStore::open_or_create(
+            image, size, engine,
+        )?)),
+    }
 }
 
 struct FrameReader {

@@ -72,6 +72,14 @@ pub struct ServerStatus {
     pub paused: bool,
     pub inventory: InventoryRecord,
     pub disks: Vec<DiskStatus>,
+    /// The EBS backend's recovery points, oldest first: each a crash-consistent point of
+    /// all the server's disks, one snapshot per disk (empty on the file backend).
+    #[serde(default)]
+    pub recovery_points: Vec<crate::catalog::RecoveryPointRecord>,
+    /// Why the latest recovery point could not be made (EBS backend; null once one
+    /// succeeds, and when not connected). Its changes go into the next point.
+    #[serde(default)]
+    pub recovery_point_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -104,6 +112,10 @@ pub struct DiskStatus {
     /// Bytes written to the disk while the latest rescan ran: the blocks it found
     /// different, plus changes made meanwhile.
     pub resent_bytes: u64,
+    /// The EBS snapshot of the disk in the latest recovery point (null on the file
+    /// backend, or before the first point).
+    #[serde(default)]
+    pub snapshot_id: Option<String>,
 }
 
 impl StatusReport {
@@ -122,6 +134,7 @@ impl StatusReport {
             .servers()?
             .into_iter()
             .map(|(server, disks)| {
+                let recovery_points = catalog.recovery_points(&server.server_id)?;
                 let session = live.and_then(|r| r.session_of(&server.server_id));
                 let view = session.as_ref().map(|s| s.live_view());
                 let connected = live.is_some_and(|r| r.is_connected(&server.server_id));
@@ -167,7 +180,6 @@ impl StatusReport {
                             queue_position,
                             state,
                             reason,
-                            name: d.name,
                             size: d.size,
                             rescan_reason: (!d.rescan_reason.is_empty()).then_some(d.rescan_reason),
                             rescan_requested: d.rescan_requested,
@@ -175,6 +187,13 @@ impl StatusReport {
                                 .then_some(d.last_rescan_reason),
                             rescanned_bytes: d.rescanned_bytes,
                             resent_bytes: d.resent_bytes,
+                            snapshot_id: recovery_points.last().and_then(|p| {
+                                p.disks
+                                    .iter()
+                                    .find(|s| s.disk == d.name)
+                                    .map(|s| s.snapshot_id.clone())
+                            }),
+                            name: d.name,
                         }
                     })
                     .collect();
@@ -207,7 +226,7 @@ impl StatusReport {
                     Some(rate) if rate > 0.0 => Some(left as f64 / rate),
                     _ => None,
                 };
-                ServerStatus {
+                Ok(ServerStatus {
                     connected,
                     streams: view.as_ref().map_or(0, |v| v.streams),
                     lag_seconds: view.as_ref().map(|v| v.lag_seconds),
@@ -228,9 +247,13 @@ impl StatusReport {
                     last_seen: server.last_seen,
                     durable_epoch: server.durable_epoch,
                     inventory: server.inventory,
-                }
+                    recovery_points,
+                    recovery_point_error: view
+                        .as_ref()
+                        .and_then(|v| v.recovery_point_error.clone()),
+                })
             })
-            .collect();
+            .collect::<Result<_, CatalogError>>()?;
         Ok(Self { servers })
     }
 
@@ -292,6 +315,24 @@ impl StatusReport {
                         None => d.reason.clone(),
                     },
                     d.image
+                );
+            }
+            if let Some(error) = &s.recovery_point_error {
+                let _ = writeln!(out, "  recovery point FAILED: {error}");
+            }
+            if let Some(latest) = s.recovery_points.last() {
+                let _ = writeln!(
+                    out,
+                    "  recovery points {}  latest: epoch {} cut {}s ago  {}",
+                    s.recovery_points.len(),
+                    latest.epoch,
+                    crate::catalog::now_ms().saturating_sub(latest.cut_at_ms) / 1000,
+                    latest
+                        .disks
+                        .iter()
+                        .map(|d| format!("{}={}", d.disk, d.snapshot_id))
+                        .collect::<Vec<_>>()
+                        .join(" ")
                 );
             }
         }

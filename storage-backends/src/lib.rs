@@ -12,9 +12,10 @@
 //!
 //! Backends form a closed set ([`BlockStore`] is an enum): a sparse file or raw block
 //! device driven by an [`Engine`] (io_uring or portable synchronous I/O), and memory for
-//! tests. [`ebs`] holds the parts of staging into EBS snapshot chains through the EBS
-//! direct APIs: the client interface, a strict fake of the service, the uploader and the
-//! restore; the receiver does not stage into it yet.
+//! tests. An EBS disk ([`BlockStore::Ebs`]) is staged into a local base copy like a file
+//! disk, and [`ebs`] turns the base copy into a chain of EBS snapshots through the EBS
+//! direct APIs: the client interface, a strict fake of the service, the uploader, the
+//! chain (dirty blocks, copy-on-write during uploads, digest index) and the restore.
 
 mod device;
 pub mod durable;

@@ -2,6 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
+use crate::ebs::chain::SnapshotChain;
 use crate::error::StoreError;
 use crate::file::FileStore;
 use crate::memory::MemoryStore;
@@ -10,6 +13,12 @@ use crate::memory::MemoryStore;
 #[derive(Debug)]
 pub enum BlockStore {
     File(FileStore),
+    /// A disk staged for EBS: its local base copy, and the snapshot chain every write to
+    /// it feeds (see [`crate::ebs::chain`]).
+    Ebs {
+        base: FileStore,
+        chain: Arc<SnapshotChain>,
+    },
     Memory(MemoryStore),
 }
 
@@ -25,7 +34,7 @@ pub struct Flushed {
 impl BlockStore {
     pub fn size(&self) -> u64 {
         match self {
-            Self::File(f) => f.size(),
+            Self::File(f) | Self::Ebs { base: f, .. } => f.size(),
             Self::Memory(m) => m.size(),
         }
     }
@@ -33,7 +42,7 @@ impl BlockStore {
     /// Where the image lives, for status and error messages.
     pub fn path(&self) -> Option<&Path> {
         match self {
-            Self::File(f) => Some(f.path()),
+            Self::File(f) | Self::Ebs { base: f, .. } => Some(f.path()),
             Self::Memory(_) => None,
         }
     }
@@ -43,6 +52,10 @@ impl BlockStore {
         self.check_range("write", offset, data.len() as u64)?;
         match self {
             Self::File(f) => f.write_at(offset, data).await,
+            Self::Ebs { base, chain } => {
+                chain.before_write(base, offset, data.len() as u64).await?;
+                base.write_at(offset, data).await
+            }
             Self::Memory(m) => {
                 m.write_at(offset, &data);
                 Ok(())
@@ -59,6 +72,10 @@ impl BlockStore {
         }
         match self {
             Self::File(f) => f.write_zeroes(offset, len).await,
+            Self::Ebs { base, chain } => {
+                chain.before_write(base, offset, len).await?;
+                base.write_zeroes(offset, len).await
+            }
             Self::Memory(m) => {
                 m.write_zeroes(offset, len);
                 Ok(())
@@ -69,7 +86,7 @@ impl BlockStore {
     pub async fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, StoreError> {
         self.check_range("read", offset, len as u64)?;
         match self {
-            Self::File(f) => f.read_at(offset, len).await,
+            Self::File(f) | Self::Ebs { base: f, .. } => f.read_at(offset, len).await,
             Self::Memory(m) => Ok(m.read_at(offset, len)),
         }
     }
@@ -77,7 +94,7 @@ impl BlockStore {
     /// Makes every completed write durable (fdatasync for files and devices).
     pub async fn flush(&self) -> Result<Flushed, StoreError> {
         match self {
-            Self::File(f) => f.flush().await?,
+            Self::File(f) | Self::Ebs { base: f, .. } => f.flush().await?,
             Self::Memory(_) => {}
         }
         Ok(Flushed { _proof: () })

@@ -23,6 +23,7 @@
 //! "snapshot not found" just after StartSnapshot is normal for a while.
 
 pub mod aws;
+pub mod chain;
 pub mod fake;
 pub mod restore;
 pub mod upload;
@@ -263,5 +264,88 @@ mod tests {
         assert_eq!(aggregate_checksum([&a, &b].into_iter()), sha256(&both));
         assert_eq!(from_base64(&base64(&a)).unwrap(), a);
         assert!(from_base64("not base64!").is_none());
+    }
+}
+
+/// The EBS service a receiver stages into: the real one, or the in-memory fake (tests,
+/// benchmarks, and the demo).
+#[derive(Debug, Clone)]
+pub enum AnyEbs {
+    Aws(aws::AwsEbs),
+    Fake(std::sync::Arc<fake::FakeEbs>),
+}
+
+impl EbsClient for AnyEbs {
+    async fn start_snapshot(&self, request: StartSnapshot) -> Result<String, EbsError> {
+        match self {
+            Self::Aws(c) => c.start_snapshot(request).await,
+            Self::Fake(c) => c.start_snapshot(request).await,
+        }
+    }
+
+    async fn put_snapshot_block(
+        &self,
+        snapshot: &str,
+        index: BlockIndex,
+        data: Bytes,
+        checksum: &str,
+    ) -> Result<(), EbsError> {
+        match self {
+            Self::Aws(c) => c.put_snapshot_block(snapshot, index, data, checksum).await,
+            Self::Fake(c) => c.put_snapshot_block(snapshot, index, data, checksum).await,
+        }
+    }
+
+    async fn complete_snapshot(
+        &self,
+        snapshot: &str,
+        changed_blocks: u32,
+        aggregate: &str,
+    ) -> Result<(), EbsError> {
+        match self {
+            Self::Aws(c) => {
+                c.complete_snapshot(snapshot, changed_blocks, aggregate)
+                    .await
+            }
+            Self::Fake(c) => {
+                c.complete_snapshot(snapshot, changed_blocks, aggregate)
+                    .await
+            }
+        }
+    }
+
+    async fn list_snapshot_blocks(
+        &self,
+        snapshot: &str,
+        next_token: Option<String>,
+    ) -> Result<BlockPage, EbsError> {
+        match self {
+            Self::Aws(c) => c.list_snapshot_blocks(snapshot, next_token).await,
+            Self::Fake(c) => c.list_snapshot_blocks(snapshot, next_token).await,
+        }
+    }
+
+    async fn get_snapshot_block(
+        &self,
+        snapshot: &str,
+        index: BlockIndex,
+        block_token: &str,
+    ) -> Result<(Bytes, String), EbsError> {
+        match self {
+            Self::Aws(c) => c.get_snapshot_block(snapshot, index, block_token).await,
+            Self::Fake(c) => c.get_snapshot_block(snapshot, index, block_token).await,
+        }
+    }
+
+    async fn list_changed_blocks(
+        &self,
+        first: Option<&str>,
+        second: &str,
+        next_token: Option<String>,
+    ) -> Result<BlockPage, EbsError> {
+        match self {
+            Self::Aws(c) => c.list_changed_blocks(first, second, next_token).await,
+            Self::Fake(c) => c.list_changed_blocks(first, second, next_token).await,
+        }
     }
 }

@@ -1,0 +1,443 @@
+//! The EBS backend: each disk is staged into a local base copy (durable before any ack,
+//! exactly as on the file backend) and turned into a chain of EBS snapshots, one per
+//! recovery point.
+//!
+//! A recovery point is cut at a consistent point of the server: when a barrier's epoch E
+//! has been applied on every stream and no write of E+1 has been submitted (at the epoch
+//! gate, or later while the server is idle). At that instant every disk's chain freezes
+//! its dirty blocks; the snapshots upload in the background while replication goes on
+//! (the chains preserve the frozen bytes a new write would overwrite), and the point is
+//! recorded in the catalog once every disk's snapshot is complete. A new point is cut at
+//! the first consistent point after `recovery_interval`, once every disk has finished its
+//! initial sync and any rescan (an image in the middle of either is not a point anyone
+//! could recover to).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use blockferry_storage::ebs::aws::{AwsEbs, AwsSettings};
+use blockferry_storage::ebs::chain::{ChainSettings, Cut, SnapshotChain, SnapshotLabel};
+use blockferry_storage::ebs::fake::FakeEbs;
+use blockferry_storage::ebs::{AnyEbs, RetryPolicy};
+use blockferry_storage::{BlockStore, Engine, FileStore};
+
+use crate::apply::{ApplyPipeline, StagingDisk};
+use crate::catalog::{Catalog, RecoveryPointRecord, SnapshotRecord, now_ms};
+
+use crate::lock;
+
+/// How long after a failed recovery point the next is tried, at least.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
+
+/// Where the EBS backend's snapshots go.
+#[derive(Debug, Clone)]
+pub enum EbsConnection {
+    /// The EBS direct API, through aws-sdk-ebs and the standard credential chain.
+    Aws(AwsSettings),
+    /// An in-memory EBS (the strict fake): the demo and tests.
+    InMemory(Arc<FakeEbs>),
+}
+
+/// `run --backend ebs`.
+#[derive(Debug, Clone)]
+pub struct EbsBackendConfig {
+    pub connection: EbsConnection,
+    pub chain: ChainSettings,
+    /// A recovery point is cut at the first consistent point this long after the previous
+    /// one (zero: at every consistent point the previous upload allows).
+    pub recovery_interval: Duration,
+}
+
+/// The receiver's EBS staging: the client and every disk's chain.
+#[derive(Debug)]
+pub(crate) struct EbsStaging {
+    client: Arc<AnyEbs>,
+    settings: ChainSettings,
+    interval: Duration,
+    catalog: Arc<Catalog>,
+    /// (server, disk) → chain, shared by the disk's sessions in this process.
+    chains: std::sync::Mutex<HashMap<(String, String), Arc<SnapshotChain>>>,
+}
+
+impl EbsStaging {
+    pub(crate) async fn connect(config: &EbsBackendConfig, catalog: Arc<Catalog>) -> Self {
+        let client = match &config.connection {
+            EbsConnection::Aws(settings) => AnyEbs::Aws(AwsEbs::connect(settings).await),
+            EbsConnection::InMemory(fake) => AnyEbs::Fake(Arc::clone(fake)),
+        };
+        Self {
+            client: Arc::new(client),
+            settings: config.chain.clone(),
+            interval: config.recovery_interval,
+            catalog,
+            chains: std::sync::Mutex::default(),
+        }
+    }
+
+    /// The staging store of `disk`: its base copy at `image`, and its chain (digest index
+    /// beside the image).
+    pub(crate) fn open_store(
+        &self,
+        server_id: &str,
+        disk: &str,
+        image: &Path,
+        size: u64,
+        engine: Engine,
+    ) -> Result<BlockStore, Box<dyn std::error::Error + Send + Sync>> {
+        let base = FileStore::open_or_create(image, size, engine)?;
+        let key = (server_id.to_owned(), disk.to_owned());
+        let mut chains = lock(&self.chains);
+        let chain = match chains.get(&key) {
+            Some(chain) if chain.size() == size => Arc::clone(chain),
+            _ => {
+                let index = image.with_extension("ebs-index");
+                let chain = Arc::new(
+                    SnapshotChain::open(size, &index, self.settings.preserve_limit)
+                        .map_err(|e| format!("server {server_id} disk {disk}: {e}"))?,
+                );
+                chains.insert(key, Arc::clone(&chain));
+                chain
+            }
+        };
+        Ok(BlockStore::Ebs { base, chain })
+    }
+}
+
+/// One session's recovery-point schedule.
+#[derive(Debug)]
+pub(crate) struct RecoveryClock {
+    ebs: Arc<EbsStaging>,
+    server_id: String,
+    /// Unix ms from which the next point may be cut.
+    due_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// Per disk (Hello order): initial sync and rescan done, so its image can be a point.
+    ready: std::sync::Mutex<Vec<bool>>,
+    uploading: Arc<AtomicBool>,
+    /// Why the latest recovery point failed, until one succeeds.
+    last_error: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl RecoveryClock {
+    /// Why the latest recovery point could not be made (None once one succeeds).
+    pub(crate) fn last_error(&self) -> Option<String> {
+        lock(&self.last_error).clone()
+    }
+
+    pub(crate) fn new(
+        ebs: Arc<EbsStaging>,
+        server_id: &str,
+        ready: Vec<bool>,
+    ) -> Result<Self, crate::catalog::CatalogError> {
+        let latest = ebs.catalog.recovery_points(server_id)?.pop();
+        let due_ms = latest.map_or(0, |p| {
+            p.cut_at_ms
+                .saturating_add(u64::try_from(ebs.interval.as_millis()).unwrap_or(u64::MAX))
+        });
+        Ok(Self {
+            ebs,
+            server_id: server_id.to_owned(),
+            due_ms: Arc::new(due_ms.into()),
+            ready: std::sync::Mutex::new(ready),
+            uploading: Arc::default(),
+            last_error: Arc::default(),
+        })
+    }
+
+    /// Takes note of what a sealed epoch claims: initial-sync watermarks and finished
+    /// rescans.
+    pub(crate) fn sealed(
+        &self,
+        pipeline: &ApplyPipeline,
+        progress: &[(u16, u64)],
+        rescans: &[u16],
+    ) {
+        let mut ready = lock(&self.ready);
+        for &(disk, watermark) in progress {
+            let index = usize::from(disk);
+            if let (Some(staging), Some(flag)) = (pipeline.disks().get(index), ready.get_mut(index))
+            {
+                // A finished sync with a rescan still to come stays not ready: the rescan
+                // says so with its own barrier.
+                *flag |= watermark >= staging.store.size()
+                    && !staging.rescanning.load(Ordering::Relaxed);
+            }
+        }
+        for &disk in rescans {
+            if let Some(flag) = ready.get_mut(usize::from(disk)) {
+                *flag = true;
+            }
+        }
+    }
+
+    /// Cuts a recovery point at epoch `epoch` if one is due, every disk is ready, and no
+    /// write after sequence `through` (the last write of `epoch`, all of them completed)
+    /// has been submitted; then starts its upload.
+    pub(crate) fn maybe_cut(&self, pipeline: &ApplyPipeline, through: u64, epoch: u64) {
+        if self.uploading.load(Ordering::Acquire) || now_ms() < self.due_ms.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        if !lock(&self.ready).iter().all(|&ready| ready) {
+            return;
+        }
+        let disks: Vec<(Arc<StagingDisk>, Arc<SnapshotChain>)> = pipeline
+            .disks()
+            .iter()
+            .filter_map(|d| match &d.store {
+                BlockStore::Ebs { chain, .. } => Some((Arc::clone(d), Arc::clone(chain))),
+                _ => None,
+            })
+            .collect();
+        // A previous session's upload may still run on these chains.
+        if disks.is_empty() || disks.iter().any(|(_, chain)| chain.uploading()) {
+            return;
+        }
+        let cut_all = || {
+            disks
+                .iter()
+                .filter_map(|(disk, chain)| Some((Arc::clone(disk), chain.cut()?)))
+                .collect::<Vec<_>>()
+        };
+        let Some(cuts) = pipeline.if_quiescent(through, cut_all) else {
+            return;
+        };
+        let cut_at_ms = now_ms();
+        if cuts.iter().all(|(_, c)| matches!(c, Cut::Unchanged(_))) {
+            // Nothing changed since the latest point: it stands for this one too.
+            return;
+        }
+        self.uploading.store(true, Ordering::Release);
+        self.due_ms.store(
+            cut_at_ms
+                .saturating_add(u64::try_from(self.ebs.interval.as_millis()).unwrap_or(u64::MAX)),
+            Ordering::Relaxed,
+        );
+        let (ebs, server_id, uploading, last_error, due_ms) = (
+            Arc::clone(&self.ebs),
+            self.server_id.clone(),
+            Arc::clone(&self.uploading),
+            Arc::clone(&self.last_error),
+            Arc::clone(&self.due_ms),
+        );
+        tokio::spawn(async move {
+            let result = upload_point(&ebs, &server_id, epoch, cut_at_ms, cuts).await;
+            if result.is_err() {
+                // Not at once again: a denied or failing service is not hammered.
+                let retry = ebs
+                    .interval
+                    .clamp(RETRY_AFTER_FAILURE, Duration::from_secs(300));
+                due_ms.store(
+                    now_ms().saturating_add(u64::try_from(retry.as_millis()).unwrap_or(u64::MAX)),
+                    Ordering::Relaxed,
+                );
+            }
+            *lock(&last_error) = result.err();
+            uploading.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// Uploads the snapshots of one cut, disk after disk, and records the point once all are
+/// complete. A failed disk's blocks go back into its dirty set; the point is not recorded
+/// and the next cut carries its changes.
+async fn upload_point(
+    ebs: &EbsStaging,
+    server_id: &str,
+    epoch: u64,
+    cut_at_ms: u64,
+    cuts: Vec<(Arc<StagingDisk>, Cut)>,
+) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    let mut snapshots = Vec::new();
+    let mut failed = None;
+    for (disk, cut) in cuts {
+        let BlockStore::Ebs { base, chain } = &disk.store else {
+            continue;
+        };
+        match cut {
+            Cut::Unchanged(id) => snapshots.push(SnapshotRecord {
+                disk: disk.name.clone(),
+                size: base.size(),
+                snapshot_id: id,
+                parent: None,
+                changed_blocks: 0,
+            }),
+            Cut::Started if failed.is_some() => chain.abandon_cut(),
+            Cut::Started => {
+                let label = SnapshotLabel {
+                    server_id: server_id.to_owned(),
+                    disk: disk.name.clone(),
+                    epoch,
+                };
+                match chain
+                    .upload(Arc::clone(&ebs.client), base, &ebs.settings, &label)
+                    .await
+                {
+                    Ok(done) => snapshots.push(SnapshotRecord {
+                        disk: disk.name.clone(),
+                        size: base.size(),
+                        snapshot_id: done.id,
+                        parent: done.parent,
+                        changed_blocks: done.changed_blocks,
+                    }),
+                    Err(err) => {
+                        tracing::warn!(
+                            server = %server_id,
+                            disk = %disk.name,
+                            epoch,
+                            error = %err,
+                            "the recovery point's snapshot failed; its changes go into the next point"
+                        );
+                        failed = Some(format!("recovery point {epoch}, disk {}: {err}", disk.name));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(failure) = failed {
+        return Err(failure);
+    }
+    let point = RecoveryPointRecord {
+        epoch,
+        cut_at_ms,
+        completed_at_ms: now_ms(),
+        disks: snapshots,
+    };
+    let catalog = Arc::clone(&ebs.catalog);
+    let server = server_id.to_owned();
+    let recorded = tokio::task::spawn_blocking(move || {
+        catalog
+            .record_recovery_point(&server, &point)
+            .map(|()| point)
+    })
+    .await;
+    let failure = match recorded {
+        Ok(Ok(point)) => {
+            tracing::info!(
+                server = %server_id,
+                epoch,
+                seconds = started.elapsed().as_secs_f64(),
+                snapshots = ?point.disks.iter().map(|d| d.snapshot_id.as_str()).collect::<Vec<_>>(),
+                "recovery point recorded"
+            );
+            return Ok(());
+        }
+        Ok(Err(err)) => crate::session::error_chain(&err),
+        Err(err) => err.to_string(),
+    };
+    tracing::error!(server = %server_id, epoch, error = %failure, "cannot record the recovery point");
+    Err(format!(
+        "recovery point {epoch}: recording it in the catalog: {failure}"
+    ))
+}
+
+/// What `restore` wrote.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    pub server_id: String,
+    pub epoch: u64,
+    pub snapshot_id: String,
+    pub size: u64,
+    pub blocks: u64,
+}
+
+/// Downloads disk `disk` of a recovery point (the latest by default) into the raw image
+/// `out`, verifying every block's checksum. `server_id` may be left out when one server
+/// alone has a disk of that name. The points come from `status` (the running receiver's,
+/// or the catalog's when none runs).
+pub async fn restore(
+    report: &crate::status::StatusReport,
+    client: Arc<AnyEbs>,
+    server_id: Option<&str>,
+    disk: &str,
+    epoch: Option<u64>,
+    out: &Path,
+) -> anyhow::Result<Restored> {
+    use anyhow::Context as _;
+    let servers: Vec<&crate::status::ServerStatus> = report
+        .servers
+        .iter()
+        .filter(|s| server_id.is_none_or(|id| s.server_id == id))
+        .filter(|s| s.disks.iter().any(|d| d.name == disk))
+        .collect();
+    let server = match servers.as_slice() {
+        [one] => *one,
+        [] => match server_id {
+            Some(id) => anyhow::bail!("server {id} has no disk named {disk}; `status` lists them"),
+            None => anyhow::bail!("no server has a disk named {disk}; `status` lists them"),
+        },
+        many => anyhow::bail!(
+            "servers {} all have a disk named {disk}; name one with --server",
+            many.iter()
+                .map(|s| s.server_id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let server_id = server.server_id.clone();
+    let points = &server.recovery_points;
+    let point = match epoch {
+        Some(epoch) => points.iter().find(|p| p.epoch == epoch).with_context(|| {
+            format!(
+                "server {server_id} has no recovery point {epoch}; it has {}",
+                list_epochs(points)
+            )
+        })?,
+        None => points.last().with_context(|| {
+            format!(
+                "server {server_id} has no recovery point yet (the first is cut once every \
+                 disk has finished its initial sync, on a receiver run with --backend ebs)"
+            )
+        })?,
+    };
+    let snapshot = point
+        .disks
+        .iter()
+        .find(|d| d.disk == disk)
+        .with_context(|| {
+            format!(
+                "recovery point {} of server {server_id} holds no disk {disk}",
+                point.epoch
+            )
+        })?;
+    let blocks = blockferry_storage::ebs::restore::restore(
+        client,
+        &snapshot.snapshot_id,
+        snapshot.size,
+        out,
+        RetryPolicy::default(),
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "restoring disk {disk} of server {server_id}, recovery point {}, from snapshot {}",
+            point.epoch, snapshot.snapshot_id
+        )
+    })?;
+    Ok(Restored {
+        server_id,
+        epoch: point.epoch,
+        snapshot_id: snapshot.snapshot_id.clone(),
+        size: snapshot.size,
+        blocks,
+    })
+}
+
+fn list_epochs(points: &[RecoveryPointRecord]) -> String {
+    if points.is_empty() {
+        return "none".into();
+    }
+    points
+        .iter()
+        .map(|p| p.epoch.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The client `restore` uses: the real service, reached as `settings` say.
+pub async fn aws_client(settings: &AwsSettings) -> Arc<AnyEbs> {
+    Arc::new(AnyEbs::Aws(AwsEbs::connect(settings).await))
+}

@@ -1,0 +1,446 @@
+//! `--backend ebs` through the whole receiver, against the strict in-memory EBS: recovery
+//! points become snapshot chains that restore byte for byte, consistent-point bytes
+//! survive writes made while their snapshot uploads, faults are retried, and an access
+//! denial fails fast and clearly without stopping replication.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blockferry_agent::Agent;
+use blockferry_receiver::catalog::RecoveryPointRecord;
+use blockferry_receiver::snapshots::{EbsBackendConfig, EbsConnection, restore};
+use blockferry_receiver::{Receiver, ReceiverConfig};
+use blockferry_storage::ebs::chain::ChainSettings;
+use blockferry_storage::ebs::fake::{FakeEbs, Fault};
+use blockferry_storage::ebs::upload::UploadConfig;
+use blockferry_storage::ebs::{AnyEbs, BLOCK_SIZE, RetryPolicy};
+use common::*;
+use tokio_util::sync::CancellationToken;
+
+const BLOCK: u64 = BLOCK_SIZE as u64;
+
+fn ebs_config(
+    data: &Path,
+    fake: &Arc<FakeEbs>,
+    concurrency: usize,
+    preserve: usize,
+) -> ReceiverConfig {
+    let mut config = receiver_config(data);
+    config.barrier_interval = 1 << 20;
+    config.ebs = Some(EbsBackendConfig {
+        connection: EbsConnection::InMemory(Arc::clone(fake)),
+        chain: ChainSettings {
+            upload: UploadConfig {
+                concurrency,
+                retry: RetryPolicy {
+                    attempts: 6,
+                    first_delay: Duration::from_millis(5),
+                    max_delay: Duration::from_millis(50),
+                },
+            },
+            tags: vec![("team".into(), "dr".into())],
+            preserve_limit: preserve,
+            ..ChainSettings::default()
+        },
+        recovery_interval: Duration::ZERO,
+    });
+    config
+}
+
+async fn wait_point(
+    receiver: &Receiver,
+    what: &str,
+    done: impl Fn(&RecoveryPointRecord) -> bool,
+) -> RecoveryPointRecord {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = receiver.status().unwrap();
+        if let Some(point) = status
+            .servers
+            .first()
+            .and_then(|s| s.recovery_points.iter().rev().find(|p| done(p)))
+        {
+            return point.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {:?}",
+            status
+                .servers
+                .first()
+                .map(|s| (&s.recovery_points, &s.recovery_point_error))
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn restore_to(
+    receiver: &Receiver,
+    fake: &Arc<FakeEbs>,
+    disk: &str,
+    epoch: u64,
+    out: &Path,
+) -> PathBuf {
+    let report = receiver.status().unwrap();
+    let client = Arc::new(AnyEbs::Fake(Arc::clone(fake)));
+    let restored = restore(&report, client, None, disk, Some(epoch), out)
+        .await
+        .unwrap_or_else(|e| panic!("restore of {disk} at {epoch}: {e:#}"));
+    assert_eq!(restored.epoch, epoch);
+    out.to_owned()
+}
+
+fn block_is_zero(path: &Path, block: u64) -> bool {
+    let data = std::fs::read(path).unwrap();
+    let start = (block * BLOCK) as usize;
+    data[start..(start + BLOCK_SIZE).min(data.len())]
+        .iter()
+        .all(|&b| b == 0)
+}
+
+fn nonzero_blocks(path: &Path) -> usize {
+    let data = std::fs::read(path).unwrap();
+    data.chunks(BLOCK_SIZE)
+        .filter(|c| c.iter().any(|&b| b != 0))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_recovery_point_restores_byte_identical_from_its_snapshot_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let fake = Arc::new(FakeEbs::new());
+    let receiver = Receiver::start(ebs_config(&data, &fake, 8, 64 << 20))
+        .await
+        .unwrap();
+    let creds = credentials(&data, "srv", &dir.path().join("creds"));
+    // Sizes that end inside a block; half zeros, so the first snapshot can skip blocks.
+    let (d0, _) = image(dir.path(), "d0.img", 12 * BLOCK + 4096, 0.5, 1 << 20, 5);
+    let (d1, _) = image(dir.path(), "d1.img", 5 * BLOCK + 512, 1.0, 1 << 20, 6);
+    let volumes = vec![volume("d0", &d0), volume("d1", &d1)];
+    let mut config = agent_config(receiver.local_addr(), creds);
+    config.exit_when_synced = false;
+    let agent = Arc::new(Agent::new(&volumes));
+    let stop = CancellationToken::new();
+    let run = {
+        let (config, volumes, stop, agent) = (
+            config.clone(),
+            volumes.clone(),
+            stop.clone(),
+            Arc::clone(&agent),
+        );
+        tokio::spawn(async move { agent.run(&config, &volumes, stop).await })
+    };
+    wait_synced(agent.stats()).await;
+    // The first point: the initial sync, no parent, zero blocks left out.
+    let first = wait_point(&receiver, "the first recovery point", |_| true).await;
+    let expected: Vec<PathBuf> = ["d0", "d1"]
+        .iter()
+        .zip([&d0, &d1])
+        .map(|(name, source)| {
+            let copy = dir.path().join(format!("{name}-at-first.img"));
+            std::fs::copy(source, &copy).unwrap();
+            copy
+        })
+        .collect();
+    for snapshot in &first.disks {
+        assert_eq!(fake.parent(&snapshot.snapshot_id), None, "{snapshot:?}");
+        let source = if snapshot.disk == "d0" { &d0 } else { &d1 };
+        assert_eq!(
+            fake.own_blocks(&snapshot.snapshot_id).len(),
+            nonzero_blocks(source),
+            "the first snapshot of {} holds exactly its non-zero blocks",
+            snapshot.disk
+        );
+        let tags = fake.tags(&snapshot.snapshot_id).unwrap();
+        for (key, value) in [
+            ("team", "dr"),
+            ("blockferry:server", "srv"),
+            ("blockferry:disk", snapshot.disk.as_str()),
+        ] {
+            assert!(
+                tags.contains(&(key.to_owned(), value.to_owned())),
+                "{tags:?} lacks {key}={value}"
+            );
+        }
+    }
+
+    // Changes: a 4 KiB write inside a block, a write across two blocks, a non-zero
+    // block made zeros, and the partial last block of each disk. The service throttles,
+    // fails and hides the new snapshot meanwhile: retries carry the point through.
+    let zeroed = (0..12)
+        .find(|&b| !block_is_zero(&d0, b))
+        .expect("d0 has a non-zero block");
+    let capture = agent.capture();
+    let mut rng = Rng(77);
+    let mut random = |len: usize| -> Vec<u8> { (0..len).map(|_| rng.next() as u8).collect() };
+    fake.inject(Fault::Throttle, 3);
+    fake.inject(Fault::ServerError, 2);
+    fake.hide_new_snapshots_for(2);
+    capture
+        .write(0, 3 * BLOCK + 8192, random(4096))
+        .await
+        .unwrap();
+    capture
+        .write(0, 6 * BLOCK - 4096, random(16384))
+        .await
+        .unwrap();
+    capture
+        .write_zeroes(0, zeroed * BLOCK, BLOCK)
+        .await
+        .unwrap();
+    capture.write(0, 12 * BLOCK, random(4096)).await.unwrap();
+    capture.write(1, 5 * BLOCK, random(512)).await.unwrap();
+    capture.flush().await.unwrap();
+    // Every change is in the epochs up to the one durable now: a point at or after it
+    // holds them all.
+    let durable = receiver.status().unwrap().servers[0].durable_epoch;
+    let second = wait_point(&receiver, "a point after the changes", |p| {
+        p.epoch >= durable
+    })
+    .await;
+
+    // Each point restores to exactly what the disks held at it.
+    for (index, (name, source)) in ["d0", "d1"].iter().zip([&d0, &d1]).enumerate() {
+        let at_first = restore_to(
+            &receiver,
+            &fake,
+            name,
+            first.epoch,
+            &dir.path().join(format!("{name}-r1.img")),
+        )
+        .await;
+        assert_identical(&expected[index], &at_first);
+        let at_second = restore_to(
+            &receiver,
+            &fake,
+            name,
+            second.epoch,
+            &dir.path().join(format!("{name}-r2.img")),
+        )
+        .await;
+        assert_identical(source, &at_second);
+    }
+    // The zeroed block is zeros in the child although the parent holds data there.
+    assert!(block_is_zero(&dir.path().join("d0-r2.img"), zeroed));
+    // The chain from the first point to the second (a point may have been cut while the
+    // changes arrived): each d0 snapshot a child of the one before, holding only changed
+    // blocks, the zeroed one among them, written as zeros although the parent has data.
+    let points = receiver.status().unwrap().servers[0]
+        .recovery_points
+        .clone();
+    let d0_of = |p: &RecoveryPointRecord| {
+        p.disks
+            .iter()
+            .find(|d| d.disk == "d0")
+            .unwrap()
+            .snapshot_id
+            .clone()
+    };
+    let chain: Vec<&RecoveryPointRecord> = points
+        .iter()
+        .filter(|p| p.epoch >= first.epoch && p.epoch <= second.epoch)
+        .collect();
+    let mut own = Vec::new();
+    for pair in chain.windows(2) {
+        let (parent, child) = (d0_of(pair[0]), d0_of(pair[1]));
+        if parent == child {
+            continue; // d0 did not change between these points
+        }
+        assert_eq!(fake.parent(&child).as_deref(), Some(parent.as_str()));
+        own.extend(fake.own_blocks(&child));
+    }
+    let changed = [3, 5, 6, u32::try_from(zeroed).unwrap(), 12];
+    assert!(
+        own.contains(&changed[3]),
+        "the zeroed block {zeroed} must be written to a child: {own:?}"
+    );
+    assert!(own.iter().all(|b| changed.contains(b)), "{own:?}");
+    // Status names each disk's latest snapshot.
+    let status = receiver.status().unwrap();
+    let latest = status.servers[0].recovery_points.last().unwrap();
+    for disk in &status.servers[0].disks {
+        let in_point = latest.disks.iter().find(|d| d.disk == disk.name).unwrap();
+        assert_eq!(
+            disk.snapshot_id.as_deref(),
+            Some(in_point.snapshot_id.as_str())
+        );
+    }
+    assert!(status.servers[0].recovery_point_error.is_none());
+
+    // A restore asks for what exists, and says what does.
+    let report = receiver.status().unwrap();
+    let client = Arc::new(AnyEbs::Fake(Arc::clone(&fake)));
+    let err = restore(
+        &report,
+        Arc::clone(&client),
+        None,
+        "d0",
+        Some(999_999),
+        &dir.path().join("x"),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("no recovery point 999999"),
+        "{err:#}"
+    );
+    let err = restore(&report, client, None, "nope", None, &dir.path().join("x"))
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("no server has a disk named nope"),
+        "{err:#}"
+    );
+
+    stop.cancel();
+    let _ = run.await;
+    receiver.shutdown().await;
+}
+
+/// Writes made while a point's snapshot uploads must not leak into it: the chain keeps
+/// the consistent-point bytes of every frozen block a write overwrites (and with a
+/// preserve limit of two blocks, writers wait for the upload instead of holding more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_during_an_upload_do_not_leak_into_its_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let fake = Arc::new(FakeEbs::new());
+    // 24 blocks at 2 PUTs of 150 ms each: the first snapshot takes about 2 s, and the
+    // overwrites start as soon as the sync is durable (when the upload has just begun).
+    fake.set_put_latency(Duration::from_millis(150));
+    let receiver = Receiver::start(ebs_config(&data, &fake, 2, 2 * BLOCK_SIZE))
+        .await
+        .unwrap();
+    let creds = credentials(&data, "srv", &dir.path().join("creds"));
+    let (d0, _) = image(dir.path(), "d0.img", 24 * BLOCK, 1.0, 1 << 20, 9);
+    let original = dir.path().join("original.img");
+    std::fs::copy(&d0, &original).unwrap();
+    let volumes = vec![volume("d0", &d0)];
+    let mut config = agent_config(receiver.local_addr(), creds);
+    config.exit_when_synced = false;
+    let agent = Arc::new(Agent::new(&volumes));
+    let stop = CancellationToken::new();
+    let run = {
+        let (config, volumes, stop, agent) = (
+            config.clone(),
+            volumes.clone(),
+            stop.clone(),
+            Arc::clone(&agent),
+        );
+        tokio::spawn(async move { agent.run(&config, &volumes, stop).await })
+    };
+    wait_synced(agent.stats()).await;
+    // Overwrite every block, last first (the upload goes first to last).
+    let mut rng = Rng(3);
+    for block in (0..24).rev() {
+        let data: Vec<u8> = (0..BLOCK_SIZE).map(|_| rng.next() as u8).collect();
+        agent.capture().write(0, block * BLOCK, data).await.unwrap();
+    }
+    agent.capture().flush().await.unwrap();
+    let first = wait_point(&receiver, "the first point", |_| true).await;
+    let second = wait_point(&receiver, "the second point", |p| p.epoch > first.epoch).await;
+    let r1 = restore_to(
+        &receiver,
+        &fake,
+        "d0",
+        first.epoch,
+        &dir.path().join("r1.img"),
+    )
+    .await;
+    assert_identical(&original, &r1);
+    let r2 = restore_to(
+        &receiver,
+        &fake,
+        "d0",
+        second.epoch,
+        &dir.path().join("r2.img"),
+    )
+    .await;
+    assert_identical(&d0, &r2);
+    stop.cancel();
+    let _ = run.await;
+    receiver.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_denied_fails_fast_and_clearly_and_replication_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let fake = Arc::new(FakeEbs::new());
+    fake.deny_access(true);
+    let receiver = Receiver::start(ebs_config(&data, &fake, 4, 64 << 20))
+        .await
+        .unwrap();
+    let creds = credentials(&data, "srv", &dir.path().join("creds"));
+    let (d0, _) = image(dir.path(), "d0.img", 8 * BLOCK, 1.0, 1 << 20, 4);
+    let volumes = vec![volume("d0", &d0)];
+    let mut config = agent_config(receiver.local_addr(), creds);
+    config.exit_when_synced = false;
+    let agent = Arc::new(Agent::new(&volumes));
+    let stop = CancellationToken::new();
+    let run = {
+        let (config, volumes, stop, agent) = (
+            config.clone(),
+            volumes.clone(),
+            stop.clone(),
+            Arc::clone(&agent),
+        );
+        tokio::spawn(async move { agent.run(&config, &volumes, stop).await })
+    };
+    // The initial sync is durable on the base copy whatever EBS says.
+    wait_synced(agent.stats()).await;
+    assert_identical(&d0, &staging_image(&data, "srv", "d0"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let error = loop {
+        let status = receiver.status().unwrap();
+        if let Some(error) = status.servers[0].recovery_point_error.clone() {
+            break error;
+        }
+        assert!(Instant::now() < deadline, "no recovery point error shown");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        error.contains("AccessDenied") || error.contains("access denied"),
+        "{error}"
+    );
+    assert!(error.contains("d0"), "the error names the disk: {error}");
+    // Fails fast: the denied start is not retried.
+    assert_eq!(fake.calls("StartSnapshot"), 1);
+    assert!(
+        receiver.status().unwrap().servers[0]
+            .recovery_points
+            .is_empty()
+    );
+    // Replication goes on meanwhile.
+    agent
+        .capture()
+        .write(0, BLOCK, vec![0xab; 8192])
+        .await
+        .unwrap();
+    agent.capture().flush().await.unwrap();
+    assert_identical(&d0, &staging_image(&data, "srv", "d0"));
+    // Once access is granted, the next point carries everything.
+    fake.deny_access(false);
+    let point = wait_point(&receiver, "a point once access is granted", |_| true).await;
+    let restored = restore_to(
+        &receiver,
+        &fake,
+        "d0",
+        point.epoch,
+        &dir.path().join("r.img"),
+    )
+    .await;
+    assert_identical(&d0, &restored);
+    assert!(
+        receiver.status().unwrap().servers[0]
+            .recovery_point_error
+            .is_none()
+    );
+    stop.cancel();
+    let _ = run.await;
+    receiver.shutdown().await;
+}
