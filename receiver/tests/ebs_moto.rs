@@ -1,7 +1,14 @@
 //! The real aws-sdk-ebs client against moto's server (an EBS direct API emulator on
-//! 127.0.0.1): a disk's blocks go up as a snapshot and the restore returns identical
-//! bytes. moto models neither parents nor checksums nor throttling; the strict fake
-//! covers those (tests/ebs.rs).
+//! 127.0.0.1): first the client alone (a snapshot's blocks go up and the restore returns
+//! identical bytes), then the whole path — an agent replicates into a receiver run with
+//! `--backend ebs`, its first recovery point becomes a snapshot in moto, and the
+//! `restore` command returns the disk byte for byte. moto models neither parents nor
+//! checksums nor throttling; the strict fake covers those (tests/ebs.rs).
+//!
+//! One test in this binary: it sets the environment (credentials for the emulator, no
+//! instance-metadata probing) before any other thread exists.
+
+mod common;
 
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -82,7 +89,7 @@ fn block(seed: u8) -> Bytes {
 }
 
 #[test]
-fn the_sdk_client_uploads_a_snapshot_to_moto_and_restores_it_byte_for_byte() {
+fn the_sdk_client_and_the_receiver_replicate_into_moto_and_restore_byte_for_byte() {
     // Only this test runs in this process, before any runtime or thread that could read
     // the environment: credentials for the emulator, and no instance-metadata probing
     // (nothing may leave the loopback interface).
@@ -152,4 +159,95 @@ fn the_sdk_client_uploads_a_snapshot_to_moto_and_restores_it_byte_for_byte() {
         let restored = std::fs::read(&out).unwrap();
         assert!(restored == image, "the restored image differs");
     });
+    runtime.block_on(receiver_into_moto(port));
+}
+
+async fn receiver_into_moto(moto_port: u16) {
+    use common::*;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let endpoint = format!("http://127.0.0.1:{moto_port}");
+    let creds = credentials(&data, "srv", &dir.path().join("creds"));
+    let port = free_port();
+    let mut receiver = spawn_receiver(
+        &data,
+        port,
+        &[
+            "--control",
+            "off",
+            "--metrics",
+            "off",
+            "--backend",
+            "ebs",
+            "--ebs-region",
+            "us-east-1",
+            "--ebs-endpoint-url",
+            &endpoint,
+            "--ebs-tag",
+            "team=dr",
+            "--recovery-interval-secs",
+            "0",
+        ],
+    );
+    let (source, _) = image(
+        dir.path(),
+        "d0.img",
+        9 * BLOCK_SIZE as u64 + 8192,
+        0.6,
+        1 << 20,
+        12,
+    );
+    let volumes = vec![volume("d0", &source)];
+    let config = agent_config(format!("127.0.0.1:{port}"), creds);
+    sync(&config, &volumes, Duration::from_secs(60)).await;
+
+    let receiver_cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_blockferry-receiver"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let snapshot = loop {
+        let (ok, out) = receiver_cli(&["status", "--json"]);
+        assert!(ok, "{out}");
+        let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+        if let Some(id) = status["servers"][0]["disks"][0]["snapshot_id"].as_str() {
+            break id.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery point in moto: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(snapshot.starts_with("snap-"), "{snapshot}");
+    let out_path = dir.path().join("restored.img");
+    let out_arg = out_path.to_str().unwrap();
+    let (ok, out) = receiver_cli(&[
+        "restore",
+        "--disk",
+        "d0",
+        "--out",
+        out_arg,
+        "--ebs-region",
+        "us-east-1",
+        "--ebs-endpoint-url",
+        &endpoint,
+    ]);
+    assert!(ok, "restore: {out}");
+    assert!(out.contains(&snapshot), "{out}");
+    assert_identical(&source, &out_path);
+    // An existing file is not overwritten unless asked.
+    let (ok, out) = receiver_cli(&["restore", "--disk", "d0", "--out", out_arg]);
+    assert!(!ok && out.contains("--overwrite"), "{out}");
+    let _ = receiver.kill();
+    let _ = receiver.wait();
 }
