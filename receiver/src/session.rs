@@ -247,6 +247,9 @@ pub(crate) struct Session {
     sealed_mark: Mutex<(u64, u64)>,
     /// Recovery points (EBS backend).
     recovery: Option<crate::snapshots::RecoveryClock>,
+    /// (sequence, disk, start, end) of the writes not yet sealed (EBS backend): what the
+    /// images hold beyond the consistent epoch if the session breaks now.
+    unsealed: Mutex<std::collections::VecDeque<(u64, u16, u64, u64)>>,
 }
 
 /// What `status` shows of a live session.
@@ -413,6 +416,10 @@ async fn run_primary(
         Some(previous) if previous != identity.agent_id => Some("agent_reinstalled"),
         Some(_) => None,
     };
+    if let (Some("first_contact"), Some(ebs)) = (started, &ctx.ebs) {
+        // A server never seen: no earlier session can have left bytes in its images.
+        ebs.all_durable(&identity.server_id);
+    }
     if let Some(reason) = started {
         ctx.events.record(
             &identity.server_id,
@@ -490,6 +497,7 @@ async fn run_primary(
         disk_names: records.iter().map(|r| r.name.clone()).collect(),
         keeping_slots: std::sync::atomic::AtomicBool::new(false),
         sealed_mark: Mutex::new((0, durable_epoch)),
+        unsealed: Mutex::default(),
         recovery,
     });
     let disk_names: Vec<String> = records.iter().map(|r| r.name.clone()).collect();
@@ -627,6 +635,16 @@ async fn run_primary(
         .pipeline
         .wait_through(session.pipeline.last_submitted())
         .await;
+    if let Some(ebs) = &ctx.ebs {
+        let disks = session.pipeline.disks();
+        let unsealed = std::mem::take(&mut *lock(&session.unsealed));
+        ebs.left_over(
+            &identity.server_id,
+            unsealed
+                .into_iter()
+                .map(|(_, disk, start, end)| (disks[usize::from(disk)].name.clone(), start, end)),
+        );
+    }
     let catalog = Arc::clone(&ctx.catalog);
     let server_id = identity.server_id.clone();
     let _ = tokio::task::spawn_blocking(move || {
@@ -726,7 +744,12 @@ async fn stream_frames(
                     disk.resent_bytes
                         .fetch_add(u64::from(write.header.len), Ordering::Relaxed);
                 }
-                pipeline.submit(write.header, write.data).await;
+                let (start, end) = (write.header.offset, write.header.end());
+                let seq = pipeline.submit(write.header, write.data).await;
+                if let Some(ebs) = &ctx.ebs {
+                    ebs.written(&session.identity.server_id, &disk.name, start, end);
+                    lock(&session.unsealed).push_back((seq, write.header.disk, start, end));
+                }
             }
             Some(Frame::SumRequest(request)) => {
                 let disk = validate_sum_request(pipeline, &request)?;
@@ -778,6 +801,7 @@ async fn stream_frames(
                         .sealed_through
                         .store(sealed.through, Ordering::Relaxed);
                     *lock(&session.sealed_mark) = (sealed.through, epoch);
+                    lock(&session.unsealed).retain(|w| w.0 > sealed.through);
                     if let Some(recovery) = &session.recovery {
                         recovery.sealed(pipeline, &sealed.progress, &sealed.rescan_done);
                         // The other streams wait for this epoch to be marked applied, so
@@ -824,6 +848,9 @@ async fn stream_frames(
                         "heartbeat names disk index {}, which does not exist",
                         beat.disk
                     )));
+                }
+                if let Some(recovery) = &session.recovery {
+                    recovery.heartbeat(hb.backlog_bytes);
                 }
                 *lock(&session.last_heartbeat) = Some(hb);
             }

@@ -60,6 +60,12 @@ pub(crate) struct EbsStaging {
     catalog: Arc<Catalog>,
     /// (server, disk) → chain, shared by the disk's sessions in this process.
     chains: std::sync::Mutex<HashMap<(String, String), Arc<SnapshotChain>>>,
+    /// Per server: bytes of its images that a broken session applied without making them
+    /// durable. The agent sends them again (they are not acknowledged), but until then
+    /// the images are not the state of any epoch, and no point may be cut. A server this
+    /// process has not seen is unknown (absent): the previous process may have left such
+    /// bytes.
+    tainted: std::sync::Mutex<HashMap<String, HashMap<String, RangeSet>>>,
 }
 
 impl EbsStaging {
@@ -74,7 +80,46 @@ impl EbsStaging {
             interval: config.recovery_interval,
             catalog,
             chains: std::sync::Mutex::default(),
+            tainted: std::sync::Mutex::default(),
         }
+    }
+
+    /// A write of this session covers `[start, end)` of `disk`: those bytes are no longer
+    /// left over from a broken session.
+    pub(crate) fn written(&self, server_id: &str, disk: &str, start: u64, end: u64) {
+        if let Some(ranges) = lock(&self.tainted)
+            .get_mut(server_id)
+            .and_then(|disks| disks.get_mut(disk))
+        {
+            ranges.remove(start, end);
+        }
+    }
+
+    /// A session ended with these writes applied but not durable.
+    pub(crate) fn left_over(
+        &self,
+        server_id: &str,
+        writes: impl Iterator<Item = (String, u64, u64)>,
+    ) {
+        let mut tainted = lock(&self.tainted);
+        // Unknown stays unknown.
+        if let Some(disks) = tainted.get_mut(server_id) {
+            for (disk, start, end) in writes {
+                disks.entry(disk).or_default().insert(start, end);
+            }
+        }
+    }
+
+    /// The agent reported nothing unacknowledged: every byte it ever sent is durable,
+    /// so nothing is left over.
+    pub(crate) fn all_durable(&self, server_id: &str) {
+        lock(&self.tainted).insert(server_id.to_owned(), HashMap::new());
+    }
+
+    fn clean(&self, server_id: &str) -> bool {
+        lock(&self.tainted)
+            .get(server_id)
+            .is_some_and(|disks| disks.values().all(RangeSet::is_empty))
     }
 
     /// The staging store of `disk`: its base copy at `image`, and its chain (digest index
@@ -116,6 +161,8 @@ pub(crate) struct RecoveryClock {
     /// Per disk (Hello order): initial sync and rescan done, so its image can be a point.
     ready: std::sync::Mutex<Vec<bool>>,
     uploading: Arc<AtomicBool>,
+    /// The epoch of the latest recorded point: a point is never cut twice at one epoch.
+    last_epoch: std::sync::atomic::AtomicU64,
     /// Why the latest recovery point failed, until one succeeds.
     last_error: Arc<std::sync::Mutex<Option<String>>>,
 }
@@ -132,6 +179,7 @@ impl RecoveryClock {
         ready: Vec<bool>,
     ) -> Result<Self, crate::catalog::CatalogError> {
         let latest = ebs.catalog.recovery_points(server_id)?.pop();
+        let last_epoch = latest.as_ref().map_or(0, |p| p.epoch);
         let due_ms = latest.map_or(0, |p| {
             p.cut_at_ms
                 .saturating_add(u64::try_from(ebs.interval.as_millis()).unwrap_or(u64::MAX))
@@ -142,8 +190,16 @@ impl RecoveryClock {
             due_ms: Arc::new(due_ms.into()),
             ready: std::sync::Mutex::new(ready),
             uploading: Arc::default(),
+            last_epoch: last_epoch.into(),
             last_error: Arc::default(),
         })
+    }
+
+    /// Takes note of an agent heartbeat's backlog.
+    pub(crate) fn heartbeat(&self, backlog_bytes: u64) {
+        if backlog_bytes == 0 {
+            self.ebs.all_durable(&self.server_id);
+        }
     }
 
     /// Takes note of what a sealed epoch claims: initial-sync watermarks and finished
@@ -176,7 +232,10 @@ impl RecoveryClock {
     /// write after sequence `through` (the last write of `epoch`, all of them completed)
     /// has been submitted; then starts its upload.
     pub(crate) fn maybe_cut(&self, pipeline: &ApplyPipeline, through: u64, epoch: u64) {
-        if self.uploading.load(Ordering::Acquire) || now_ms() < self.due_ms.load(Ordering::Relaxed)
+        if self.uploading.load(Ordering::Acquire)
+            || !self.ebs.clean(&self.server_id)
+            || epoch <= self.last_epoch.load(Ordering::Relaxed)
+            || now_ms() < self.due_ms.load(Ordering::Relaxed)
         {
             return;
         }
@@ -210,6 +269,7 @@ impl RecoveryClock {
             return;
         }
         self.uploading.store(true, Ordering::Release);
+        self.last_epoch.store(epoch, Ordering::Relaxed);
         self.due_ms.store(
             cut_at_ms
                 .saturating_add(u64::try_from(self.ebs.interval.as_millis()).unwrap_or(u64::MAX)),
@@ -440,4 +500,119 @@ fn list_epochs(points: &[RecoveryPointRecord]) -> String {
 /// The client `restore` uses: the real service, reached as `settings` say.
 pub async fn aws_client(settings: &AwsSettings) -> Arc<AnyEbs> {
     Arc::new(AnyEbs::Aws(AwsEbs::connect(settings).await))
+}
+
+/// Byte ranges, merged.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct RangeSet(std::collections::BTreeMap<u64, u64>);
+
+impl RangeSet {
+    pub(crate) fn insert(&mut self, mut start: u64, mut end: u64) {
+        if start >= end {
+            return;
+        }
+        // Swallow every range that touches [start, end).
+        let touching: Vec<(u64, u64)> = self
+            .0
+            .range(..=end)
+            .rev()
+            .take_while(|&(_, &e)| e >= start)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        for (s, e) in touching {
+            self.0.remove(&s);
+            start = start.min(s);
+            end = end.max(e);
+        }
+        self.0.insert(start, end);
+    }
+
+    pub(crate) fn remove(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let overlapping: Vec<(u64, u64)> = self
+            .0
+            .range(..end)
+            .rev()
+            .take_while(|&(_, &e)| e > start)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        for (s, e) in overlapping {
+            self.0.remove(&s);
+            if s < start {
+                self.0.insert(s, start);
+            }
+            if e > end {
+                self.0.insert(end, e);
+            }
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RangeSet;
+
+    #[test]
+    fn ranges_merge_and_split() {
+        let mut set = RangeSet::default();
+        set.insert(10, 20);
+        set.insert(30, 40);
+        set.insert(20, 30);
+        assert_eq!(set.0.iter().collect::<Vec<_>>(), [(&10, &40)]);
+        set.remove(15, 25);
+        assert_eq!(set.0.iter().collect::<Vec<_>>(), [(&10, &15), (&25, &40)]);
+        set.remove(0, 12);
+        set.remove(39, 100);
+        assert_eq!(set.0.iter().collect::<Vec<_>>(), [(&12, &15), (&25, &39)]);
+        set.insert(5, 5);
+        set.remove(12, 39);
+        assert!(set.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod taint_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_broken_sessions_leftovers_hold_points_back_until_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Arc::new(Catalog::open(dir.path()).unwrap());
+        let config = EbsBackendConfig {
+            connection: EbsConnection::InMemory(Arc::new(FakeEbs::new())),
+            chain: ChainSettings::default(),
+            recovery_interval: Duration::ZERO,
+        };
+        let ebs = EbsStaging::connect(&config, catalog).await;
+        // A server this process has not seen: the previous one may have left bytes.
+        assert!(!ebs.clean("srv"));
+        ebs.written("srv", "d0", 0, 1 << 30);
+        assert!(!ebs.clean("srv"));
+        ebs.left_over("srv", [("d0".to_owned(), 0, 100)].into_iter());
+        assert!(!ebs.clean("srv"), "unknown stays unknown");
+        // The agent says everything is durable: nothing is left over.
+        ebs.all_durable("srv");
+        assert!(ebs.clean("srv"));
+        // A session breaks with two writes applied but not durable.
+        ebs.left_over(
+            "srv",
+            [("d0".to_owned(), 4096, 8192), ("d1".to_owned(), 0, 512)].into_iter(),
+        );
+        assert!(!ebs.clean("srv"));
+        ebs.written("srv", "d0", 0, 6000);
+        ebs.written("srv", "d1", 0, 512);
+        assert!(
+            !ebs.clean("srv"),
+            "d0 4096..6000 was written again, 6000..8192 not yet"
+        );
+        ebs.written("srv", "d0", 6000, 8192);
+        assert!(ebs.clean("srv"));
+        assert!(!ebs.clean("other"));
+    }
 }

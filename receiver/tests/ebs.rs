@@ -30,6 +30,8 @@ fn ebs_config(
 ) -> ReceiverConfig {
     let mut config = receiver_config(data);
     config.barrier_interval = 1 << 20;
+    // Points wait for a heartbeat that reports nothing unacknowledged.
+    config.heartbeat_interval = Duration::from_millis(200);
     config.ebs = Some(EbsBackendConfig {
         connection: EbsConnection::InMemory(Arc::clone(fake)),
         chain: ChainSettings {
@@ -440,6 +442,79 @@ async fn access_denied_fails_fast_and_clearly_and_replication_goes_on() {
             .recovery_point_error
             .is_none()
     );
+    stop.cancel();
+    let _ = run.await;
+    receiver.shutdown().await;
+}
+
+/// A new receiver process cannot know what changed before it started: its first point
+/// compares every block of the base copy with the digest index kept beside it, and
+/// uploads only what differs, as a child of the chain's latest snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_receiver_restart_the_chain_goes_on_with_only_the_changed_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let fake = Arc::new(FakeEbs::new());
+    let port = free_port();
+    let config = || {
+        let mut config = ebs_config(&data, &fake, 4, 64 << 20);
+        config.listen = format!("127.0.0.1:{port}").parse().unwrap();
+        config
+    };
+    let receiver = Receiver::start(config()).await.unwrap();
+    let creds = credentials(&data, "srv", &dir.path().join("creds"));
+    let (d0, _) = image(dir.path(), "d0.img", 16 * BLOCK, 1.0, 1 << 20, 21);
+    let volumes = vec![volume("d0", &d0)];
+    let mut agent_config = agent_config(receiver.local_addr(), creds);
+    agent_config.exit_when_synced = false;
+    let agent = Arc::new(Agent::new(&volumes));
+    let stop = CancellationToken::new();
+    let run = {
+        let (config, volumes, stop, agent) = (
+            agent_config.clone(),
+            volumes.clone(),
+            stop.clone(),
+            Arc::clone(&agent),
+        );
+        tokio::spawn(async move { agent.run(&config, &volumes, stop).await })
+    };
+    wait_synced(agent.stats()).await;
+    let first = wait_point(&receiver, "the first point", |_| true).await;
+    receiver.shutdown().await;
+
+    // Changes while the receiver is down, then a new receiver on the same data dir.
+    agent
+        .capture()
+        .write(0, 5 * BLOCK + 100, vec![0x5a; 3000])
+        .await
+        .unwrap();
+    agent
+        .capture()
+        .write_zeroes(0, 9 * BLOCK, BLOCK)
+        .await
+        .unwrap();
+    let receiver = Receiver::start(config()).await.unwrap();
+    agent.capture().flush().await.unwrap();
+    let durable = receiver.status().unwrap().servers[0].durable_epoch;
+    let second = wait_point(&receiver, "a point after the restart", |p| {
+        p.epoch >= durable && p.epoch > first.epoch
+    })
+    .await;
+    let (parent, child) = (&first.disks[0].snapshot_id, &second.disks[0].snapshot_id);
+    assert_ne!(parent, child);
+    assert_eq!(fake.parent(child).as_deref(), Some(parent.as_str()));
+    let mut own = fake.own_blocks(child);
+    own.sort_unstable();
+    assert_eq!(own, vec![5, 9], "only the changed blocks go up");
+    let restored = restore_to(
+        &receiver,
+        &fake,
+        "d0",
+        second.epoch,
+        &dir.path().join("r.img"),
+    )
+    .await;
+    assert_identical(&d0, &restored);
     stop.cancel();
     let _ = run.await;
     receiver.shutdown().await;
