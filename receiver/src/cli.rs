@@ -166,6 +166,10 @@ pub enum Command {
         /// Staging I/O engine: auto, uring, sync.
         #[arg(long, default_value = "auto")]
         io_engine: IoEngine,
+        /// `ebs`: also stage into an in-memory EBS (the strict fake of the EBS direct
+        /// APIs), and restore and check the recovery point's snapshot.
+        #[arg(long, value_enum, default_value_t = Backend::File)]
+        backend: Backend,
     },
 }
 
@@ -640,11 +644,13 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             size,
             data_dir,
             io_engine,
+            backend,
         } => {
             demo::run(DemoOptions {
                 size,
                 data_dir,
                 io_engine,
+                ebs: backend == Backend::Ebs,
             })
             .await?;
             Ok(ExitCode::SUCCESS)

@@ -120,6 +120,9 @@ pub struct DemoOptions {
     pub size: u64,
     pub data_dir: Option<PathBuf>,
     pub io_engine: blockferry_storage::IoEngine,
+    /// Stage into an in-memory EBS as well: a recovery point becomes a snapshot, which is
+    /// restored and checked too.
+    pub ebs: bool,
 }
 
 /// Runs the demo; `Ok(())` only if the staging copy matches the source.
@@ -148,6 +151,14 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let mut config = ReceiverConfig::new(dir.join("receiver"));
     config.listen = "127.0.0.1:0".parse()?;
     config.io_engine = options.io_engine;
+    let fake_ebs = std::sync::Arc::new(blockferry_storage::ebs::fake::FakeEbs::new());
+    if options.ebs {
+        config.ebs = Some(crate::snapshots::EbsBackendConfig {
+            connection: crate::snapshots::EbsConnection::InMemory(std::sync::Arc::clone(&fake_ebs)),
+            chain: blockferry_storage::ebs::chain::ChainSettings::default(),
+            recovery_interval: std::time::Duration::ZERO,
+        });
+    }
     let receiver = Receiver::start(config).await?;
     let credentials_dir = dir.join("agent-credentials");
     crate::pki::write_agent_credentials(
@@ -171,7 +182,6 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         .await?;
     let elapsed = started.elapsed();
     let status = receiver.status()?;
-    receiver.shutdown().await;
 
     let disk = status
         .servers
@@ -193,18 +203,76 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         "receiver state: {} ({}), watermark {} of {}",
         disk.state, disk.reason, disk.sync_watermark, disk.size
     );
-    match first_difference(&source, &image)? {
+    if let Some(at) = first_difference(&source, &image)? {
+        bail!(
+            "the staging copy {} differs from the source at byte {at}",
+            image.display()
+        );
+    }
+    println!(
+        "verified: {} is byte-identical to the source",
+        image.display()
+    );
+    if options.ebs {
+        verify_recovery_point(&receiver, &fake_ebs, &source, &dir).await?;
+    }
+    receiver.shutdown().await;
+    Ok(())
+}
+
+/// Waits for the first recovery point (cut when the sync completed), restores disk0 from
+/// its snapshot in the in-memory EBS, and checks it against the source.
+async fn verify_recovery_point(
+    receiver: &Receiver,
+    fake_ebs: &std::sync::Arc<blockferry_storage::ebs::fake::FakeEbs>,
+    source: &Path,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    let point = loop {
+        let status = receiver.status()?;
+        let server = status.servers.first().context("no server in status")?;
+        if let Some(point) = server.recovery_points.last() {
+            break point.clone();
+        }
+        if let Some(error) = &server.recovery_point_error {
+            bail!("the recovery point failed: {error}");
+        }
+        if Instant::now() > deadline {
+            bail!("no recovery point within 120 s");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let snapshot = &point.disks[0];
+    println!(
+        "recovery point {}: snapshot {} ({} blocks of 512 KiB; zero blocks left out) in {:.2} s",
+        point.epoch,
+        snapshot.snapshot_id,
+        snapshot.changed_blocks,
+        point.completed_at_ms.saturating_sub(point.cut_at_ms) as f64 / 1000.0
+    );
+    let restored_path = dir.join("restored.img");
+    let client = std::sync::Arc::new(blockferry_storage::ebs::AnyEbs::Fake(
+        std::sync::Arc::clone(fake_ebs),
+    ));
+    crate::snapshots::restore(
+        &receiver.status()?,
+        client,
+        None,
+        "disk0",
+        Some(point.epoch),
+        &restored_path,
+    )
+    .await?;
+    match first_difference(source, &restored_path)? {
         None => {
             println!(
-                "verified: {} is byte-identical to the source",
-                image.display()
+                "verified: the snapshot restores byte-identical to the source ({})",
+                restored_path.display()
             );
             Ok(())
         }
-        Some(at) => bail!(
-            "the staging copy {} differs from the source at byte {at}",
-            image.display()
-        ),
+        Some(at) => bail!("the restored snapshot differs from the source at byte {at}"),
     }
 }
 

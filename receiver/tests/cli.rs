@@ -262,3 +262,32 @@ fn agent_refuses_unusable_credentials_and_volumes() {
         text(&out)
     );
 }
+
+/// The README's front door, small: the demo replicates and verifies, and with
+/// `--backend ebs` also restores its recovery point from the in-memory EBS and verifies
+/// that.
+#[test]
+fn the_demo_verifies_its_copy_and_with_ebs_its_snapshot() {
+    for backend in ["file", "ebs"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = run(Command::new(receiver_bin())
+            .args(["demo", "--size", "24M", "--backend", backend])
+            .arg("--data-dir")
+            .arg(dir.path()));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "demo --backend {backend}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("is byte-identical to the source"),
+            "{stdout}"
+        );
+        assert_eq!(
+            stdout.contains("the snapshot restores byte-identical"),
+            backend == "ebs",
+            "{stdout}"
+        );
+    }
+}

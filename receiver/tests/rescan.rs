@@ -243,7 +243,12 @@ async fn a_clean_stop_keeps_every_tap_write_and_restarts_without_a_rescan() {
     assert_eq!(unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) }, 0);
     // The one-second drain runs out against the crawling link; then the link opens so
     // that the checkpoint (queued behind what the streams already carry) gets through.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // (Waiting for the agent to say so, not for a fixed time: on a loaded machine the
+    // drain can start well after the signal.)
+    wait_until("the drain to time out", Duration::from_secs(60), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("drain timed out"))
+    })
+    .await;
     throttled.store(false, Ordering::Relaxed);
     let status = wait_exit(&mut agent, Duration::from_secs(60), &log).await;
     assert!(status.success(), "a clean stop exits with 0");
