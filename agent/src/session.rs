@@ -239,6 +239,9 @@ pub(crate) struct Session<'a> {
     welcomed: bool,
     /// Bytes between barriers, as the receiver asked.
     barrier_interval: u64,
+    /// A consistent barrier is due even without changes (the initial sync just became
+    /// durable: the receiver can cut its first recovery point there).
+    consistent_due: bool,
 }
 
 /// What the agent tells the receiver about itself at Hello.
@@ -307,6 +310,7 @@ pub(crate) async fn run(
         rescan_task: None,
         welcomed: false,
         barrier_interval: 16 << 20,
+        consistent_due: false,
     };
     let claim = std::mem::replace(&mut identity.claim, ResumeClaim::Live);
     // Stopping is noticed between frames, never inside one, so the Goodbye is the last
@@ -564,6 +568,9 @@ impl Session<'_> {
 
             if !self.sync_done && queued == 0 && self.durable_epoch >= last_sync_epoch {
                 self.sync_done = true;
+                // The synced images become a consistent point as soon as nothing captured
+                // meanwhile is left to send, even if nothing changes after.
+                self.consistent_due = true;
                 tracing::info!("every disk's initial sync is durable at the receiver");
                 self.update_synced();
             }
@@ -584,6 +591,7 @@ impl Session<'_> {
                         if let Some((write_seq, flush)) = capture.quiescent() {
                             let due = self.changes_since_barrier > 0
                                 || flush
+                                || self.consistent_due
                                 || !self.rescans_finished.is_empty();
                             if due && self.epoch - self.durable_epoch < MAX_UNACKED_BARRIERS {
                                 self.consistent_barrier(write_seq, None).await?;
@@ -825,8 +833,9 @@ impl Session<'_> {
         write_seq: u64,
         frozen_at: Option<Instant>,
     ) -> Result<(), SessionError> {
-        self.barrier_with(Vec::new(), frozen_at).await?;
+        self.barrier_with(Vec::new(), frozen_at, true).await?;
         self.changes_since_barrier = 0;
+        self.consistent_due = false;
         self.covers.push_back((self.epoch, write_seq));
         self.last_consistent = Instant::now();
         Ok(())
@@ -836,13 +845,14 @@ impl Session<'_> {
     /// barriers are unacknowledged, so that a broken connection never loses more than a
     /// few intervals of work.
     async fn barrier(&mut self, sync_progress: Vec<SyncProgress>) -> Result<(), SessionError> {
-        self.barrier_with(sync_progress, None).await
+        self.barrier_with(sync_progress, None, false).await
     }
 
     async fn barrier_with(
         &mut self,
         sync_progress: Vec<SyncProgress>,
         frozen_at: Option<Instant>,
+        consistent: bool,
     ) -> Result<(), SessionError> {
         while self.epoch - self.durable_epoch >= MAX_UNACKED_BARRIERS {
             let event = self.next_event().await?;
@@ -882,6 +892,7 @@ impl Session<'_> {
                 epoch: self.epoch,
                 sync_progress: progress.take().unwrap_or_default(),
                 rescan_done: rescan_done.take().unwrap_or_default(),
+                consistent,
             });
             self.send_bytes_until(stream, frame.to_bytes(), false)
                 .await?;

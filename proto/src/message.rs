@@ -450,6 +450,11 @@ pub struct Barrier {
     /// Disks whose rescan the agent claims complete: every block found different was
     /// sent before this barrier.
     pub rescan_done: Vec<u16>,
+    /// The epoch ends at a crash-consistent point of the source: every write captured
+    /// before it was sent, none after (an initial-sync chunk barrier, or one sent while
+    /// changes are still being shipped out of order, is not). Recovery points are cut
+    /// only at such epochs.
+    pub consistent: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -636,6 +641,7 @@ impl Frame {
                 for &disk in &m.rescan_done {
                     out.put_u16(disk);
                 }
+                out.put_u8(u8::from(m.consistent));
             }
             Self::SumRequest(m) => {
                 out.put_u16(m.disk);
@@ -705,6 +711,17 @@ impl Frame {
                     })
                 })?,
                 rescan_done: r.list("rescan_done", MAX_DISKS, |r| r.u16("rescan_done.disk"))?,
+                consistent: match r.u8("flags")? {
+                    0 => false,
+                    1 => true,
+                    _ => {
+                        return Err(DecodeError::Invalid {
+                            kind,
+                            field: "flags",
+                            reason: "only bit 0 (consistent) is defined",
+                        });
+                    }
+                },
             }),
             FrameKind::SUM_REQUEST => Self::SumRequest(decode_sum_request(&mut r)?),
             FrameKind::SUM_REPLY => Self::SumReply(SumReply {

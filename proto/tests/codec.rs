@@ -93,6 +93,7 @@ fn sample_frames() -> Vec<Frame> {
                 watermark: 1 << 20,
             }],
             rescan_done: vec![1, 3],
+            consistent: true,
         }),
         Frame::Durable(Durable { epoch: 42 }),
         Frame::SumRequest(SumRequest {
@@ -404,8 +405,9 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         any::<u64>(),
         proptest::collection::vec(any::<(u16, u64)>(), 0..8),
         proptest::collection::vec(any::<u16>(), 0..8),
+        any::<bool>(),
     )
-        .prop_map(|(epoch, p, rescan_done)| {
+        .prop_map(|(epoch, p, rescan_done, consistent)| {
             Frame::Barrier(Barrier {
                 epoch,
                 sync_progress: p
@@ -413,6 +415,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                     .map(|(disk, watermark)| SyncProgress { disk, watermark })
                     .collect(),
                 rescan_done,
+                consistent,
             })
         });
     let sums = (
@@ -651,4 +654,20 @@ fn a_welcome_with_settings_flags_of_a_later_version_round_trips() {
         matches!(&frame, Frame::Welcome(w) if w.settings.paused && w.settings.unknown_flags == 2)
     );
     assert_eq!(frame.to_bytes(), bytes[..used]);
+}
+
+#[test]
+fn a_barrier_with_undefined_flag_bits_is_refused() {
+    let frame = Frame::Barrier(Barrier {
+        epoch: 7,
+        sync_progress: vec![],
+        rescan_done: vec![],
+        consistent: true,
+    });
+    let mut bytes = frame.to_bytes();
+    let last = bytes.len() - 1;
+    assert_eq!(bytes[last], 1, "the flags byte ends the frame");
+    bytes[last] = 0x81;
+    let err = decode(&bytes).unwrap_err();
+    assert!(err.to_string().contains("only bit 0"), "{err}");
 }

@@ -30,6 +30,8 @@ pub(crate) struct Sealed {
     pub(crate) progress: Vec<(u16, u64)>,
     /// Disks whose rescan the barriers claim complete.
     pub(crate) rescan_done: Vec<u16>,
+    /// Every stream's barrier says the epoch ends at a crash-consistent point.
+    pub(crate) consistent: bool,
 }
 
 #[derive(Debug)]
@@ -48,6 +50,8 @@ struct State {
     through: u64,
     progress: Vec<(u16, u64)>,
     rescan_done: Vec<u16>,
+    /// A stream's barrier for `next` said it is not a consistent point.
+    inconsistent: bool,
     applied_through: u64,
 }
 
@@ -62,6 +66,7 @@ impl EpochGate {
                 through: 0,
                 progress: Vec::new(),
                 rescan_done: Vec::new(),
+                inconsistent: false,
                 applied_through: first_epoch.saturating_sub(1),
             }),
             applied: Notify::new(),
@@ -77,6 +82,7 @@ impl EpochGate {
         through: u64,
         progress: &[(u16, u64)],
         rescan_done: &[u16],
+        consistent: bool,
     ) -> Result<Option<Sealed>, GateError> {
         let mut state = lock(&self.state);
         if epoch != state.next {
@@ -92,6 +98,7 @@ impl EpochGate {
         }
         state.arrived |= bit;
         state.through = state.through.max(through);
+        state.inconsistent |= !consistent;
         for &(disk, watermark) in progress {
             match state.progress.iter_mut().find(|(d, _)| *d == disk) {
                 Some((_, w)) => *w = (*w).max(watermark),
@@ -111,6 +118,7 @@ impl EpochGate {
             through: state.through,
             progress: std::mem::take(&mut state.progress),
             rescan_done: std::mem::take(&mut state.rescan_done),
+            consistent: !std::mem::take(&mut state.inconsistent),
         };
         state.next = epoch + 1;
         state.arrived = 0;
@@ -149,29 +157,37 @@ mod tests {
     #[test]
     fn an_epoch_seals_when_every_stream_delivered_it() {
         let gate = EpochGate::new(3, 10);
-        assert_eq!(gate.arrive(0, 10, 5, &[(0, 100)], &[]), Ok(None));
-        assert_eq!(gate.arrive(2, 10, 9, &[(0, 300), (1, 7)], &[]), Ok(None));
-        let sealed = gate.arrive(1, 10, 7, &[], &[]).unwrap().unwrap();
+        assert_eq!(gate.arrive(0, 10, 5, &[(0, 100)], &[], true), Ok(None));
+        assert_eq!(
+            gate.arrive(2, 10, 9, &[(0, 300), (1, 7)], &[], true),
+            Ok(None)
+        );
+        let sealed = gate.arrive(1, 10, 7, &[], &[], true).unwrap().unwrap();
         assert_eq!(sealed.epoch, 10);
         assert_eq!(
             sealed.through, 9,
             "the last write before any of the barriers"
         );
         assert_eq!(sealed.progress, vec![(0, 300), (1, 7)]);
-        // The next epoch starts empty.
-        assert_eq!(gate.arrive(0, 11, 10, &[], &[]), Ok(None));
+        assert!(sealed.consistent);
+        // The next epoch starts empty; one stream's "not consistent" makes it so.
+        assert_eq!(gate.arrive(0, 11, 10, &[], &[], false), Ok(None));
+        assert_eq!(gate.arrive(1, 11, 10, &[], &[], true), Ok(None));
+        let sealed = gate.arrive(2, 11, 12, &[], &[], true).unwrap().unwrap();
+        assert!(!sealed.consistent);
+        assert_eq!(gate.arrive(0, 12, 12, &[], &[], true), Ok(None));
     }
 
     #[test]
     fn out_of_order_and_duplicate_barriers_are_refused() {
         let gate = EpochGate::new(2, 1);
         assert!(matches!(
-            gate.arrive(0, 2, 0, &[], &[]),
+            gate.arrive(0, 2, 0, &[], &[], true),
             Err(GateError::WrongEpoch { expected: 1, .. })
         ));
-        gate.arrive(0, 1, 0, &[], &[]).unwrap();
+        gate.arrive(0, 1, 0, &[], &[], true).unwrap();
         assert!(matches!(
-            gate.arrive(0, 1, 0, &[], &[]),
+            gate.arrive(0, 1, 0, &[], &[], true),
             Err(GateError::Duplicate { .. })
         ));
     }
@@ -179,7 +195,7 @@ mod tests {
     #[tokio::test]
     async fn streams_wait_at_a_barrier_until_its_epoch_is_applied() {
         let gate = Arc::new(EpochGate::new(2, 1));
-        gate.arrive(0, 1, 3, &[], &[]).unwrap();
+        gate.arrive(0, 1, 3, &[], &[], true).unwrap();
         let waiter = tokio::spawn({
             let gate = Arc::clone(&gate);
             async move { gate.wait_applied(1).await }
@@ -189,7 +205,7 @@ mod tests {
             !waiter.is_finished(),
             "stream 0 must not pass barrier 1 before it is applied"
         );
-        gate.arrive(1, 1, 4, &[], &[]).unwrap().unwrap();
+        gate.arrive(1, 1, 4, &[], &[], true).unwrap().unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished(), "sealed is not applied");
         gate.mark_applied(1);

@@ -243,8 +243,9 @@ pub(crate) struct Session {
     disk_names: Vec<String>,
     /// Ending to hear of a granted slot: the server keeps its slots for its next session.
     keeping_slots: std::sync::atomic::AtomicBool,
-    /// (last write sequence, epoch) of the newest epoch applied on every stream.
-    sealed_mark: Mutex<(u64, u64)>,
+    /// The newest epoch applied on every stream: (its last write's sequence, the epoch,
+    /// whether it ends at a crash-consistent point).
+    sealed_mark: Mutex<(u64, u64, bool)>,
     /// Recovery points (EBS backend).
     recovery: Option<crate::snapshots::RecoveryClock>,
     /// (sequence, disk, start, end) of the writes not yet sealed (EBS backend): what the
@@ -496,7 +497,9 @@ async fn run_primary(
         paused: std::sync::atomic::AtomicBool::new(settings.paused),
         disk_names: records.iter().map(|r| r.name.clone()).collect(),
         keeping_slots: std::sync::atomic::AtomicBool::new(false),
-        sealed_mark: Mutex::new((0, durable_epoch)),
+        // Whatever the images hold at the start, no barrier of this session vouched for
+        // it.
+        sealed_mark: Mutex::new((0, durable_epoch, false)),
         unsealed: Mutex::default(),
         recovery,
     });
@@ -585,8 +588,10 @@ async fn run_primary(
                     let Some(recovery) = &session.recovery else {
                         return;
                     };
-                    let (through, epoch) = *lock(&session.sealed_mark);
-                    recovery.maybe_cut(&session.pipeline, through, epoch);
+                    let (through, epoch, consistent) = *lock(&session.sealed_mark);
+                    if consistent {
+                        recovery.maybe_cut(&session.pipeline, through, epoch);
+                    }
                 }
             }
             .in_current_span(),
@@ -791,7 +796,14 @@ async fn stream_frames(
                 let through = pipeline.last_submitted();
                 let sealed = session
                     .gate
-                    .arrive(stream, epoch, through, &progress, &barrier.rescan_done)
+                    .arrive(
+                        stream,
+                        epoch,
+                        through,
+                        &progress,
+                        &barrier.rescan_done,
+                        barrier.consistent,
+                    )
                     .map_err(|e| SessionError::Protocol(e.to_string()))?;
                 if let Some(sealed) = sealed {
                     // Every write of the epoch, on every stream, completes before any
@@ -800,14 +812,16 @@ async fn stream_frames(
                     session
                         .sealed_through
                         .store(sealed.through, Ordering::Relaxed);
-                    *lock(&session.sealed_mark) = (sealed.through, epoch);
+                    *lock(&session.sealed_mark) = (sealed.through, epoch, sealed.consistent);
                     lock(&session.unsealed).retain(|w| w.0 > sealed.through);
                     if let Some(recovery) = &session.recovery {
                         recovery.sealed(pipeline, &sealed.progress, &sealed.rescan_done);
                         // The other streams wait for this epoch to be marked applied, so
                         // no write of the next one has been submitted: a recovery point
                         // can be cut here even on a server that is never idle.
-                        recovery.maybe_cut(pipeline, sealed.through, epoch);
+                        if sealed.consistent {
+                            recovery.maybe_cut(pipeline, sealed.through, epoch);
+                        }
                     }
                     session.gate.mark_applied(epoch);
                     let queue = lock(&session.barriers).clone();

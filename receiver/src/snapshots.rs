@@ -239,7 +239,8 @@ impl RecoveryClock {
         {
             return;
         }
-        if !lock(&self.ready).iter().all(|&ready| ready) {
+        // A failed staging write is missing from the images: no point holds them.
+        if pipeline.failure().is_some() || !lock(&self.ready).iter().all(|&ready| ready) {
             return;
         }
         let disks: Vec<(Arc<StagingDisk>, Arc<SnapshotChain>)> = pipeline

@@ -519,3 +519,81 @@ async fn after_a_receiver_restart_the_chain_goes_on_with_only_the_changed_blocks
     let _ = run.await;
     receiver.shutdown().await;
 }
+
+/// Only an epoch the agent says ends at a crash-consistent point becomes a recovery point
+/// (an initial-sync chunk barrier does not), and an EBS receiver asks for 512 KiB
+/// alignment in Welcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_epochs_marked_consistent_become_recovery_points() {
+    use blockferry_proto::{Barrier, Durable, Frame, SyncProgress, Write, WriteFlags, WriteHeader};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let fake = Arc::new(FakeEbs::new());
+    let receiver = Receiver::start(ebs_config(&data, &fake, 4, 64 << 20))
+        .await
+        .unwrap();
+    let creds = credentials(&data, "srv", &dir.path().join("creds"));
+    let mut agent = RawStream::connect(receiver.local_addr(), &creds).await;
+    agent.send(&raw_hello(BLOCK, 1)).await;
+    let Some(Frame::Welcome(welcome)) = agent.next().await else {
+        panic!("no Welcome");
+    };
+    assert_eq!(welcome.settings.alignment, BLOCK_SIZE as u32);
+    let epoch = welcome.next_epoch;
+    agent
+        .send(&Frame::Write(Write {
+            header: WriteHeader {
+                disk: 0,
+                flags: WriteFlags::INITIAL_SYNC,
+                offset: 0,
+                len: BLOCK_SIZE as u32,
+                epoch,
+            },
+            data: vec![0x42; BLOCK_SIZE],
+        }))
+        .await;
+    let barrier = |epoch, consistent, sync_progress| {
+        Frame::Barrier(Barrier {
+            epoch,
+            sync_progress,
+            rescan_done: vec![],
+            consistent,
+        })
+    };
+    agent
+        .send(&barrier(
+            epoch,
+            false,
+            vec![SyncProgress {
+                disk: 0,
+                watermark: BLOCK,
+            }],
+        ))
+        .await;
+    assert_eq!(agent.next().await, Some(Frame::Durable(Durable { epoch })));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let status = receiver.status().unwrap();
+    assert_eq!(status.servers[0].disks[0].state, "CONTINUOUS");
+    assert!(
+        status.servers[0].recovery_points.is_empty(),
+        "an epoch not marked consistent is no recovery point"
+    );
+    assert_eq!(fake.calls("StartSnapshot"), 0);
+    agent.send(&barrier(epoch + 1, true, vec![])).await;
+    assert_eq!(
+        agent.next().await,
+        Some(Frame::Durable(Durable { epoch: epoch + 1 }))
+    );
+    let point = wait_point(&receiver, "a point at the consistent epoch", |_| true).await;
+    assert_eq!(point.epoch, epoch + 1);
+    let restored = restore_to(
+        &receiver,
+        &fake,
+        "d",
+        point.epoch,
+        &dir.path().join("r.img"),
+    )
+    .await;
+    assert_eq!(std::fs::read(&restored).unwrap(), vec![0x42; BLOCK_SIZE]);
+    receiver.shutdown().await;
+}

@@ -96,6 +96,7 @@ async fn streams_join_their_own_session_up_to_the_limit() {
             epoch: 1,
             sync_progress: vec![],
             rescan_done: vec![],
+            consistent: true,
         }))
         .await;
     for s in &mut joined[..3] {
@@ -103,6 +104,7 @@ async fn streams_join_their_own_session_up_to_the_limit() {
             epoch: 1,
             sync_progress: vec![],
             rescan_done: vec![],
+            consistent: true,
         }))
         .await;
     }
@@ -118,6 +120,7 @@ async fn streams_join_their_own_session_up_to_the_limit() {
             epoch: 1,
             sync_progress: vec![],
             rescan_done: vec![],
+            consistent: true,
         }))
         .await;
     assert_eq!(
@@ -141,6 +144,7 @@ async fn streams_join_their_own_session_up_to_the_limit() {
             epoch: 7,
             sync_progress: vec![],
             rescan_done: vec![],
+            consistent: true,
         }))
         .await;
     refused_with(
