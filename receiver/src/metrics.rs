@@ -345,6 +345,38 @@ impl Collector for StateCollector {
         )?;
         gauge(
             &mut encoder,
+            "blockferry_server_recovery_points",
+            "Recovery points recorded for the server (EBS backend; 0 on the file backend)",
+            servers
+                .iter()
+                .map(|s| (server(s), s.recovery_points.len() as f64)),
+        )?;
+        gauge(
+            &mut encoder,
+            "blockferry_server_recovery_point_timestamp_seconds",
+            "When the server's latest recovery point was cut (Unix time; 0: none yet)",
+            servers.iter().map(|s| {
+                let cut_ms = s.recovery_points.last().map_or(0, |p| p.cut_at_ms);
+                (server(s), (cut_ms / 1000) as f64)
+            }),
+        )?;
+        gauge(
+            &mut encoder,
+            "blockferry_server_recovery_point_failing",
+            "1 while the server's latest recovery point failed (its changes go into the next), else 0",
+            servers.iter().map(|s| {
+                (
+                    server(s),
+                    if s.recovery_point_error.is_some() {
+                        1.0
+                    } else {
+                        0.0
+                    },
+                )
+            }),
+        )?;
+        gauge(
+            &mut encoder,
             "blockferry_server_last_seen_timestamp_seconds",
             "When the server's agent last connected or was last heard from (Unix time)",
             servers.iter().map(|s| (server(s), s.last_seen as f64)),
