@@ -158,11 +158,14 @@ pub(crate) async fn blockferry_rescan(
     let mut config = config.clone();
     config.rescan = true;
     let agent = Agent::new(volumes);
+    // On stderr, so that a profiler's timeline can be cut to the rescan.
+    eprintln!("blockferry rescan: start");
     let started = Instant::now();
     let report = agent
         .run(&config, volumes, CancellationToken::new())
         .await?;
     let time = started.elapsed();
+    eprintln!("blockferry rescan: end ({:.2} s)", time.as_secs_f64());
     let stats = agent.stats();
     if stats.rescanned_bytes.load(Ordering::Relaxed) == 0 {
         bail!("the agent did not rescan");
