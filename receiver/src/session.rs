@@ -226,8 +226,6 @@ pub(crate) struct Session {
     started_at_ms: u64,
     /// (epoch, unix ms) of the newest consistent point made durable.
     consistent: Mutex<(u64, u64)>,
-    /// Sequence number of the last write covered by a sealed epoch.
-    sealed_through: AtomicU64,
     last_heartbeat: Mutex<Option<Heartbeat>>,
     /// The agent process's series, under which a clean shutdown's checkpoint is saved.
     series: [u8; 16],
@@ -284,7 +282,7 @@ impl LiveView {
 impl Session {
     pub(crate) fn live_view(&self) -> LiveView {
         let heartbeat = lock(&self.last_heartbeat).clone();
-        let pending = self.pipeline.last_submitted() > self.sealed_through.load(Ordering::Relaxed)
+        let pending = self.pipeline.last_submitted() > lock(&self.sealed_mark).0
             || heartbeat.as_ref().is_some_and(|hb| hb.backlog_bytes > 0);
         let idle_ms = now_ms().saturating_sub(self.progress_at_ms.load(Ordering::Relaxed));
         let idle_too_long = !self.paused.load(Ordering::Relaxed)
@@ -487,7 +485,6 @@ async fn run_primary(
         barriers: Mutex::new(Some(barriers)),
         started_at_ms: now_ms(),
         consistent: Mutex::new((durable_epoch, 0)),
-        sealed_through: AtomicU64::new(0),
         last_heartbeat: Mutex::new(None),
         series: hello.series,
         sums: Arc::new(tokio::sync::Semaphore::new(SUMS_IN_PARALLEL)),
@@ -809,9 +806,6 @@ async fn stream_frames(
                     // Every write of the epoch, on every stream, completes before any
                     // write of the next one is read (invariant 3).
                     pipeline.wait_through(sealed.through).await;
-                    session
-                        .sealed_through
-                        .store(sealed.through, Ordering::Relaxed);
                     *lock(&session.sealed_mark) = (sealed.through, epoch, sealed.consistent);
                     lock(&session.unsealed).retain(|w| w.0 > sealed.through);
                     if let Some(recovery) = &session.recovery {

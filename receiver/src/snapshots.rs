@@ -84,6 +84,10 @@ impl EbsStaging {
         }
     }
 
+    fn interval_ms(&self) -> u64 {
+        u64::try_from(self.interval.as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// A write of this session covers `[start, end)` of `disk`: those bytes are no longer
     /// left over from a broken session.
     pub(crate) fn written(&self, server_id: &str, disk: &str, start: u64, end: u64) {
@@ -180,10 +184,7 @@ impl RecoveryClock {
     ) -> Result<Self, crate::catalog::CatalogError> {
         let latest = ebs.catalog.recovery_points(server_id)?.pop();
         let last_epoch = latest.as_ref().map_or(0, |p| p.epoch);
-        let due_ms = latest.map_or(0, |p| {
-            p.cut_at_ms
-                .saturating_add(u64::try_from(ebs.interval.as_millis()).unwrap_or(u64::MAX))
-        });
+        let due_ms = latest.map_or(0, |p| p.cut_at_ms.saturating_add(ebs.interval_ms()));
         Ok(Self {
             ebs,
             server_id: server_id.to_owned(),
@@ -272,8 +273,7 @@ impl RecoveryClock {
         self.uploading.store(true, Ordering::Release);
         self.last_epoch.store(epoch, Ordering::Relaxed);
         self.due_ms.store(
-            cut_at_ms
-                .saturating_add(u64::try_from(self.ebs.interval.as_millis()).unwrap_or(u64::MAX)),
+            cut_at_ms.saturating_add(self.ebs.interval_ms()),
             Ordering::Relaxed,
         );
         let (ebs, server_id, uploading, last_error, due_ms) = (

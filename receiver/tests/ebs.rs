@@ -22,6 +22,39 @@ use tokio_util::sync::CancellationToken;
 
 const BLOCK: u64 = BLOCK_SIZE as u64;
 
+/// An agent that replicates `volumes` (and keeps going after its initial sync) until
+/// stopped.
+struct RunningAgent {
+    agent: Arc<Agent>,
+    stop: CancellationToken,
+    run: tokio::task::JoinHandle<
+        Result<blockferry_agent::AgentReport, blockferry_agent::AgentError>,
+    >,
+}
+
+impl RunningAgent {
+    fn start(
+        receiver: std::net::SocketAddr,
+        credentials: blockferry_agent::Credentials,
+        volumes: &[blockferry_agent::Volume],
+    ) -> Self {
+        let mut config = agent_config(receiver, credentials);
+        config.exit_when_synced = false;
+        let agent = Arc::new(Agent::new(volumes));
+        let stop = CancellationToken::new();
+        let run = {
+            let (volumes, stop, agent) = (volumes.to_vec(), stop.clone(), Arc::clone(&agent));
+            tokio::spawn(async move { agent.run(&config, &volumes, stop).await })
+        };
+        Self { agent, stop, run }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.run.await;
+    }
+}
+
 fn ebs_config(
     data: &Path,
     fake: &Arc<FakeEbs>,
@@ -123,19 +156,8 @@ async fn each_recovery_point_restores_byte_identical_from_its_snapshot_chain() {
     let (d0, _) = image(dir.path(), "d0.img", 12 * BLOCK + 4096, 0.5, 1 << 20, 5);
     let (d1, _) = image(dir.path(), "d1.img", 5 * BLOCK + 512, 1.0, 1 << 20, 6);
     let volumes = vec![volume("d0", &d0), volume("d1", &d1)];
-    let mut config = agent_config(receiver.local_addr(), creds);
-    config.exit_when_synced = false;
-    let agent = Arc::new(Agent::new(&volumes));
-    let stop = CancellationToken::new();
-    let run = {
-        let (config, volumes, stop, agent) = (
-            config.clone(),
-            volumes.clone(),
-            stop.clone(),
-            Arc::clone(&agent),
-        );
-        tokio::spawn(async move { agent.run(&config, &volumes, stop).await })
-    };
+    let running = RunningAgent::start(receiver.local_addr(), creds, &volumes);
+    let agent = Arc::clone(&running.agent);
     wait_synced(agent.stats()).await;
     // The first point: the initial sync, no parent, zero blocks left out.
     let first = wait_point(&receiver, "the first recovery point", |_| true).await;
@@ -298,8 +320,7 @@ async fn each_recovery_point_restores_byte_identical_from_its_snapshot_chain() {
         "{err:#}"
     );
 
-    stop.cancel();
-    let _ = run.await;
+    running.stop().await;
     receiver.shutdown().await;
 }
 
@@ -322,19 +343,8 @@ async fn writes_during_an_upload_do_not_leak_into_its_snapshot() {
     let original = dir.path().join("original.img");
     std::fs::copy(&d0, &original).unwrap();
     let volumes = vec![volume("d0", &d0)];
-    let mut config = agent_config(receiver.local_addr(), creds);
-    config.exit_when_synced = false;
-    let agent = Arc::new(Agent::new(&volumes));
-    let stop = CancellationToken::new();
-    let run = {
-        let (config, volumes, stop, agent) = (
-            config.clone(),
-            volumes.clone(),
-            stop.clone(),
-            Arc::clone(&agent),
-        );
-        tokio::spawn(async move { agent.run(&config, &volumes, stop).await })
-    };
+    let running = RunningAgent::start(receiver.local_addr(), creds, &volumes);
+    let agent = Arc::clone(&running.agent);
     wait_synced(agent.stats()).await;
     // Overwrite every block, last first (the upload goes first to last).
     let mut rng = Rng(3);
@@ -363,8 +373,7 @@ async fn writes_during_an_upload_do_not_leak_into_its_snapshot() {
     )
     .await;
     assert_identical(&d0, &r2);
-    stop.cancel();
-    let _ = run.await;
+    running.stop().await;
     receiver.shutdown().await;
 }
 
@@ -380,19 +389,8 @@ async fn access_denied_fails_fast_and_clearly_and_replication_goes_on() {
     let creds = credentials(&data, "srv", &dir.path().join("creds"));
     let (d0, _) = image(dir.path(), "d0.img", 8 * BLOCK, 1.0, 1 << 20, 4);
     let volumes = vec![volume("d0", &d0)];
-    let mut config = agent_config(receiver.local_addr(), creds);
-    config.exit_when_synced = false;
-    let agent = Arc::new(Agent::new(&volumes));
-    let stop = CancellationToken::new();
-    let run = {
-        let (config, volumes, stop, agent) = (
-            config.clone(),
-            volumes.clone(),
-            stop.clone(),
-            Arc::clone(&agent),
-        );
-        tokio::spawn(async move { agent.run(&config, &volumes, stop).await })
-    };
+    let running = RunningAgent::start(receiver.local_addr(), creds, &volumes);
+    let agent = Arc::clone(&running.agent);
     // The initial sync is durable on the base copy whatever EBS says.
     wait_synced(agent.stats()).await;
     assert_identical(&d0, &staging_image(&data, "srv", "d0"));
@@ -442,8 +440,7 @@ async fn access_denied_fails_fast_and_clearly_and_replication_goes_on() {
             .recovery_point_error
             .is_none()
     );
-    stop.cancel();
-    let _ = run.await;
+    running.stop().await;
     receiver.shutdown().await;
 }
 
@@ -465,19 +462,8 @@ async fn after_a_receiver_restart_the_chain_goes_on_with_only_the_changed_blocks
     let creds = credentials(&data, "srv", &dir.path().join("creds"));
     let (d0, _) = image(dir.path(), "d0.img", 16 * BLOCK, 1.0, 1 << 20, 21);
     let volumes = vec![volume("d0", &d0)];
-    let mut agent_config = agent_config(receiver.local_addr(), creds);
-    agent_config.exit_when_synced = false;
-    let agent = Arc::new(Agent::new(&volumes));
-    let stop = CancellationToken::new();
-    let run = {
-        let (config, volumes, stop, agent) = (
-            agent_config.clone(),
-            volumes.clone(),
-            stop.clone(),
-            Arc::clone(&agent),
-        );
-        tokio::spawn(async move { agent.run(&config, &volumes, stop).await })
-    };
+    let running = RunningAgent::start(receiver.local_addr(), creds, &volumes);
+    let agent = Arc::clone(&running.agent);
     wait_synced(agent.stats()).await;
     let first = wait_point(&receiver, "the first point", |_| true).await;
     receiver.shutdown().await;
@@ -515,8 +501,7 @@ async fn after_a_receiver_restart_the_chain_goes_on_with_only_the_changed_blocks
     )
     .await;
     assert_identical(&d0, &restored);
-    stop.cancel();
-    let _ = run.await;
+    running.stop().await;
     receiver.shutdown().await;
 }
 

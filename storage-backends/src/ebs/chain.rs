@@ -118,6 +118,16 @@ struct Frozen {
     preserved_bytes: usize,
 }
 
+impl Frozen {
+    /// The preserved bytes of `block`, which the uploader then has taken.
+    fn take_preserved(&mut self, block: BlockIndex) -> Option<Bytes> {
+        let data = self.preserved.remove(&block)?;
+        self.preserved_bytes -= data.len();
+        self.remaining.remove(&block);
+        Some(data)
+    }
+}
+
 #[derive(Debug)]
 struct State {
     dirty: BTreeSet<BlockIndex>,
@@ -412,9 +422,7 @@ impl SnapshotChain {
                 let Some(frozen) = state.frozen.as_mut() else {
                     return Ok(read);
                 };
-                if let Some(data) = frozen.preserved.remove(&block) {
-                    frozen.preserved_bytes -= data.len();
-                    frozen.remaining.remove(&block);
+                if let Some(data) = frozen.take_preserved(block) {
                     drop(state);
                     self.changed.notify_waiters();
                     return Ok(data);
@@ -445,10 +453,7 @@ impl SnapshotChain {
 
     fn take_preserved(&self, block: BlockIndex) -> Option<Bytes> {
         let mut state = lock(&self.state);
-        let frozen = state.frozen.as_mut()?;
-        let data = frozen.preserved.remove(&block)?;
-        frozen.preserved_bytes -= data.len();
-        frozen.remaining.remove(&block);
+        let data = state.frozen.as_mut()?.take_preserved(block)?;
         drop(state);
         self.changed.notify_waiters();
         Some(data)
