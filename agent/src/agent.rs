@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::capture::{Capture, DEFAULT_BUFFER};
-use blockferry_storage::error_chain;
+use blockferry_util::error_chain;
 
 use crate::credentials::Credentials;
 use crate::progress::{Progress, ProgressMode};
@@ -77,6 +77,8 @@ pub struct AgentStats {
     pub received_bytes: AtomicU64,
     /// Sessions that got as far as Welcome.
     pub sessions: AtomicU64,
+    /// Durable acknowledgements received (epochs made durable at the receiver).
+    pub durable_acks: AtomicU64,
     /// Bytes compared by checksum with the receiver's copy.
     pub rescanned_bytes: AtomicU64,
     /// Bytes a rescan found different and marked to be sent again.
@@ -101,6 +103,7 @@ impl AgentStats {
             wire_bytes: AtomicU64::new(0),
             received_bytes: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
+            durable_acks: AtomicU64::new(0),
             rescanned_bytes: AtomicU64::new(0),
             rescan_marked_bytes: AtomicU64::new(0),
             synced: AtomicBool::new(false),
@@ -154,6 +157,7 @@ impl AgentStats {
     }
 
     pub(crate) fn durable_through(&self, epoch: u64) {
+        self.durable_acks.fetch_add(1, Ordering::Relaxed);
         let mut pending = lock(&self.pending);
         while let Some(&(e, disk, watermark)) = pending.front() {
             if e > epoch {
@@ -164,6 +168,10 @@ impl AgentStats {
         }
     }
 }
+
+/// A session that stayed up this long was healthy, even if it had nothing to make
+/// durable (an idle, synced server): the reconnect after it starts the backoff over.
+const HEALTHY_SESSION: Duration = Duration::from_secs(60);
 
 /// What a finished run did.
 #[derive(Debug, Clone)]
@@ -243,7 +251,11 @@ impl Agent {
         let _stop_renewal = renewal.drop_guard();
         let mut backoff = config.initial_backoff;
         let result = loop {
-            let sessions_before = self.stats.sessions.load(Ordering::Relaxed);
+            let (acks_before, session_started) = (
+                self.stats.durable_acks.load(Ordering::Relaxed),
+                Instant::now(),
+            );
+            let mut retry_after = Duration::ZERO;
             match session::run(
                 config,
                 volumes,
@@ -262,15 +274,20 @@ impl Agent {
                 Ok(Outcome::Closed(why)) => tracing::info!(%why, "session closed; reconnecting"),
                 Err(SessionError::Stopping) => break Ok(Outcome::Shutdown),
                 Err(err) if err.is_retryable() => {
+                    retry_after = err.retry_after();
                     tracing::warn!(error = %error_chain(&err), "session failed; reconnecting")
                 }
                 Err(err) => break Err(AgentError::Fatal(err)),
             }
-            if self.stats.sessions.load(Ordering::Relaxed) > sessions_before {
-                // That session got in; start the backoff over.
+            // Only a session that made progress starts the backoff over: one that is let
+            // in but cannot make anything durable (a full staging disk) would otherwise
+            // reconnect twice a second, resending everything unacknowledged each time.
+            if self.stats.durable_acks.load(Ordering::Relaxed) > acks_before
+                || session_started.elapsed() >= HEALTHY_SESSION
+            {
                 backoff = config.initial_backoff;
             }
-            let delay = jitter(backoff);
+            let delay = jitter(backoff).max(retry_after);
             tracing::info!(
                 delay_ms = delay.as_millis() as u64,
                 "waiting before reconnecting"

@@ -536,6 +536,24 @@ impl CaptureShared {
 
     /// fdatasync of every volume written to; returns the write sequence it covers and
     /// asks the sender to close an epoch.
+    /// Makes everything written to the source volumes so far durable there: through the
+    /// capture's own handles and through the volumes' (writes the workload made behind
+    /// the capture). What the receiver acknowledges must never be newer than what the
+    /// source itself keeps after a power loss.
+    pub(crate) fn sync_sources(&self) -> Result<(), CaptureError> {
+        for (disk, volume) in self.volumes.iter().enumerate() {
+            let synced = match self.writable[disk].get() {
+                Some(file) => file.sync_data().and_then(|()| volume.sync()),
+                None => volume.sync(),
+            };
+            synced.map_err(|source| CaptureError::Io {
+                disk: volume.name.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
     fn flush_local(&self) -> Result<u64, CaptureError> {
         let target = self.lock().write_seq;
         for (disk, file) in self.writable.iter().enumerate() {

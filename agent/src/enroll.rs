@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use blockferry_proto::control::{EnrollRequest, ErrorBody, Issued, RenewRequest};
 use blockferry_proto::token::{EnrollmentToken, TokenFormatError, hex};
-use blockferry_storage::durable::{create_dir_durable, write_atomic};
+use blockferry_util::durable::{DirError, ensure_private_dir, write_atomic};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -60,6 +60,8 @@ pub enum EnrollError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    StateDir(#[from] DirError),
     #[error("timed out talking to the receiver's control API")]
     Timeout,
 }
@@ -202,7 +204,7 @@ pub async fn keep_renewed(
             Err(err) => {
                 let left = enrollment.not_after.saturating_sub(unix_now());
                 tracing::warn!(
-                    error = %blockferry_storage::error_chain(&err),
+                    error = %blockferry_util::error_chain(&err),
                     expires_in_s = left,
                     "certificate renewal failed; retrying"
                 );
@@ -264,10 +266,7 @@ fn save(
         let path = state_dir.join(name);
         write_atomic(&path, contents, mode).map_err(|source| EnrollError::Write { path, source })
     };
-    create_dir_durable(state_dir, 0o700).map_err(|source| EnrollError::Write {
-        path: state_dir.to_owned(),
-        source,
-    })?;
+    ensure_private_dir(state_dir, "agent state")?;
     write("ca.crt", issued.ca_pem.as_bytes(), 0o644)?;
     write("agent.key", key.serialize_pem().as_bytes(), 0o600)?;
     write("agent.crt", issued.certificate_pem.as_bytes(), 0o644)?;

@@ -24,18 +24,3 @@ pub use credentials::{Credentials, CredentialsError};
 pub use progress::ProgressMode;
 pub use session::{Outcome, SessionError};
 pub use volume::{Volume, VolumeError};
-
-/// Initialises logging for the binaries: human-readable or JSON lines on stderr,
-/// filtered by `RUST_LOG` (default `info`).
-pub fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}

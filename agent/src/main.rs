@@ -67,10 +67,19 @@ enum Command {
         /// same one. The receiver may grant fewer.
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=5))]
         streams: u8,
-        /// Serve each disk as an NBD export named after it, at HOST:PORT (keep it on
-        /// loopback) or unix:PATH (mode 0600); writes through it are replicated.
+        /// Serve each disk as an NBD export named after it, at unix:PATH (mode 0600,
+        /// only this user, root and --nbd-allow-uid may connect) or HOST:PORT (needs
+        /// --nbd-insecure-tcp); writes through it are replicated.
         #[arg(long)]
         nbd_listen: Option<NbdListen>,
+        /// Also let this uid use the NBD tap's Unix socket (it becomes the socket's owner).
+        #[arg(long)]
+        nbd_allow_uid: Option<u32>,
+        /// Allow the NBD tap on TCP, which has no authentication: every local user (and,
+        /// off loopback, every host that reaches the port) can then read and write the
+        /// replicated volumes.
+        #[arg(long)]
+        nbd_insecure_tcp: bool,
         /// When an NBD FLUSH or FUA write is answered: async (once on the source volume)
         /// or sync (once durable at the receiver: zero RPO, one round trip per flush).
         #[arg(long, default_value = "async")]
@@ -113,7 +122,7 @@ fn parse_progress(s: &str) -> Result<ProgressMode, String> {
 fn main() -> ExitCode {
     limit_allocator_retention();
     let cli = Cli::parse();
-    blockferry_agent::init_logging(cli.log_json);
+    blockferry_util::logging::init(cli.log_json);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(err) => {
@@ -171,6 +180,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             progress,
             streams,
             nbd_listen,
+            nbd_allow_uid,
+            nbd_insecure_tcp,
             sync_mode,
             buffer_mib,
             epoch_interval_ms,
@@ -178,6 +189,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             rescan,
             drain_timeout_secs,
         } => {
+            if let Some(dir) = &state_dir {
+                blockferry_util::durable::ensure_private_dir(dir, "agent state")
+                    .context("the state dir cannot hold the agent's keys and state")?;
+            }
             let enrollment = match &state_dir {
                 Some(dir) => blockferry_agent::enroll::Enrollment::load(dir)
                     .with_context(|| format!("reading the enrollment in {}", dir.display()))?,
@@ -207,23 +222,24 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             config.epoch_interval = std::time::Duration::from_millis(epoch_interval_ms);
             config.rescan = rescan;
             config.drain_timeout = std::time::Duration::from_secs(drain_timeout_secs);
-            if let Some(dir) = &state_dir {
-                blockferry_storage::durable::create_dir_durable(dir, 0o700)
-                    .with_context(|| format!("creating the state dir {}", dir.display()))?;
-            }
             config.state_dir = state_dir;
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone());
             let agent = Agent::with_buffer(&volumes, buffer_mib << 20);
             if let Some(listen) = &nbd_listen {
+                let access = blockferry_agent::nbd::NbdAccess {
+                    allow_uid: nbd_allow_uid,
+                    insecure_tcp: nbd_insecure_tcp,
+                };
                 blockferry_agent::nbd::serve(
                     listen,
+                    &access,
                     agent.capture().clone(),
                     sync_mode,
                     shutdown.clone(),
                 )
                 .await
-                .with_context(|| format!("starting the NBD tap on {listen:?}"))?;
+                .context("starting the NBD tap")?;
             }
             let report = agent.run(&config, &volumes, shutdown).await?;
             tracing::info!(

@@ -86,11 +86,40 @@ pub enum SyncMode {
     Sync,
 }
 
-/// Where the tap listens: `HOST:PORT` (loopback, normally) or `unix:PATH`.
+/// Where the tap listens: a Unix socket (`unix:PATH`, the safe choice) or TCP
+/// (`HOST:PORT`, which has no authentication at all: see [`NbdAccess::insecure_tcp`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NbdListen {
     Tcp(String),
     Unix(PathBuf),
+}
+
+/// Who may use the tap. Whoever reaches it reads and writes the source volumes, which
+/// only root may open: the tap must never be more open than the volumes themselves.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NbdAccess {
+    /// Besides the agent's own user and root, this uid may connect to the Unix socket
+    /// (it owns the socket, mode 0600); every peer is checked with `SO_PEERCRED`.
+    pub allow_uid: Option<u32>,
+    /// Serve TCP anyway. Every local user (and, off loopback, every host that can reach
+    /// the port) can then read and write the volumes; the agent says so loudly.
+    pub insecure_tcp: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NbdError {
+    #[error(
+        "the NBD tap on TCP ({0}) would let every local user read and write the replicated volumes (TCP has no authentication); use --nbd-listen unix:PATH, or add --nbd-insecure-tcp if you accept that"
+    )]
+    TcpRefused(String),
+    #[error("cannot listen on {what}")]
+    Listen {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Dir(#[from] blockferry_util::durable::DirError),
 }
 
 impl std::str::FromStr for SyncMode {
@@ -120,16 +149,33 @@ impl std::str::FromStr for NbdListen {
 /// (`HOST:PORT`, or the socket path) and the accept task.
 pub async fn serve(
     listen: &NbdListen,
+    access: &NbdAccess,
     capture: Capture,
     mode: SyncMode,
     shutdown: CancellationToken,
-) -> io::Result<(String, tokio::task::JoinHandle<()>)> {
+) -> Result<(String, tokio::task::JoinHandle<()>), NbdError> {
     let capture = Arc::new(capture);
     match listen {
         NbdListen::Tcp(addr) => {
-            let listener = TcpListener::bind(addr).await?;
-            let local = listener.local_addr()?.to_string();
-            tracing::info!(listen = %local, "NBD tap listening");
+            if !access.insecure_tcp {
+                return Err(NbdError::TcpRefused(addr.clone()));
+            }
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| NbdError::Listen {
+                    what: addr.clone(),
+                    source,
+                })?;
+            let bound = listener.local_addr().map_err(|source| NbdError::Listen {
+                what: addr.clone(),
+                source,
+            })?;
+            let local = bound.to_string();
+            if bound.ip().is_loopback() {
+                tracing::warn!(listen = %local, "NBD tap on loopback TCP without authentication: every local user can read and write the replicated volumes through it");
+            } else {
+                tracing::error!(listen = %local, "NBD tap on a network address without authentication: every host that reaches this port can read and write the replicated volumes");
+            }
             Ok((
                 local,
                 tokio::spawn(async move {
@@ -155,11 +201,22 @@ pub async fn serve(
             ))
         }
         NbdListen::Unix(path) => {
-            let _ = std::fs::remove_file(path);
-            let listener = UnixListener::bind(path)?;
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+            let listen_err = |source| NbdError::Listen {
+                what: path.display().to_string(),
+                source,
+            };
+            let dir = blockferry_util::durable::parent_of(path);
+            if !dir.exists() {
+                blockferry_util::durable::ensure_private_dir(dir, "NBD socket")?;
+            }
+            let listener = blockferry_util::socket::bind_private(path, 0o600, access.allow_uid)
+                .and_then(|l| {
+                    l.set_nonblocking(true)?;
+                    UnixListener::from_std(l)
+                })
+                .map_err(listen_err)?;
             tracing::info!(listen = %path.display(), "NBD tap listening");
+            let (owner, allowed) = (blockferry_util::durable::euid(), access.allow_uid);
             Ok((
                 path.display().to_string(),
                 tokio::spawn(async move {
@@ -168,16 +225,30 @@ pub async fn serve(
                             () = shutdown.cancelled() => return,
                             conn = listener.accept() => conn,
                         };
-                        if let Ok((stream, _)) = conn {
-                            let (r, w) = stream.into_split();
-                            spawn_client(
-                                r,
-                                w,
-                                Arc::clone(&capture),
-                                mode,
-                                "unix".into(),
-                                shutdown.clone(),
-                            );
+                        let Ok((stream, _)) = conn else { continue };
+                        // The socket's mode already keeps others out; this holds even if
+                        // someone loosens it.
+                        match blockferry_util::socket::peer_uid(&stream) {
+                            Ok(uid) if uid == owner || uid == 0 || Some(uid) == allowed => {
+                                let (r, w) = stream.into_split();
+                                spawn_client(
+                                    r,
+                                    w,
+                                    Arc::clone(&capture),
+                                    mode,
+                                    format!("unix uid {uid}"),
+                                    shutdown.clone(),
+                                );
+                            }
+                            Ok(uid) => {
+                                tracing::warn!(
+                                    uid,
+                                    "NBD tap: refused a client of a user that may not use the volumes (allow it with --nbd-allow-uid)"
+                                );
+                            }
+                            Err(err) => {
+                                tracing::warn!(error = %err, "NBD tap: cannot tell who connected; refused");
+                            }
                         }
                     }
                 }),

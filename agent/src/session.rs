@@ -63,7 +63,12 @@ pub enum SessionError {
     #[error("the receiver sent something unreadable: {0}")]
     Protocol(String),
     #[error("the receiver refused: {code}: {message}")]
-    Refused { code: ErrorCode, message: String },
+    Refused {
+        code: ErrorCode,
+        message: String,
+        /// The receiver's hint: do not come back sooner.
+        retry_after: Duration,
+    },
     #[error("cannot read volume {disk}")]
     Volume {
         disk: String,
@@ -86,6 +91,14 @@ pub enum SessionError {
 impl SessionError {
     /// Whether reconnecting may help. Refusals that would repeat identically (a write out
     /// of range, a protocol violation, a certificate the receiver rejects) are not.
+    /// How long the receiver asked the agent to stay away, if it did.
+    pub fn retry_after(&self) -> Duration {
+        match self {
+            Self::Refused { retry_after, .. } => *retry_after,
+            _ => Duration::ZERO,
+        }
+    }
+
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Refused { code, .. } => code.is_retryable(),
@@ -932,10 +945,24 @@ impl Session<'_> {
             task.abort();
         }
         self.capture.seal();
+        // Before the receiver records a checkpoint that says "nothing else changed", the
+        // source must keep what was written: otherwise a power loss after the stop could
+        // leave the replica holding writes the source lost, and the record would be
+        // trusted at the next start.
+        let capture = Arc::clone(self.capture);
+        tokio::task::spawn_blocking(move || capture.sync_sources())
+            .await
+            .map_err(|e| SessionError::Protocol(format!("syncing the source volumes: {e}")))?
+            .map_err(|err| match err {
+                crate::capture::CaptureError::Io { disk, source } => {
+                    SessionError::Volume { disk, source }
+                }
+                other => SessionError::Protocol(other.to_string()),
+            })?;
         tracing::info!(
             backlog = self.capture.backlog_bytes(),
             timeout_s = self.config.drain_timeout.as_secs(),
-            "stopping: sending what is left"
+            "stopping: source volumes synced; sending what is left"
         );
         self.stop = deadline_token(self.config.drain_timeout);
         match self.drain().await {
@@ -1125,7 +1152,8 @@ impl Session<'_> {
         match event {
             Event::Refused(err) => Err(SessionError::Refused {
                 code: err.code,
-                message: err.message,
+                message: blockferry_util::text::printable(&err.message).into_owned(),
+                retry_after: Duration::from_millis(u64::from(err.retry_after_ms)),
             }),
             Event::Goodbye(message) => Err(SessionError::Connection(std::io::Error::new(
                 std::io::ErrorKind::ConnectionAborted,

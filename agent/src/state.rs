@@ -13,7 +13,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use blockferry_storage::durable::{create_dir_durable, write_atomic};
+use blockferry_util::durable::{ensure_private_dir, write_atomic};
 
 use crate::volume::Volume;
 
@@ -73,7 +73,7 @@ pub fn save(state_dir: &Path, volumes: &[Volume], record: &StateRecord) -> io::R
     }
     let sum = xxhash_rust::xxh3::xxh3_64(&out);
     out.extend_from_slice(&sum.to_be_bytes());
-    create_dir_durable(state_dir, 0o700)?;
+    ensure_private_dir(state_dir, "agent state").map_err(io::Error::other)?;
     write_atomic(&path(state_dir), &out, 0o600)
 }
 

@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use blockferry_storage::device_size;
+use blockferry_util::device_size;
 use tokio::sync::mpsc;
 
 /// Bytes per read: one full write frame.
@@ -50,6 +50,12 @@ pub struct Volume {
 }
 
 impl Volume {
+    /// Makes every write to the volume that has completed durable on it (`fdatasync`;
+    /// Linux flushes the file's or the device's dirty pages whichever descriptor does).
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
     /// Opens `spec`, which is `PATH` (named after its last component) or `NAME=PATH`.
     pub fn open(spec: &str) -> Result<Self, VolumeError> {
         let (name, path) = match spec.split_once('=') {

@@ -159,6 +159,9 @@ impl RescanReason {
     pub const DISK_RESIZED: Self = Self(5);
     pub const STATE_MISMATCH: Self = Self(6);
     pub const OPERATOR_REQUEST: Self = Self(7);
+    /// An operator adopted a staging image the receiver could not vouch for (`disk
+    /// adopt`): it is compared block by block before it is trusted again.
+    pub const STAGING_ADOPTED: Self = Self(8);
 
     /// The reason code as shown in status, metrics and events.
     pub fn name(self) -> &'static str {
@@ -171,13 +174,14 @@ impl RescanReason {
             Self::DISK_RESIZED => "disk_resized",
             Self::STATE_MISMATCH => "state_mismatch",
             Self::OPERATOR_REQUEST => "operator_request",
+            Self::STAGING_ADOPTED => "staging_adopted",
             _ => "unknown",
         }
     }
 
     /// The reason named `name` (as [`Self::name`] spells it).
     pub fn from_name(name: &str) -> Option<Self> {
-        (0..=7).map(Self).find(|r| r.name() == name)
+        (0..=8).map(Self).find(|r| r.name() == name)
     }
 
     pub fn is_some(self) -> bool {
@@ -517,6 +521,22 @@ fn settings_flags(paused: bool, unknown: u8) -> u8 {
 pub struct ErrorFrame {
     pub code: ErrorCode,
     pub message: String,
+    /// For a retryable error: wait at least this long before reconnecting (0: the
+    /// agent's own backoff), so that a receiver that cannot make progress (a full staging
+    /// disk, a missing image, a budget used up) is not hammered. Older peers omitted the
+    /// field; it decodes as 0.
+    pub retry_after_ms: u32,
+}
+
+impl ErrorFrame {
+    /// An error without a retry hint.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            retry_after_ms: 0,
+        }
+    }
 }
 
 /// Machine-readable class of an [`ErrorFrame`]. Unknown codes are kept.
@@ -538,11 +558,14 @@ impl ErrorCode {
     pub const LIMIT: Self = Self(6);
     /// The receiver is shutting down; reconnect later.
     pub const SHUTTING_DOWN: Self = Self(7);
+    /// The receiver is at one of its resource bounds right now (connections, buffer
+    /// memory, pending queries); retry later. Unlike [`Self::LIMIT`], waiting helps.
+    pub const BUSY: Self = Self(8);
 
     /// Whether an agent should retry the session after this error, rather than give up and
     /// ask an operator.
     pub fn is_retryable(self) -> bool {
-        matches!(self, Self::STORAGE | Self::SHUTTING_DOWN)
+        matches!(self, Self::STORAGE | Self::SHUTTING_DOWN | Self::BUSY)
     }
 }
 
@@ -557,6 +580,7 @@ impl ErrorCode {
             Self::UNSUPPORTED => "unsupported",
             Self::LIMIT => "limit",
             Self::SHUTTING_DOWN => "shutting_down",
+            Self::BUSY => "busy",
             _ => "unknown",
         }
     }
@@ -572,6 +596,7 @@ impl fmt::Debug for ErrorCode {
             Self::UNSUPPORTED => "UNSUPPORTED",
             Self::LIMIT => "LIMIT",
             Self::SHUTTING_DOWN => "SHUTTING_DOWN",
+            Self::BUSY => "BUSY",
             Self(code) => return write!(f, "ErrorCode({code})"),
         };
         f.write_str(name)
@@ -678,6 +703,7 @@ impl Frame {
             Self::Error(m) => {
                 out.put_u16(m.code.0);
                 out.put_str(&m.message, MAX_STRING_LEN);
+                out.put_u32(m.retry_after_ms);
             }
             Self::Goodbye(m) => out.put_str(&m.message, MAX_STRING_LEN),
             Self::Unknown { payload, .. } => out.extend_from_slice(payload),
@@ -763,6 +789,11 @@ impl Frame {
             FrameKind::ERROR => Self::Error(ErrorFrame {
                 code: ErrorCode(r.u16("code")?),
                 message: r.string("message", MAX_STRING_LEN)?,
+                retry_after_ms: if r.remaining().is_empty() {
+                    0
+                } else {
+                    r.u32("retry_after_ms")?
+                },
             }),
             FrameKind::GOODBYE => Self::Goodbye(Goodbye {
                 message: r.string("message", MAX_STRING_LEN)?,

@@ -3,7 +3,6 @@
 //! JSON answer per line.
 
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +13,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{ServerSettings, SettingsChange, TokenRecord};
-use crate::session::{SessionContext, error_chain};
+use crate::session::SessionContext;
 use crate::status::StatusReport;
+use blockferry_util::error_chain;
 
 /// Longest request line accepted; requests are tiny.
 const MAX_REQUEST: u64 = 64 << 10;
@@ -53,6 +53,14 @@ pub enum AdminRequest {
         change: SettingsChange,
     },
     ListSettings,
+    /// Adopt, reset or forget one disk's staging image (`disk adopt|reset|forget`);
+    /// refused while the disk is in a live session.
+    Disk {
+        server_id: String,
+        disk: String,
+        action: crate::staging::DiskAction,
+        delete_image: bool,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -68,6 +76,7 @@ pub enum AdminResponse {
         settings: ServerSettings,
         applied_live: bool,
     },
+    Disk(crate::staging::DiskActionDone),
     Done,
     Error(String),
 }
@@ -97,13 +106,11 @@ pub struct RescanAnswer {
 }
 
 pub(crate) fn bind(data_dir: &Path) -> io::Result<UnixListener> {
-    let path = socket_path(data_dir);
-    // A socket file left by a receiver that crashed; the catalog lock already proved that
-    // no other receiver is running on this data dir.
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    // A socket file left by a receiver that crashed is replaced; the catalog lock already
+    // proved that no other receiver is running on this data dir.
+    let listener = blockferry_util::socket::bind_private(&socket_path(data_dir), 0o600, None)?;
+    listener.set_nonblocking(true)?;
+    UnixListener::from_std(listener)
 }
 
 pub(crate) fn remove_socket(data_dir: &Path) {
@@ -180,7 +187,11 @@ async fn answer(stream: UnixStream, ctx: &SessionContext) -> io::Result<()> {
         }
         Ok(AdminRequest::AddToken { record }) => {
             let catalog = Arc::clone(&ctx.catalog);
-            blocking(move || catalog.add_token(&record).map(|()| AdminResponse::Done)).await
+            match tokio::task::spawn_blocking(move || catalog.add_token(&record)).await {
+                Ok(Ok(())) => AdminResponse::Done,
+                Ok(Err(err)) => AdminResponse::Error(error_chain(&err)),
+                Err(err) => AdminResponse::Error(err.to_string()),
+            }
         }
         Ok(AdminRequest::ListTokens) => {
             let catalog = Arc::clone(&ctx.catalog);
@@ -252,6 +263,37 @@ async fn answer(stream: UnixStream, ctx: &SessionContext) -> io::Result<()> {
                 })
             })
             .await
+        }
+        Ok(AdminRequest::Disk {
+            server_id,
+            disk,
+            action,
+            delete_image,
+        }) => {
+            let live = ctx
+                .registry
+                .session_of(&server_id)
+                .is_some_and(|s| s.live_view().disk_index(&disk).is_some());
+            if live {
+                AdminResponse::Error(
+                    crate::catalog::DiskCommandError::Connected {
+                        server: server_id,
+                        disk,
+                    }
+                    .to_string(),
+                )
+            } else {
+                let catalog = Arc::clone(&ctx.catalog);
+                match tokio::task::spawn_blocking(move || {
+                    crate::staging::disk_command(&catalog, &server_id, &disk, action, delete_image)
+                })
+                .await
+                {
+                    Ok(Ok(done)) => AdminResponse::Disk(done),
+                    Ok(Err(err)) => AdminResponse::Error(error_chain(&err)),
+                    Err(err) => AdminResponse::Error(err.to_string()),
+                }
+            }
         }
         Err(err) => AdminResponse::Error(format!("bad request: {err}")),
     };

@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use blockferry_proto::limits::MAX_DISKS;
 use blockferry_proto::{DiskState, Hello, Inventory, RescanReason, ResumeClaim};
 use blockferry_storage::Flushed;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -23,6 +24,9 @@ const DISKS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("disks"
 const REVOKED: TableDefinition<&str, u64> = TableDefinition::new("revoked_agents");
 /// token id → [`TokenRecord`] as JSON. Only a hash of each secret is stored.
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("enrollment_tokens");
+/// server id → [`EnrolledRecord`] (JSON): the agent the control API enrolled last for a
+/// server, so that a server id is taken from its enrollment on, before it ever connects.
+const ENROLLED: TableDefinition<&str, &[u8]> = TableDefinition::new("enrolled_servers");
 /// Per-server replication settings, by server id; [`DEFAULT_SETTINGS`] holds the template
 /// copied to each server at its first session.
 const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("server_settings");
@@ -30,6 +34,9 @@ const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("server_sett
 /// recovery points.
 const RECOVERY_POINTS: TableDefinition<(&str, u64), &[u8]> =
     TableDefinition::new("recovery_points");
+/// The stall of a disk whose staging image is not the one the catalog recorded.
+pub const STAGING_MISSING: &str = "staging_missing";
+
 /// The template's key: not a valid server id, so it never collides with one.
 const DEFAULT_SETTINGS: &str = "*";
 
@@ -97,6 +104,53 @@ pub struct ServerRecord {
     /// session, whatever it claims.
     #[serde(default)]
     pub checkpoint: Option<ChainId>,
+}
+
+/// What an operator does to one disk's record (`disk adopt | reset | forget`).
+#[derive(Debug, Clone)]
+pub enum DiskChange {
+    /// The file now at the image's path is this disk's image, with this identity; what it
+    /// holds is rescanned by checksum before it is trusted.
+    Adopt(ImageId),
+    /// Start over: a new empty image and a full initial sync.
+    Reset,
+    /// Remove the disk from the catalog (its image is dealt with by the caller).
+    Forget,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskCommandError {
+    #[error("source server {server} has no disk named {disk:?} (see `blockferry-receiver status`)")]
+    NoSuchDisk { server: String, disk: String },
+    #[error(
+        "disk {disk} of source server {server} is in a live session; stop its agent first (or, to forget it, remove it from the agent's --disk list)"
+    )]
+    Connected { server: String, disk: String },
+    #[error("{0}")]
+    Image(String),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
+
+/// Why a session could not be registered.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error(
+        "source server {server} has {known} disk(s) in the catalog and this Hello adds {added}: at most {MAX_DISKS} per server; forget the ones it no longer replicates with `blockferry-receiver disk forget --server {server} --disk NAME`"
+    )]
+    TooManyDisks {
+        server: String,
+        known: usize,
+        added: usize,
+    },
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
+
+impl<E: Into<redb::Error>> From<E> for RegisterError {
+    fn from(err: E) -> Self {
+        Self::Catalog(CatalogError::Storage(err.into()))
+    }
 }
 
 /// Series (hex) and sequence number of an agent's clean-shutdown state record.
@@ -208,9 +262,32 @@ pub struct DiskRecord {
     #[serde(default)]
     pub resent_bytes: u64,
     /// Why the disk cannot make progress whatever the agent does ("" when it can):
-    /// `staging_full` or `staging_error`. Cleared by the next write made durable on it.
+    /// `staging_full` (cleared by the next write made durable on it) or `staging_missing`
+    /// (cleared once the image the catalog recorded is found again, or by an operator's
+    /// `disk adopt` or `disk reset`).
     #[serde(default)]
     pub stall: String,
+    /// What the stall is about, for people (the path of a missing image, say).
+    #[serde(default)]
+    pub stall_detail: String,
+    /// Which file the staging image is; `None` until the first session that opens it
+    /// (and for records of older receivers).
+    #[serde(default)]
+    pub image_id: Option<ImageId>,
+}
+
+/// The identity of a staging image: a random id kept beside it (`DISK.img.id`) and the
+/// file it was created as. An image that is missing, or another file in its place (a
+/// volume not mounted, a restore, a copy), does not have it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageId {
+    pub uuid: String,
+    /// `st_dev` and `st_ino` of a file; 0 and `st_rdev` of a block device.
+    pub device: u64,
+    pub inode: u64,
+    /// The file's birth time (ns), 0 where the file system keeps none.
+    #[serde(default)]
+    pub born_ns: u64,
 }
 
 impl DiskRecord {
@@ -301,6 +378,32 @@ pub struct TokenRecord {
     pub uses: u32,
     pub used: u32,
     pub revoked: bool,
+    /// The one server this token enrolls; `None`: any server id the catalog does not know
+    /// yet. Tokens from before binding existed read as `None`.
+    #[serde(default)]
+    pub server: Option<String>,
+    /// The token re-enrolls `server`, which must exist (a reinstall: its previous agent is
+    /// revoked and its disks rescan). Without it a token only ever creates a new server.
+    #[serde(default)]
+    pub reinstall: bool,
+}
+
+/// The agent the control API enrolled last for a server.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EnrolledRecord {
+    pub agent_id: String,
+    /// Unix seconds.
+    pub enrolled_at: u64,
+    /// The id of the token used.
+    pub token: String,
+}
+
+/// What an enrollment committed: the token as used, and the agents it revoked (a
+/// reinstall's predecessors).
+#[derive(Debug)]
+pub struct Enrollment {
+    pub token: TokenRecord,
+    pub revoked: Vec<String>,
 }
 
 /// The id of the token whose secret hashes to `secret_sha256`.
@@ -323,8 +426,39 @@ pub enum TokenRefusal {
     UsedUp,
     #[error("the enrollment token was revoked by an operator")]
     Revoked,
+    #[error(
+        "the enrollment token is for server {token_server} only, not {requested}; enroll with --server-id {token_server}, or ask for a token for {requested}"
+    )]
+    WrongServer {
+        token_server: String,
+        requested: String,
+    },
+    #[error(
+        "server {0} is already enrolled; re-enrolling it (a reinstall, which revokes its agent) needs a token made for it: blockferry-receiver token create --server {0} --reinstall"
+    )]
+    ServerExists(String),
+    #[error(
+        "the token re-enrolls server {0}, which this receiver does not know; a new server needs a token without --reinstall"
+    )]
+    NothingToReinstall(String),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+}
+
+impl TokenRefusal {
+    /// The reason label of `blockferry_enrollment_refusals_total`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown_token",
+            Self::Expired => "expired",
+            Self::UsedUp => "used_up",
+            Self::Revoked => "revoked",
+            Self::WrongServer { .. } => "wrong_server",
+            Self::ServerExists(_) => "server_exists",
+            Self::NothingToReinstall(_) => "nothing_to_reinstall",
+            Self::Catalog(_) => "catalog_error",
+        }
+    }
 }
 
 /// Compares secrets without leaking where they differ through timing.
@@ -439,6 +573,7 @@ impl Catalog {
         txn.open_table(TOKENS)?;
         txn.open_table(SETTINGS)?;
         txn.open_table(RECOVERY_POINTS)?;
+        txn.open_table(ENROLLED)?;
         txn.commit()?;
         Ok(Self { db })
     }
@@ -448,13 +583,42 @@ impl Catalog {
     /// claim about its changes cannot be trusted. Returns the server's consistent epoch,
     /// the disks in Hello order, the previous session's agent and the server's settings.
     /// A disk whose size changed starts its initial sync again into the resized image.
+    ///
+    /// A server has at most [`MAX_DISKS`] disks in the catalog, counting those of earlier
+    /// sessions that this Hello does not name: a Hello that would go beyond is refused
+    /// and records nothing.
     pub fn register_session(
         &self,
         identity: &AgentIdentity,
         hello: &Hello,
         images_dir: &Path,
-    ) -> Result<Registered, CatalogError> {
+    ) -> Result<Registered, RegisterError> {
         let txn = self.db.begin_write()?;
+        {
+            let disks = txn.open_table(DISKS)?;
+            let server = identity.server_id.as_str();
+            let mut known = Vec::new();
+            for entry in disks.range((server, "")..)? {
+                let (key, _) = entry?;
+                let (disk_server, name) = key.value();
+                if disk_server != server {
+                    break;
+                }
+                known.push(name.to_owned());
+            }
+            let added = hello
+                .disks
+                .iter()
+                .filter(|d| !known.contains(&d.name))
+                .count();
+            if known.len() + added > MAX_DISKS {
+                return Err(RegisterError::TooManyDisks {
+                    server: server.to_owned(),
+                    known: known.len(),
+                    added,
+                });
+            }
+        }
         let mut disks_out = Vec::with_capacity(hello.disks.len());
         let durable_epoch;
         let previous_agent;
@@ -559,6 +723,8 @@ impl Catalog {
                             rescanned_bytes: 0,
                             resent_bytes: 0,
                             stall: String::new(),
+                            stall_detail: String::new(),
+                            image_id: None,
                         };
                         let reason = if previous.is_some() {
                             RescanReason::DISK_ADDED
@@ -583,7 +749,7 @@ impl Catalog {
                 disks_out.push(disk);
             }
         }
-        txn.commit()?;
+        txn.commit().map_err(CatalogError::from)?;
         Ok(Registered {
             durable_epoch,
             disks: disks_out,
@@ -746,8 +912,12 @@ impl Catalog {
                     Some(raw) => Some(decode::<DiskRecord>(name, raw.value())?),
                     None => None,
                 };
-                if let Some(mut disk) = disk.filter(|d| !d.stall.is_empty()) {
+                // A missing image is not cured by writes to whatever is there now.
+                if let Some(mut disk) =
+                    disk.filter(|d| !d.stall.is_empty() && d.stall != STAGING_MISSING)
+                {
                     disk.stall.clear();
+                    disk.stall_detail.clear();
                     disk.updated = now();
                     disks.insert(key, encode(&disk).as_slice())?;
                 }
@@ -764,6 +934,7 @@ impl Catalog {
         server_id: &str,
         disk: &str,
         reason: &str,
+        detail: &str,
     ) -> Result<(), CatalogError> {
         let txn = self.db.begin_write()?;
         {
@@ -775,6 +946,7 @@ impl Catalog {
             };
             if let Some(mut record) = record {
                 record.stall = reason.to_owned();
+                record.stall_detail = detail.to_owned();
                 record.updated = now();
                 disks.insert(key, encode(&record).as_slice())?;
             }
@@ -923,20 +1095,52 @@ impl Catalog {
         Ok(server)
     }
 
-    /// Stores a new enrollment token (its secret's hash, never the secret).
-    pub fn add_token(&self, record: &TokenRecord) -> Result<(), CatalogError> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(TOKENS)?
-            .insert(record.id.as_str(), encode(record).as_slice())?;
-        txn.commit()?;
+    /// Stores a new enrollment token (its secret's hash, never the secret). A token bound
+    /// to a server must fit what the catalog knows now: a reinstall token needs the
+    /// server, a new-server token needs its id free (both are checked again at
+    /// enrollment).
+    pub fn add_token(&self, record: &TokenRecord) -> Result<(), TokenRefusal> {
+        let txn = self.db.begin_write().map_err(CatalogError::from)?;
+        if let Some(server) = &record.server {
+            let known = txn
+                .open_table(SERVERS)
+                .map_err(CatalogError::from)?
+                .get(server.as_str())
+                .map_err(CatalogError::from)?
+                .is_some()
+                || txn
+                    .open_table(ENROLLED)
+                    .map_err(CatalogError::from)?
+                    .get(server.as_str())
+                    .map_err(CatalogError::from)?
+                    .is_some();
+            match (known, record.reinstall) {
+                (true, false) => return Err(TokenRefusal::ServerExists(server.clone())),
+                (false, true) => return Err(TokenRefusal::NothingToReinstall(server.clone())),
+                _ => {}
+            }
+        }
+        txn.open_table(TOKENS)
+            .map_err(CatalogError::from)?
+            .insert(record.id.as_str(), encode(record).as_slice())
+            .map_err(CatalogError::from)?;
+        txn.commit().map_err(CatalogError::from)?;
         Ok(())
     }
 
-    /// Uses the token whose secret hashes to `secret_sha256`, once: checks that it exists,
-    /// is not revoked, expired or used up, and counts the use, in one transaction.
-    pub fn use_token(&self, secret_sha256: &str) -> Result<TokenRecord, TokenRefusal> {
+    /// Enrolls `identity` with the token whose secret hashes to `secret_sha256`, in one
+    /// transaction: checks that the token exists, is not revoked, expired or used up, and
+    /// that it may enroll this server — a token bound to a server enrolls only that one; a
+    /// server the catalog knows (it connected, or was enrolled) can only be re-enrolled by
+    /// a reinstall token made for it, which revokes its previous agents — then counts the
+    /// use and records the server's new agent. Nothing is written if anything is refused.
+    pub fn enroll(
+        &self,
+        secret_sha256: &str,
+        identity: &AgentIdentity,
+    ) -> Result<Enrollment, TokenRefusal> {
         let txn = self.db.begin_write().map_err(CatalogError::from)?;
-        let record = {
+        let enrollment = {
             let mut tokens = txn.open_table(TOKENS).map_err(CatalogError::from)?;
             let id = token_id(secret_sha256);
             let record = match tokens.get(id.as_str()).map_err(CatalogError::from)? {
@@ -956,15 +1160,77 @@ impl Catalog {
             if record.used >= record.uses {
                 return Err(TokenRefusal::UsedUp);
             }
+            let server = identity.server_id.as_str();
+            if let Some(bound) = record.server.as_deref().filter(|&b| b != server) {
+                return Err(TokenRefusal::WrongServer {
+                    token_server: bound.to_owned(),
+                    requested: server.to_owned(),
+                });
+            }
+            let servers = txn.open_table(SERVERS).map_err(CatalogError::from)?;
+            let mut enrolled = txn.open_table(ENROLLED).map_err(CatalogError::from)?;
+            let connected_agent = match servers.get(server).map_err(CatalogError::from)? {
+                Some(raw) => Some(decode::<ServerRecord>(server, raw.value())?.agent_id),
+                None => None,
+            };
+            let enrolled_agent = match enrolled.get(server).map_err(CatalogError::from)? {
+                Some(raw) => Some(decode::<EnrolledRecord>(server, raw.value())?.agent_id),
+                None => None,
+            };
+            let known = connected_agent.is_some() || enrolled_agent.is_some();
+            match (known, record.reinstall) {
+                (true, false) => return Err(TokenRefusal::ServerExists(server.to_owned())),
+                (false, true) => {
+                    return Err(TokenRefusal::NothingToReinstall(server.to_owned()));
+                }
+                _ => {}
+            }
+            let mut revoked: Vec<String> =
+                connected_agent.into_iter().chain(enrolled_agent).collect();
+            revoked.sort();
+            revoked.dedup();
+            let mut revoked_table = txn.open_table(REVOKED).map_err(CatalogError::from)?;
+            for agent in &revoked {
+                if revoked_table
+                    .get(agent.as_str())
+                    .map_err(CatalogError::from)?
+                    .is_none()
+                {
+                    revoked_table
+                        .insert(agent.as_str(), now())
+                        .map_err(CatalogError::from)?;
+                }
+            }
+            enrolled
+                .insert(
+                    server,
+                    encode(&EnrolledRecord {
+                        agent_id: identity.agent_id.clone(),
+                        enrolled_at: now(),
+                        token: record.id.clone(),
+                    })
+                    .as_slice(),
+                )
+                .map_err(CatalogError::from)?;
             let mut record = record;
             record.used += 1;
             tokens
                 .insert(id.as_str(), encode(&record).as_slice())
                 .map_err(CatalogError::from)?;
-            record
+            Enrollment {
+                token: record,
+                revoked,
+            }
         };
         txn.commit().map_err(CatalogError::from)?;
-        Ok(record)
+        Ok(enrollment)
+    }
+
+    /// Whether `server_id` is known: it connected, or the control API enrolled it.
+    pub fn server_known(&self, server_id: &str) -> Result<bool, CatalogError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(SERVERS)?.get(server_id)?.is_some()
+            || txn.open_table(ENROLLED)?.get(server_id)?.is_some())
     }
 
     pub fn tokens(&self) -> Result<Vec<TokenRecord>, CatalogError> {
@@ -999,17 +1265,6 @@ impl Catalog {
         };
         txn.commit()?;
         Ok(found)
-    }
-
-    /// The agent that last connected for `server_id`, if any.
-    pub fn agent_of(&self, server_id: &str) -> Result<Option<String>, CatalogError> {
-        let txn = self.db.begin_read()?;
-        let servers = txn.open_table(SERVERS)?;
-        let raw = servers.get(server_id)?;
-        Ok(raw
-            .map(|raw| decode::<ServerRecord>(server_id, raw.value()))
-            .transpose()?
-            .map(|s| s.agent_id))
     }
 
     /// Every revoked agent id.
@@ -1052,6 +1307,103 @@ impl Catalog {
             )?);
         }
         Ok(out)
+    }
+
+    /// Records the staging images a session opened: new identities (`stamped`), and the
+    /// end of a `staging_missing` stall for every disk in `found` (its recorded image is
+    /// back). One transaction, before the session's Welcome.
+    pub fn record_images(
+        &self,
+        server_id: &str,
+        stamped: &[(String, ImageId)],
+        found: &[String],
+    ) -> Result<(), CatalogError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut disks = txn.open_table(DISKS)?;
+            let names = stamped.iter().map(|(n, _)| n).chain(found);
+            for name in names {
+                let key = (server_id, name.as_str());
+                let record = match disks.get(key)? {
+                    Some(raw) => Some(decode::<DiskRecord>(name, raw.value())?),
+                    None => None,
+                };
+                let Some(mut record) = record else { continue };
+                if let Some((_, id)) = stamped.iter().find(|(n, _)| n == name) {
+                    record.image_id = Some(id.clone());
+                }
+                if record.stall == STAGING_MISSING {
+                    record.stall.clear();
+                    record.stall_detail.clear();
+                }
+                record.updated = now();
+                disks.insert(key, encode(&record).as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Does `change` to the record of disk `name` of `server_id`, in one transaction,
+    /// and returns the record as it was before.
+    pub fn change_disk(
+        &self,
+        server_id: &str,
+        name: &str,
+        change: DiskChange,
+    ) -> Result<DiskRecord, DiskCommandError> {
+        let txn = self.db.begin_write().map_err(CatalogError::from)?;
+        let before = {
+            let mut disks = txn.open_table(DISKS).map_err(CatalogError::from)?;
+            let key = (server_id, name);
+            let record = match disks.get(key).map_err(CatalogError::from)? {
+                Some(raw) => decode::<DiskRecord>(name, raw.value())?,
+                None => {
+                    return Err(DiskCommandError::NoSuchDisk {
+                        server: server_id.to_owned(),
+                        disk: name.to_owned(),
+                    });
+                }
+            };
+            let mut after = record.clone();
+            let remove = matches!(change, DiskChange::Forget);
+            match change {
+                DiskChange::Adopt(id) => {
+                    after.image_id = Some(id);
+                    after.stall.clear();
+                    after.stall_detail.clear();
+                    // Whatever the adopted file holds is compared with the source before
+                    // anything of it is trusted again.
+                    if after.sync_watermark > 0 {
+                        after.rescan_reason = RescanReason::STAGING_ADOPTED.name().to_owned();
+                        after.last_rescan_reason = after.rescan_reason.clone();
+                        after.rescanned_bytes = 0;
+                        after.resent_bytes = 0;
+                    }
+                    after.updated = now();
+                }
+                DiskChange::Reset => {
+                    after.image_id = None;
+                    after.sync_watermark = 0;
+                    after.stall.clear();
+                    after.stall_detail.clear();
+                    after.rescan_reason.clear();
+                    after.rescan_requested = false;
+                    after.set_state(DiskState::INITIAL_SYNC, "staging_reset");
+                }
+                DiskChange::Forget => {}
+            }
+            if remove {
+                disks.remove(key).map_err(CatalogError::from)?;
+            } else {
+                disks
+                    .insert(key, encode(&after).as_slice())
+                    .map_err(CatalogError::from)?;
+            }
+            record
+        };
+        txn.commit().map_err(CatalogError::from)?;
+        Ok(before)
     }
 
     pub fn disk(&self, server_id: &str, name: &str) -> Result<Option<DiskRecord>, CatalogError> {

@@ -73,6 +73,13 @@ pub enum Command {
         /// snapshot per disk, a chain of children, through the EBS direct APIs).
         #[arg(long, value_enum, default_value_t = Backend::File)]
         backend: Backend,
+        /// The largest disk an agent may replicate, e.g. 16T; larger ones are refused.
+        #[arg(long, default_value = "64T", value_parser = parse_size)]
+        max_disk_size: u64,
+        /// Receive buffers of all replication connections together, in MiB (about 1 MiB
+        /// per stream in a session); connections beyond it are told to retry later.
+        #[arg(long, default_value_t = crate::budget::DEFAULT_FRAME_BUFFER_MIB, value_parser = clap::value_parser!(u32).range(16..=1048576))]
+        frame_buffer_mib: u32,
         #[command(flatten)]
         ebs: EbsArgs,
         #[command(flatten)]
@@ -114,6 +121,11 @@ pub enum Command {
         #[arg(long)]
         disk: Option<String>,
     },
+    /// A disk's staging image, when the receiver cannot vouch for it (STALLED
+    /// staging_missing) or the disk is gone: adopt the file that is there, start over,
+    /// or forget the disk.
+    #[command(subcommand)]
+    Disk(DiskCommand),
     /// Pause a source server's replication: its agent stops sending data, initial sync
     /// and rescan included, keeps heartbeating, and keeps tracking changes, which it
     /// sends on `resume`. Survives restarts of either side.
@@ -202,6 +214,14 @@ pub enum TokenCommand {
         /// name, port 8443).
         #[arg(long)]
         address: Option<String>,
+        /// Enroll only this source server id. Without --reinstall it must be new; without
+        /// --server, the token enrolls any server id the receiver does not know yet.
+        #[arg(long)]
+        server: Option<String>,
+        /// Re-enroll the existing server --server (a reinstall of its agent): its
+        /// previous agent is revoked and its disks rescan instead of resyncing.
+        #[arg(long, requires = "server")]
+        reinstall: bool,
     },
     /// List tokens: id, created, expires, uses, state (never the secrets).
     List {
@@ -259,6 +279,50 @@ pub enum AgentCommand {
         data_dir: PathBuf,
         /// The agent id (as in `status`).
         agent_id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DiskCommand {
+    /// Accept the file now at the disk's image path as its staging image (after a
+    /// restore, or a move to another volume); it is rescanned by checksum before it is
+    /// trusted.
+    Adopt {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The source server id (as in `status`).
+        #[arg(long)]
+        server: String,
+        /// The disk's name (as in `status`).
+        #[arg(long)]
+        disk: String,
+    },
+    /// Start the disk over: its watermark is forgotten, the image moved aside (kept as
+    /// IMAGE.reset-TIME) and the agent syncs the disk in full at its next session.
+    Reset {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        disk: String,
+        /// Delete the old image instead of keeping it aside.
+        #[arg(long)]
+        delete_image: bool,
+    },
+    /// Remove a disk the server no longer replicates from the catalog (it no longer
+    /// counts toward the 50 disks of its server); its image is moved aside (kept as
+    /// IMAGE.forgotten-TIME).
+    Forget {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        disk: String,
+        /// Delete the image instead of keeping it aside.
+        #[arg(long)]
+        delete_image: bool,
     },
 }
 
@@ -330,6 +394,8 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             stall_after_secs,
             max_concurrent_syncs,
             backend,
+            max_disk_size,
+            frame_buffer_mib,
             ebs,
             aws,
         } => {
@@ -347,6 +413,8 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             config.metrics = metrics.0;
             config.stall_after = std::time::Duration::from_secs(stall_after_secs);
             config.max_concurrent_syncs = max_concurrent_syncs;
+            config.max_disk_size = max_disk_size;
+            config.frame_buffer_mib = frame_buffer_mib;
             if backend == Backend::Ebs {
                 config.ebs = Some(ebs.config(&aws)?);
             }
@@ -413,13 +481,32 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             ttl,
             uses,
             address,
+            server,
+            reinstall,
         }) => {
+            use crate::control::TokenBinding;
+            if let Some(server) = &server {
+                crate::pki::validate_name("server id", server)?;
+            }
+            let binding = match (server, reinstall) {
+                (None, _) => TokenBinding::AnyNewServer,
+                (Some(id), false) => TokenBinding::NewServer(id),
+                (Some(id), true) => TokenBinding::Reinstall(id),
+            };
             let ca = crate::pki::CertificateAuthority::load_or_create(&data_dir)?;
             let address = match address {
                 Some(address) => address,
                 None => format!("{}:8443", crate::control::host_name()),
             };
-            let (token, record) = crate::control::new_token(ca.fingerprint(), &address, ttl, uses);
+            let what = match &binding {
+                TokenBinding::AnyNewServer => "a new source server".to_owned(),
+                TokenBinding::NewServer(id) => format!("new source server {id}"),
+                TokenBinding::Reinstall(id) => {
+                    format!("a reinstall of source server {id} (its agent will be revoked)")
+                }
+            };
+            let (token, record) =
+                crate::control::new_token(ca.fingerprint(), &address, ttl, uses, binding);
             let request = AdminRequest::AddToken {
                 record: record.clone(),
             };
@@ -429,7 +516,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             .await?;
             println!("{token}");
             eprintln!(
-                "token {} for {address}: valid {}, {uses} use(s). On the source server: blockferry-agent enroll --token TOKEN --state-dir /var/lib/blockferry-agent",
+                "token {} for {address}, enrolls {what}: valid {}, {uses} use(s). On the source server: blockferry-agent enroll --token TOKEN --state-dir /var/lib/blockferry-agent",
                 record.id,
                 humantime(ttl.as_secs())
             );
@@ -619,6 +706,61 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 crate::status::human_bytes(restored.size),
                 out.display()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Disk(command) => {
+            use crate::staging::DiskAction;
+            let (data_dir, server, disk, action, delete_image) = match command {
+                DiskCommand::Adopt {
+                    data_dir,
+                    server,
+                    disk,
+                } => (data_dir, server, disk, DiskAction::Adopt, false),
+                DiskCommand::Reset {
+                    data_dir,
+                    server,
+                    disk,
+                    delete_image,
+                } => (data_dir, server, disk, DiskAction::Reset, delete_image),
+                DiskCommand::Forget {
+                    data_dir,
+                    server,
+                    disk,
+                    delete_image,
+                } => (data_dir, server, disk, DiskAction::Forget, delete_image),
+            };
+            crate::pki::validate_name("server id", &server)?;
+            crate::pki::validate_name("disk name", &disk)?;
+            let request = AdminRequest::Disk {
+                server_id: server.clone(),
+                disk: disk.clone(),
+                action,
+                delete_image,
+            };
+            let answer = admin_or_catalog(&data_dir, request, |catalog| {
+                crate::staging::disk_command(catalog, &server, &disk, action, delete_image)
+                    .map(AdminResponse::Disk)
+            })
+            .await?;
+            let AdminResponse::Disk(done) = answer else {
+                bail!("unexpected answer from the running receiver: {answer:?}");
+            };
+            let aside = match &done.moved_to {
+                Some(path) => format!("; the old image is kept as {}", path.display()),
+                None => String::new(),
+            };
+            match action {
+                DiskAction::Adopt => println!(
+                    "disk {disk} of server {server}: {} adopted; the agent rescans it by checksum at its next session",
+                    done.image.display()
+                ),
+                DiskAction::Reset => println!(
+                    "disk {disk} of server {server}: reset; the agent syncs it in full at its next session{aside}"
+                ),
+                DiskAction::Forget => {
+                    println!("disk {disk} of server {server}: forgotten{aside}")
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Pause { data_dir, server } => pause(&data_dir, &server, true).await,

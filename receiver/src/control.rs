@@ -31,11 +31,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{TokenRecord, TokenRefusal, constant_time_eq, now, token_id};
 use crate::pki::{AdminIdentity, AgentIdentity, CertificateAuthority, sha256, validate_name};
-use crate::session::{SessionContext, error_chain};
+use crate::session::SessionContext;
 use crate::status::StatusReport;
+use blockferry_util::error_chain;
 
 /// A TLS handshake and one request must fit in this.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The TLS handshake alone.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request's headers must arrive this soon (after the handshake, or the last response).
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) struct ControlContext {
     pub(crate) sessions: Arc<SessionContext>,
@@ -45,14 +50,43 @@ pub(crate) struct ControlContext {
     pub(crate) replication_port: u16,
 }
 
-/// The admin token in `data_dir`, created (0600) on first start.
+/// Length of a generated admin token: 32 random bytes in hex. A shorter one (an empty
+/// file a template left, a truncated restore) is refused rather than trusted.
+pub const ADMIN_TOKEN_LEN: usize = 64;
+
+/// The admin token in `data_dir`, created (0600) on first start. One that is shorter
+/// than a generated token, or readable by others, is an error: it would open the
+/// operator endpoints to whoever guesses or reads it.
 pub(crate) fn admin_token(data_dir: &Path) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
     let path = data_dir.join("admin.token");
     match std::fs::read_to_string(&path) {
-        Ok(token) => Ok(token.trim().to_owned()),
+        Ok(token) => {
+            let token = token.trim().to_owned();
+            if token.len() < ADMIN_TOKEN_LEN {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "it holds {} characters, fewer than the {ADMIN_TOKEN_LEN} of a generated token; delete it and the receiver makes a new one at its next start",
+                        token.len()
+                    ),
+                ));
+            }
+            let mode = std::fs::metadata(&path)?.mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!(
+                        "it is readable or writable by others (mode {mode:o}); run: chmod 600 {}",
+                        path.display()
+                    ),
+                ));
+            }
+            Ok(token)
+        }
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
             let token = hex(&random::<32>());
-            blockferry_storage::durable::write_atomic(&path, token.as_bytes(), 0o600)?;
+            blockferry_util::durable::write_atomic(&path, token.as_bytes(), 0o600)?;
             Ok(token)
         }
         Err(err) => Err(err),
@@ -75,13 +109,25 @@ pub(crate) fn random<const N: usize>() -> [u8; N] {
     bytes
 }
 
-/// A new token for `address`, valid `ttl` for `uses` enrollments: its text (the only
-/// place the secret ever appears) and what the catalog keeps.
+/// Which servers a token may enroll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenBinding {
+    /// Any server id the catalog does not know yet.
+    AnyNewServer,
+    /// This one server id, which must not be known yet.
+    NewServer(String),
+    /// This existing server again: a reinstall, which revokes its agent.
+    Reinstall(String),
+}
+
+/// A new token for `address`, valid `ttl` for `uses` enrollments of the servers `binding`
+/// allows: its text (the only place the secret ever appears) and what the catalog keeps.
 pub fn new_token(
     ca_fingerprint: [u8; 32],
     address: &str,
     ttl: Duration,
     uses: u32,
+    binding: TokenBinding,
 ) -> (EnrollmentToken, TokenRecord) {
     let token = EnrollmentToken {
         address: address.to_owned(),
@@ -98,6 +144,11 @@ pub fn new_token(
         uses: uses.max(1),
         used: 0,
         revoked: false,
+        reinstall: matches!(binding, TokenBinding::Reinstall(_)),
+        server: match binding {
+            TokenBinding::AnyNewServer => None,
+            TokenBinding::NewServer(id) | TokenBinding::Reinstall(id) => Some(id),
+        },
     };
     (token, record)
 }
@@ -108,14 +159,28 @@ pub(crate) async fn serve(
     ctx: Arc<ControlContext>,
     shutdown: CancellationToken,
 ) {
+    let log = crate::admission::RefusalLog::new("control");
     loop {
-        let Some((tcp, peer)) =
-            crate::server::next_connection(&listener, &shutdown, "control API").await
+        let admission = &ctx.sessions.admission;
+        let metrics = &ctx.sessions.metrics;
+        let Some((tcp, peer, permit)) = crate::admission::next_admitted(
+            &listener,
+            &shutdown,
+            &admission.control,
+            Some(&admission.known),
+            "control API",
+            |peer, refusal| {
+                metrics.refused("control", refusal.code(), false);
+                log.refused(peer, refusal.code());
+            },
+        )
+        .await
         else {
             return;
         };
         let (acceptor, ctx) = (acceptor.clone(), Arc::clone(&ctx));
         tokio::spawn(async move {
+            let _permit = permit;
             let served =
                 tokio::time::timeout(CONTROL_TIMEOUT, connection(tcp, peer, acceptor, ctx)).await;
             if served.is_err() {
@@ -131,9 +196,24 @@ async fn connection(
     acceptor: TlsAcceptor,
     ctx: Arc<ControlContext>,
 ) {
-    let tls = match acceptor.accept(tcp).await {
-        Ok(tls) => tls,
-        Err(err) => {
+    if !crate::admission::client_hello_arrives(&tcp).await {
+        ctx.sessions
+            .metrics
+            .refused("control", "client_hello_timeout", false);
+        tracing::debug!(%peer, "control API: no ClientHello in time");
+        return;
+    }
+    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+    let tls = match accepted {
+        Ok(Ok(tls)) => tls,
+        Err(_) => {
+            ctx.sessions
+                .metrics
+                .refused("control", "handshake_timeout", false);
+            tracing::debug!(%peer, "control API: no TLS handshake in time");
+            return;
+        }
+        Ok(Err(err)) => {
             tracing::warn!(%peer, reason = crate::tls::RefusalReason::of_handshake_error(&err).code(), error = %err, "control API: refused connection");
             return;
         }
@@ -151,6 +231,8 @@ async fn connection(
         async move { Ok::<_, Infallible>(route(request, &ctx, identity, peer).await) }
     });
     if let Err(err) = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
         .serve_connection(TokioIo::new(tls), service)
         .await
     {
@@ -213,7 +295,7 @@ async fn route(
                 );
             };
             match body::<RenewRequest>(request).await {
-                Ok(body) => issue(ctx, &identity, &body.csr_pem, "renewed"),
+                Ok(body) => renew(ctx, &identity, &body.csr_pem),
                 Err(answer) => answer,
             }
         }
@@ -310,7 +392,11 @@ fn refusal_unless_operator(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
-    if constant_time_eq(presented.as_bytes(), ctx.admin_token.as_bytes()) {
+    // Never a match on an empty secret, whatever the two sides hold.
+    if !presented.is_empty()
+        && ctx.admin_token.len() >= ADMIN_TOKEN_LEN
+        && constant_time_eq(presented.as_bytes(), ctx.admin_token.as_bytes())
+    {
         return None;
     }
     tracing::warn!(%peer, path = %request.uri().path(), "control API: refused (no admin certificate, no or wrong admin token)");
@@ -337,100 +423,104 @@ async fn body<T: serde::de::DeserializeOwned>(request: Request<Incoming>) -> Res
 }
 
 async fn enroll(ctx: &ControlContext, request: EnrollRequest, peer: SocketAddr) -> Answer {
+    let host = blockferry_util::text::printable(&request.host_name).into_owned();
+    let refuse = |reason: &'static str, status: StatusCode, message: String| {
+        ctx.sessions.metrics.enrollment_refused(reason);
+        tracing::warn!(%peer, server = %blockferry_util::text::printable(&request.server_id), %host, reason, message = %message, "enrollment refused");
+        error(status, message)
+    };
     let token = match EnrollmentToken::parse(&request.token) {
         Ok(token) => token,
-        Err(err) => return error(StatusCode::BAD_REQUEST, err.to_string()),
+        Err(err) => return refuse("bad_request", StatusCode::BAD_REQUEST, err.to_string()),
     };
     if let Err(err) = validate_name("server id", &request.server_id) {
-        return error(StatusCode::BAD_REQUEST, err.to_string());
+        return refuse("bad_request", StatusCode::BAD_REQUEST, err.to_string());
     }
-    // The CSR is checked before the token is spent, so a bad request costs no use.
-    if let Err(err) = rcgen::CertificateSigningRequestParams::from_pem(&request.csr_pem) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("the certificate signing request is not valid: {err}"),
-        );
-    }
-    let hash = hex(&sha256(&token.secret));
-    let catalog = Arc::clone(&ctx.sessions.catalog);
-    let used = tokio::task::spawn_blocking(move || catalog.use_token(&hash)).await;
-    let record = match used {
-        Ok(Ok(record)) => record,
-        Ok(Err(TokenRefusal::Catalog(err))) => {
-            return error(StatusCode::INTERNAL_SERVER_ERROR, error_chain(&err));
-        }
-        Ok(Err(refusal)) => {
-            tracing::warn!(%peer, server = %request.server_id, reason = %refusal, "enrollment refused");
-            return error(StatusCode::FORBIDDEN, refusal.to_string());
-        }
-        Err(err) => return error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()),
-    };
     let identity = AgentIdentity {
         agent_id: uuid::Uuid::new_v4().simple().to_string(),
         server_id: request.server_id.clone(),
     };
-    let answer = issue(ctx, &identity, &request.csr_pem, "enrolled");
-    if answer.status() != StatusCode::OK {
-        return answer;
-    }
-    // A reinstall: the server's previous agent is revoked, and its disks will rescan.
+    // The certificate is made before the token is spent, so a bad CSR costs no use; it
+    // is handed out only once the enrollment is committed.
+    let certificate_pem =
+        match ctx
+            .ca
+            .issue_for_csr(&identity, &request.csr_pem, ctx.agent_cert_lifetime)
+        {
+            Ok(pem) => pem,
+            Err(err) => {
+                return refuse("bad_request", StatusCode::BAD_REQUEST, error_chain(&err));
+            }
+        };
+    let hash = hex(&sha256(&token.secret));
     let catalog = Arc::clone(&ctx.sessions.catalog);
-    let server = request.server_id.clone();
-    let previous = tokio::task::spawn_blocking(
-        move || -> Result<Option<String>, crate::catalog::CatalogError> {
-            let previous = catalog.agent_of(&server)?;
-            if let Some(agent) = &previous {
-                catalog.revoke_agent(agent)?;
-            }
-            Ok(previous)
-        },
-    )
-    .await;
-    match previous {
-        Ok(Ok(Some(agent))) => {
-            ctx.sessions.revocations.insert(&agent);
-            for session in ctx.sessions.registry.sessions_of_agent(&agent) {
-                session.revoke().await;
-            }
-            tracing::info!(previous = %agent, server = %request.server_id, "reinstall: the previous agent is revoked");
+    let enrolling = identity.clone();
+    let committed = tokio::task::spawn_blocking(move || catalog.enroll(&hash, &enrolling)).await;
+    let enrollment = match committed {
+        Ok(Ok(enrollment)) => enrollment,
+        Ok(Err(TokenRefusal::Catalog(err))) => {
+            return refuse(
+                "catalog_error",
+                StatusCode::INTERNAL_SERVER_ERROR,
+                error_chain(&err),
+            );
         }
-        Ok(Ok(None)) => {}
-        Ok(Err(err)) => return error(StatusCode::INTERNAL_SERVER_ERROR, error_chain(&err)),
-        Err(err) => return error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()),
+        Ok(Err(refusal)) => {
+            return refuse(refusal.code(), StatusCode::FORBIDDEN, refusal.to_string());
+        }
+        Err(err) => {
+            return refuse(
+                "catalog_error",
+                StatusCode::INTERNAL_SERVER_ERROR,
+                err.to_string(),
+            );
+        }
+    };
+    // A reinstall: the server's previous agents are revoked (in the same transaction),
+    // refused at their next handshake, and their live sessions end now.
+    for agent in &enrollment.revoked {
+        ctx.sessions.revocations.insert(agent);
+        for session in ctx.sessions.registry.sessions_of_agent(agent) {
+            session.revoke().await;
+        }
+        tracing::info!(previous = %agent, server = %identity.server_id, "reinstall: the previous agent is revoked");
     }
     tracing::info!(
         agent = %identity.agent_id,
         server = %identity.server_id,
-        host = %request.host_name,
-        token = %record.id,
+        %host,
+        token = %enrollment.token.id,
+        reinstall = !enrollment.revoked.is_empty(),
         %peer,
         "agent enrolled"
     );
-    answer
+    issued(ctx, &identity, certificate_pem)
 }
 
-/// Issues a certificate for `identity` and the CSR's key.
-fn issue(ctx: &ControlContext, identity: &AgentIdentity, csr_pem: &str, what: &str) -> Answer {
+/// The answer that hands an agent its certificate.
+fn issued(ctx: &ControlContext, identity: &AgentIdentity, certificate_pem: String) -> Answer {
+    json(
+        StatusCode::OK,
+        &Issued {
+            agent_id: identity.agent_id.clone(),
+            server_id: identity.server_id.clone(),
+            certificate_pem,
+            ca_pem: ctx.ca.cert_pem().to_owned(),
+            not_after: now().saturating_add(ctx.agent_cert_lifetime.whole_seconds().max(0) as u64),
+            replication_port: ctx.replication_port,
+        },
+    )
+}
+
+/// Renews the certificate of `identity` for the CSR's key.
+fn renew(ctx: &ControlContext, identity: &AgentIdentity, csr_pem: &str) -> Answer {
     match ctx
         .ca
         .issue_for_csr(identity, csr_pem, ctx.agent_cert_lifetime)
     {
         Ok(certificate_pem) => {
-            if what == "renewed" {
-                tracing::info!(agent = %identity.agent_id, server = %identity.server_id, "agent certificate renewed");
-            }
-            json(
-                StatusCode::OK,
-                &Issued {
-                    agent_id: identity.agent_id.clone(),
-                    server_id: identity.server_id.clone(),
-                    certificate_pem,
-                    ca_pem: ctx.ca.cert_pem().to_owned(),
-                    not_after: now()
-                        .saturating_add(ctx.agent_cert_lifetime.whole_seconds().max(0) as u64),
-                    replication_port: ctx.replication_port,
-                },
-            )
+            tracing::info!(agent = %identity.agent_id, server = %identity.server_id, "agent certificate renewed");
+            issued(ctx, identity, certificate_pem)
         }
         Err(err) => error(StatusCode::BAD_REQUEST, error_chain(&err)),
     }

@@ -208,6 +208,9 @@ fn announce(events: &EventLog, server: &crate::status::ServerStatus, was: Option
                 "staging_full" => {
                     "the staging file system is full; free space on the receiver".to_owned()
                 }
+                "staging_missing" => {
+                    "a staging image is missing or not the recorded one; see `status`, then bring it back or run `disk adopt` or `disk reset`".to_owned()
+                }
                 "no_progress" => {
                     "changes are waiting and nothing became durable for the stall time".to_owned()
                 }
@@ -220,6 +223,7 @@ fn announce(events: &EventLog, server: &crate::status::ServerStatus, was: Option
                 PAUSED => "operator_request",
                 "disconnected" => "reconnected",
                 "staging_full" | "staging_error" => "staging_space_available",
+                "staging_missing" => "staging_found",
                 _ => "progress",
             };
             let detail = if old == PAUSED {

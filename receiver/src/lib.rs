@@ -3,7 +3,9 @@
 //! store, and answers operators.
 
 pub mod admin;
+pub mod admission;
 mod apply;
+pub mod budget;
 pub mod catalog;
 pub mod cli;
 pub mod control;
@@ -18,13 +20,10 @@ mod server;
 mod session;
 mod slots;
 pub mod snapshots;
+pub mod staging;
 pub mod status;
 pub mod tls;
 
 pub use server::{DEFAULT_LISTEN, Receiver, ReceiverConfig, ReceiverError, RefusalCounters};
 
-/// Locks a mutex whose holder may have panicked: every value guarded in this crate stays
-/// consistent between statements, so the poison flag carries no information here.
-pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
-}
+pub(crate) use blockferry_util::lock;

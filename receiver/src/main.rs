@@ -5,8 +5,15 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // glibc raises its mmap threshold after large buffers are freed, and then keeps
+    // them: the receive buffers of connections that came and went stayed resident. A
+    // fixed threshold gives them back.
+    // SAFETY: mallopt only adjusts allocator parameters; called before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+    }
     let cli = blockferry_receiver::cli::Cli::parse();
-    blockferry_agent::init_logging(cli.log_json);
+    blockferry_util::logging::init(cli.log_json);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(err) => {

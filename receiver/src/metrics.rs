@@ -36,6 +36,7 @@ pub const DEFAULT_METRICS: &str = "0.0.0.0:9500";
 type ServerLabel = [(&'static str, String); 1];
 type DiskLabels = [(&'static str, String); 2];
 type ReasonLabel = [(&'static str, &'static str); 1];
+type ListenerReasonLabels = [(&'static str, &'static str); 2];
 
 /// The counters and histograms updated as replication happens. Cloning a metric shares
 /// it, so sessions keep their own handles.
@@ -46,9 +47,10 @@ pub struct Metrics {
     pub(crate) apply_seconds: Histogram,
     pub(crate) barrier_seconds: Histogram,
     pub(crate) sessions_started: Counter,
-    refused: Family<ReasonLabel, Counter>,
+    refused: Family<ListenerReasonLabels, Counter>,
     handshake_failures: Family<ReasonLabel, Counter>,
     session_errors: Family<ReasonLabel, Counter>,
+    enrollment_refusals: Family<ReasonLabel, Counter>,
     rates: Mutex<HashMap<String, Arc<RateMeter>>>,
 }
 
@@ -64,6 +66,7 @@ impl Default for Metrics {
             refused: Family::default(),
             handshake_failures: Family::default(),
             session_errors: Family::default(),
+            enrollment_refusals: Family::default(),
             rates: Mutex::new(HashMap::new()),
         }
     }
@@ -97,9 +100,17 @@ impl Metrics {
             .get_or_create_owned(&[("server", server_id.to_owned()), ("disk", disk.to_owned())])
     }
 
-    /// A refused connection; TLS reasons count as handshake failures too.
-    pub(crate) fn refused(&self, reason: &'static str, during_handshake: bool) {
-        self.refused.get_or_create(&[("reason", reason)]).inc();
+    /// A refused connection on `listener` (`replication`, `control`, `metrics`); TLS
+    /// reasons count as handshake failures too.
+    pub(crate) fn refused(
+        &self,
+        listener: &'static str,
+        reason: &'static str,
+        during_handshake: bool,
+    ) {
+        self.refused
+            .get_or_create(&[("listener", listener), ("reason", reason)])
+            .inc();
         if during_handshake {
             self.handshake_failures
                 .get_or_create(&[("reason", reason)])
@@ -107,13 +118,22 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn refusals(&self, reason: &'static str) -> u64 {
-        self.refused.get_or_create(&[("reason", reason)]).get()
+    pub(crate) fn refusals(&self, listener: &'static str, reason: &'static str) -> u64 {
+        self.refused
+            .get_or_create(&[("listener", listener), ("reason", reason)])
+            .get()
     }
 
     /// A session that ended with an error sent to its agent.
     pub(crate) fn session_error(&self, code: &'static str) {
         self.session_errors.get_or_create(&[("code", code)]).inc();
+    }
+
+    /// An enrollment the control API refused.
+    pub(crate) fn enrollment_refused(&self, reason: &'static str) {
+        self.enrollment_refusals
+            .get_or_create(&[("reason", reason)])
+            .inc();
     }
 
     /// The registry to scrape: these metrics, the state read from the catalog and live
@@ -122,6 +142,7 @@ impl Metrics {
         &self,
         catalog: Arc<Catalog>,
         sessions: Arc<SessionRegistry>,
+        admission: Arc<crate::admission::Admission>,
     ) -> Registry {
         let mut r = Registry::default();
         r.register(
@@ -151,7 +172,7 @@ impl Metrics {
         );
         r.register(
             "blockferry_refused_connections",
-            "Connections to the replication port refused, by reason",
+            "Connections refused, by listener (replication, control, metrics) and reason",
             self.refused.clone(),
         );
         r.register(
@@ -164,7 +185,13 @@ impl Metrics {
             "Sessions ended with an error sent to the agent, by error code",
             self.session_errors.clone(),
         );
+        r.register(
+            "blockferry_enrollment_refusals",
+            "Enrollments the control API refused, by reason (unknown_token, expired, used_up, revoked, wrong_server, server_exists, nothing_to_reinstall, bad_request, catalog_error)",
+            self.enrollment_refusals.clone(),
+        );
         r.register_collector(Box::new(StateCollector { catalog, sessions }));
+        r.register_collector(Box::new(ConnectionCollector(admission)));
         r.register_collector(Box::new(ProcessCollector));
         r
     }
@@ -212,7 +239,7 @@ impl Collector for StateCollector {
         let report = match StatusReport::build(&self.catalog, Some(&self.sessions)) {
             Ok(report) => report,
             Err(err) => {
-                tracing::warn!(error = %crate::session::error_chain(&err), "metrics: cannot read the catalog");
+                tracing::warn!(error = %blockferry_util::error_chain(&err), "metrics: cannot read the catalog");
                 return Ok(());
             }
         };
@@ -428,6 +455,55 @@ fn gauge<L: prometheus_client::encoding::EncodeLabelSet>(
     Ok(())
 }
 
+/// Open connections per listener, and the slots each may fill (from the descriptor
+/// budget), read at scrape time.
+#[derive(Debug)]
+struct ConnectionCollector(Arc<crate::admission::Admission>);
+
+impl Collector for ConnectionCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let admission = &self.0;
+        let fds = admission.fds;
+        let listeners = [
+            (
+                "replication_handshakes",
+                &admission.replication,
+                fds.replication_handshakes,
+            ),
+            (
+                "replication_streams",
+                &admission.streams,
+                fds.replication_streams,
+            ),
+            ("control", &admission.control, fds.control),
+            ("metrics", &admission.metrics, fds.metrics),
+        ];
+        gauge(
+            &mut encoder,
+            "blockferry_connections",
+            "Connections open now, by listener (replication handshakes and streams, control, metrics)",
+            listeners
+                .iter()
+                .map(|(name, gate, _)| ([("listener", *name)], gate.open() as f64)),
+        )?;
+        gauge(
+            &mut encoder,
+            "blockferry_connection_slots",
+            "Connections each listener may hold, from the file descriptor budget",
+            listeners
+                .iter()
+                .map(|(name, _, slots)| ([("listener", *name)], *slots as f64)),
+        )?;
+        let max = ConstGauge::new(fds.limit as f64);
+        max.encode(encoder.encode_descriptor(
+            "process_max_fds",
+            "Maximum number of open file descriptors",
+            None,
+            max.metric_type(),
+        )?)
+    }
+}
+
 /// The standard `process_*` metrics of the receiver, from /proc.
 #[derive(Debug)]
 struct ProcessCollector;
@@ -519,16 +595,30 @@ pub(crate) fn render(registry: &Registry) -> String {
 pub(crate) async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
+    counters: Arc<Metrics>,
+    admission: Arc<crate::admission::Admission>,
     shutdown: CancellationToken,
 ) {
+    let log = crate::admission::RefusalLog::new("metrics");
     loop {
-        let Some((tcp, peer)) =
-            crate::server::next_connection(&listener, &shutdown, "metrics").await
+        let Some((tcp, peer, permit)) = crate::admission::next_admitted(
+            &listener,
+            &shutdown,
+            &admission.metrics,
+            None,
+            "metrics",
+            |peer, refusal| {
+                counters.refused("metrics", refusal.code(), false);
+                log.refused(peer, refusal.code());
+            },
+        )
+        .await
         else {
             return;
         };
         let registry = Arc::clone(&registry);
         tokio::spawn(async move {
+            let _permit = permit;
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                 let registry = Arc::clone(&registry);
                 async move { Ok::<_, Infallible>(answer(request, registry).await) }
@@ -536,6 +626,8 @@ pub(crate) async fn serve(
             let served = tokio::time::timeout(
                 Duration::from_secs(30),
                 hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(crate::control::HEADER_TIMEOUT)
                     .serve_connection(TokioIo::new(tcp), service),
             )
             .await;

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use blockferry_storage::durable::{create_dir_durable, write_atomic};
+use blockferry_util::durable::{DirError, ensure_private_dir, write_atomic};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
@@ -49,6 +49,8 @@ pub enum PkiError {
         #[source]
         source: rcgen::Error,
     },
+    #[error(transparent)]
+    Dir(#[from] DirError),
     #[error("cannot generate a key or certificate")]
     Generate(#[from] rcgen::Error),
     #[error("the certificate signing request is not valid (unreadable, or not signed by its key)")]
@@ -188,8 +190,8 @@ impl CertificateAuthority {
     pub fn load_or_create(data_dir: &Path) -> Result<Self, PkiError> {
         let dir = data_dir.join("pki");
         let (key_path, cert_path) = (dir.join("ca.key"), dir.join("ca.crt"));
+        ensure_private_dir(&dir, "receiver CA")?;
         if !key_path.exists() {
-            create_dir_durable(&dir, 0o700).map_err(io("create", &dir))?;
             let key = KeyPair::generate()?;
             let mut params = CertificateParams::default();
             params.distinguished_name = rcgen::DistinguishedName::new();
@@ -471,7 +473,7 @@ fn write_credentials(
     issued: &IssuedCertificate,
     ca: &CertificateAuthority,
 ) -> Result<(), PkiError> {
-    create_dir_durable(out_dir, 0o700).map_err(io("create", out_dir))?;
+    ensure_private_dir(out_dir, "credentials")?;
     let key_path = out_dir.join(format!("{stem}.key"));
     write_atomic(&key_path, issued.key_pem.as_bytes(), 0o600).map_err(io("write", &key_path))?;
     let cert_path = out_dir.join(format!("{stem}.crt"));

@@ -30,9 +30,8 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:1500";
 /// A TLS handshake must finish this soon after the TCP connection is accepted.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connections (handshaking or in session) the receiver serves at once; more wait in the
-/// kernel's accept queue.
-const MAX_CONNECTIONS: usize = 1024;
+/// The default largest disk: 64 TiB, the largest EBS volume.
+pub const DEFAULT_MAX_DISK_SIZE: u64 = 64 << 40;
 
 /// Everything a receiver needs to start. Built by the CLI from flags, or by tests.
 #[derive(Debug, Clone)]
@@ -75,6 +74,12 @@ pub struct ReceiverConfig {
     /// Stage into EBS snapshot chains (each disk through a local base copy); `None`
     /// stages into image files only.
     pub ebs: Option<crate::snapshots::EbsBackendConfig>,
+    /// The largest disk an agent may replicate; larger ones are refused (LIMIT). The
+    /// default, 64 TiB, is the largest EBS volume.
+    pub max_disk_size: u64,
+    /// Receive buffers of all replication connections together, MiB: about 1 MiB per
+    /// stream in a session, 320 KiB per connection before it.
+    pub frame_buffer_mib: u32,
 }
 
 impl ReceiverConfig {
@@ -96,24 +101,22 @@ impl ReceiverConfig {
             stall_after: Duration::from_secs(60),
             max_concurrent_syncs: 0,
             ebs: None,
+            max_disk_size: DEFAULT_MAX_DISK_SIZE,
+            frame_buffer_mib: crate::budget::DEFAULT_FRAME_BUFFER_MIB,
         }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiverError {
-    #[error("cannot read or create the control API's admin token {path}")]
+    #[error("the control API's admin token {path} cannot be used")]
     AdminToken {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot create the data dir {path}")]
-    DataDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("the data dir cannot hold the receiver's keys and images")]
+    DataDir(#[from] blockferry_util::durable::DirError),
     #[error(transparent)]
     Pki(#[from] PkiError),
     #[error(transparent)]
@@ -146,13 +149,23 @@ pub struct RefusalCounters {
 
 impl RefusalCounters {
     fn record(&self, reason: RefusalReason) {
-        // Every reason but a certificate without an identity ends the handshake.
-        let during_handshake = reason != RefusalReason::NoIdentity;
-        self.metrics.refused(reason.code(), during_handshake);
+        // TLS failures count as handshake failures too; refusals before or after the
+        // handshake do not.
+        let during_handshake = !matches!(
+            reason,
+            RefusalReason::NoIdentity
+                | RefusalReason::ClientHelloTimeout
+                | RefusalReason::TooManyConnections
+                | RefusalReason::TooManyFromAddress
+                | RefusalReason::Busy
+        );
+        self.metrics
+            .refused("replication", reason.code(), during_handshake);
     }
 
+    /// Refusals on the replication port for `reason`.
     pub fn get(&self, reason: RefusalReason) -> u64 {
-        self.metrics.refusals(reason.code())
+        self.metrics.refusals("replication", reason.code())
     }
 }
 
@@ -175,12 +188,16 @@ impl Receiver {
     /// socket, and starts serving.
     pub async fn start(config: ReceiverConfig) -> Result<Self, ReceiverError> {
         let data_dir = config.data_dir.clone();
-        blockferry_storage::durable::create_dir_durable(&data_dir, 0o700).map_err(|source| {
-            ReceiverError::DataDir {
-                path: data_dir.clone(),
-                source,
-            }
-        })?;
+        blockferry_util::durable::ensure_private_dir(&data_dir, "receiver data")?;
+        let fds = crate::admission::FdBudget::raise();
+        tracing::info!(
+            fd_limit = fds.limit,
+            replication_streams = fds.replication_streams,
+            replication_handshakes = fds.replication_handshakes,
+            control = fds.control,
+            metrics = fds.metrics,
+            "file descriptors divided among the listeners"
+        );
         let ca = CertificateAuthority::load_or_create(&data_dir)?;
         let catalog = Arc::new(Catalog::open(&data_dir)?);
         let revocations = Arc::new(Revocations::new(catalog.revoked_agents()?));
@@ -232,6 +249,7 @@ impl Receiver {
                 heartbeat_interval: config.heartbeat_interval,
                 idle_timeout: config.idle_timeout,
                 stall_after: config.stall_after,
+                max_disk_size: config.max_disk_size,
             },
             registry: Arc::new(SessionRegistry::new(config.max_concurrent_syncs)),
             revocations,
@@ -239,6 +257,8 @@ impl Receiver {
             events: Arc::clone(&events),
             ebs,
             shutdown: shutdown.clone(),
+            budget: crate::budget::ConnectionBudget::new(config.frame_buffer_mib),
+            admission: Arc::new(crate::admission::Admission::new(fds)),
             global_budget: Arc::new(Semaphore::new(
                 config.global_in_flight.max(config.session_in_flight) as usize,
             )),
@@ -284,11 +304,16 @@ impl Receiver {
                 let (listener, bound) = crate::metrics::bind(addr)
                     .await
                     .map_err(|source| ReceiverError::Listen { addr, source })?;
-                let registry =
-                    metrics.registry(Arc::clone(&ctx.catalog), Arc::clone(&ctx.registry));
+                let registry = metrics.registry(
+                    Arc::clone(&ctx.catalog),
+                    Arc::clone(&ctx.registry),
+                    Arc::clone(&ctx.admission),
+                );
                 tasks.spawn(crate::metrics::serve(
                     listener,
                     Arc::new(registry),
+                    Arc::clone(&metrics),
+                    Arc::clone(&ctx.admission),
                     shutdown.clone(),
                 ));
                 tracing::info!(metrics = %bound, "Prometheus metrics at /metrics (HTTP)");
@@ -346,6 +371,7 @@ impl Receiver {
         let registry = self.ctx.metrics.registry(
             Arc::clone(&self.ctx.catalog),
             Arc::clone(&self.ctx.registry),
+            Arc::clone(&self.ctx.admission),
         );
         crate::metrics::render(&registry)
     }
@@ -383,27 +409,6 @@ impl Receiver {
     }
 }
 
-/// The next connection on `listener`, or None once `shutdown` fires. An accept error
-/// (EMFILE and friends) is logged and retried after a pause instead of spinning.
-pub(crate) async fn next_connection(
-    listener: &TcpListener,
-    shutdown: &CancellationToken,
-    what: &str,
-) -> Option<(TcpStream, SocketAddr)> {
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return None,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => return Some(conn),
-                Err(err) => {
-                    tracing::warn!(error = %err, listener = what, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-        }
-    }
-}
-
 async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
@@ -411,20 +416,30 @@ async fn accept_loop(
     refusals: Arc<RefusalCounters>,
     tasks: TaskTracker,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let log = crate::admission::RefusalLog::new("replication");
     loop {
-        let permit = tokio::select! {
-            () = ctx.shutdown.cancelled() => return,
-            permit = Arc::clone(&slots).acquire_owned() => permit.expect("never closed"),
-        };
-        let Some((tcp, peer)) = next_connection(&listener, &ctx.shutdown, "replication").await
+        let admission = &ctx.admission;
+        let Some((tcp, peer, permit)) = crate::admission::next_admitted(
+            &listener,
+            &ctx.shutdown,
+            &admission.replication,
+            Some(&admission.known),
+            "replication",
+            |peer, refusal| {
+                refusals.record(match refusal {
+                    crate::admission::Refusal::Full => RefusalReason::TooManyConnections,
+                    crate::admission::Refusal::Address => RefusalReason::TooManyFromAddress,
+                });
+                log.refused(peer, refusal.code());
+            },
+        )
+        .await
         else {
             return;
         };
         let (acceptor, ctx, refusals) = (acceptor.clone(), Arc::clone(&ctx), Arc::clone(&refusals));
         tasks.spawn(async move {
-            let _permit = permit;
-            handle_connection(tcp, peer, acceptor, ctx, &refusals).await;
+            handle_connection(tcp, peer, permit, acceptor, ctx, &refusals).await;
         });
     }
 }
@@ -432,6 +447,7 @@ async fn accept_loop(
 async fn handle_connection(
     tcp: TcpStream,
     peer: SocketAddr,
+    permit: crate::admission::Permit,
     acceptor: TlsAcceptor,
     ctx: Arc<SessionContext>,
     refusals: &RefusalCounters,
@@ -441,6 +457,12 @@ async fn handle_connection(
         refusals.record(reason);
         tracing::warn!(%peer, reason = reason.code(), detail, "refused connection");
     };
+    if !crate::admission::client_hello_arrives(&tcp).await {
+        return refuse(
+            RefusalReason::ClientHelloTimeout,
+            "no TLS ClientHello within 3 s",
+        );
+    }
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Err(_) => {
             return refuse(
@@ -460,8 +482,25 @@ async fn handle_connection(
         .and_then(|chain| chain.first())
         .ok_or_else(|| "no client certificate".to_owned())
         .and_then(|cert| AgentIdentity::from_certificate(cert).map_err(|e| e.to_string()));
-    match identity {
-        Ok(identity) => session::serve(ctx, stream, identity, peer).await,
-        Err(detail) => refuse(RefusalReason::NoIdentity, &detail),
-    }
+    let identity = match identity {
+        Ok(identity) => identity,
+        Err(detail) => return refuse(RefusalReason::NoIdentity, &detail),
+    };
+    // An agent: its address goes to the front of the line from now on, and the
+    // connection moves from the handshake slots to the stream slots.
+    ctx.admission.known.remember(peer.ip());
+    drop(permit);
+    let Ok(_stream_slot) = ctx.admission.streams.admit(peer.ip(), true) else {
+        refuse(
+            RefusalReason::Busy,
+            "every replication stream slot is taken",
+        );
+        session::refuse_busy(
+            stream,
+            "the receiver serves as many replication streams as its file descriptors allow",
+        )
+        .await;
+        return;
+    };
+    session::serve(ctx, stream, identity, peer).await;
 }

@@ -12,14 +12,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use blockferry_proto::limits::{MAX_STREAMS, MAX_WRITE_DATA};
+use blockferry_proto::limits::{MAX_CONTROL_PAYLOAD, MAX_STREAMS, MAX_WRITE_DATA};
 use blockferry_proto::{
     Barrier, Checkpoint, DiskResume, DiskState, Durable, ErrorCode, ErrorFrame, Frame, FrameBuffer,
     FrameKind, Goodbye, Heartbeat, Hello, JoinStream, Settings, SumReply, SumRequest, Welcome,
     Write, WriteFlags, block_digest,
 };
-pub(crate) use blockferry_storage::error_chain;
-use blockferry_storage::{BlockStore, Engine, FileStore};
+use blockferry_storage::{BlockStore, Engine};
+pub(crate) use blockferry_util::error_chain;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -74,6 +74,10 @@ pub(crate) struct SessionContext {
     pub(crate) events: Arc<crate::events::EventLog>,
     /// Staging into EBS snapshot chains (`--backend ebs`); `None` stages into files only.
     pub(crate) ebs: Option<Arc<crate::snapshots::EbsStaging>>,
+    /// Receive buffers and connections waiting for a session.
+    pub(crate) budget: Arc<crate::budget::ConnectionBudget>,
+    /// Connection slots of every listener.
+    pub(crate) admission: Arc<crate::admission::Admission>,
 }
 
 #[derive(Debug, Clone)]
@@ -89,6 +93,8 @@ pub(crate) struct SessionSettings {
     pub(crate) idle_timeout: Duration,
     /// A disk with changes waiting and no durable progress for this long is STALLED.
     pub(crate) stall_after: Duration,
+    /// The largest disk a Hello may name.
+    pub(crate) max_disk_size: u64,
 }
 
 /// Why a session ended badly. Each maps to the [`ErrorCode`] sent to the agent.
@@ -116,6 +122,9 @@ enum SessionError {
     NotAuthorized(String),
     #[error("limit exceeded: {0}")]
     Limit(String),
+    /// One of the receiver's resource bounds is reached for now; the agent retries later.
+    #[error("receiver busy: {0}")]
+    Busy(String),
     #[error("connection failed")]
     Connection(#[from] std::io::Error),
     #[error("no Hello within {0:?}")]
@@ -125,6 +134,31 @@ enum SessionError {
 }
 
 impl SessionError {
+    /// The Error frame that tells the agent, if it is to be told.
+    fn frame(&self) -> Option<ErrorFrame> {
+        Some(ErrorFrame {
+            code: self.code()?,
+            message: self.to_string(),
+            retry_after_ms: u32::try_from(self.retry_after().as_millis()).unwrap_or(u32::MAX),
+        })
+    }
+
+    /// How long the agent should wait before it tries again: long enough that a disk that
+    /// cannot progress is not hammered by reconnects (each one resends what is not yet
+    /// acknowledged), short enough that it resumes soon once the cause is gone.
+    fn retry_after(&self) -> Duration {
+        match self {
+            Self::Stalled {
+                reason: crate::catalog::STAGING_MISSING,
+                ..
+            } => Duration::from_secs(60),
+            Self::Stalled { .. } => Duration::from_secs(10),
+            Self::Storage(_) => Duration::from_secs(5),
+            Self::Busy(_) => Duration::from_secs(10),
+            _ => Duration::ZERO,
+        }
+    }
+
     fn code(&self) -> Option<ErrorCode> {
         match self {
             Self::Protocol(_) | Self::HelloTimeout(_) => Some(ErrorCode::PROTOCOL),
@@ -133,6 +167,7 @@ impl SessionError {
             Self::Storage(_) | Self::Stalled { .. } => Some(ErrorCode::STORAGE),
             Self::NotAuthorized(_) => Some(ErrorCode::NOT_AUTHORIZED),
             Self::Limit(_) => Some(ErrorCode::LIMIT),
+            Self::Busy(_) => Some(ErrorCode::BUSY),
             Self::Connection(_) | Self::Idle(_) => None,
         }
     }
@@ -155,22 +190,26 @@ pub(crate) async fn serve(
         let (read_half, write_half) = tokio::io::split(stream);
         let (outgoing, queue) = mpsc::channel(OUTGOING_QUEUE);
         let writer = tokio::spawn(write_frames(write_half, queue));
-        let mut reader = FrameReader {
-            half: read_half,
-            buf: FrameBuffer::new(),
-            meter: ctx.metrics.server(&identity.server_id),
+        let result = match ctx.budget.admit(&identity.agent_id) {
+            Ok(share) => {
+                // Until its session exists, a connection may send control frames only.
+                let mut reader = FrameReader {
+                    half: read_half,
+                    buf: FrameBuffer::with_max_payload(MAX_CONTROL_PAYLOAD),
+                    meter: ctx.metrics.server(&identity.server_id),
+                    share,
+                };
+                run(&ctx, &mut reader, &outgoing, &identity).await
+            }
+            Err(refusal) => Err(SessionError::Busy(refusal.to_string())),
         };
-        let result = run(&ctx, &mut reader, &outgoing, &identity).await;
         match &result {
             Ok(end) => tracing::info!("session ended: {end}"),
             Err(err) => {
                 tracing::warn!(error = %error_chain(err), "closing session");
-                if let Some(code) = err.code() {
-                    ctx.metrics.session_error(code.name());
-                    let message = format!("{err}");
-                    let _ = outgoing
-                        .send(Frame::Error(ErrorFrame { code, message }))
-                        .await;
+                if let Some(frame) = err.frame() {
+                    ctx.metrics.session_error(frame.code.name());
+                    let _ = outgoing.send(Frame::Error(frame)).await;
                 }
             }
         }
@@ -181,8 +220,20 @@ pub(crate) async fn serve(
     .await;
 }
 
+/// Tells an agent whose connection cannot be served now to come back later, and closes.
+pub(crate) async fn refuse_busy(mut stream: TlsStream<TcpStream>, why: &str) {
+    let error = SessionError::Busy(why.to_owned());
+    if let Some(frame) = error.frame() {
+        let _ = tokio::time::timeout(SEND_TIMEOUT, async {
+            stream.write_all(&Frame::Error(frame).to_bytes()).await?;
+            stream.shutdown().await
+        })
+        .await;
+    }
+}
+
 async fn first_frame(reader: &mut FrameReader) -> Result<Option<Frame>, SessionError> {
-    match tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await {
+    match tokio::time::timeout(HELLO_TIMEOUT, reader.first()).await {
         Err(_) => Err(SessionError::HelloTimeout(HELLO_TIMEOUT)),
         Ok(frame) => frame,
     }
@@ -336,13 +387,13 @@ impl Session {
     /// Ends the session for good: the agent was revoked. It hears why, and gives up.
     pub(crate) async fn revoke(&self) {
         tracing::warn!(agent = %self.identity.agent_id, "agent revoked: closing its session");
-        self.broadcast(Frame::Error(ErrorFrame {
-            code: ErrorCode::NOT_AUTHORIZED,
-            message: format!(
+        self.broadcast(Frame::Error(ErrorFrame::new(
+            ErrorCode::NOT_AUTHORIZED,
+            format!(
                 "agent {} has been revoked by an operator; enroll again to replicate",
                 self.identity.agent_id
             ),
-        }))
+        )))
         .await;
         self.end.cancel();
     }
@@ -366,7 +417,15 @@ impl Session {
         self.end.cancel();
     }
 
-    /// Sends Durable for `epoch` on every stream that is still up.
+    /// Sends `frame` on every stream but the first.
+    async fn broadcast_joined(&self, frame: Frame) {
+        let senders: Vec<_> = lock(&self.outgoing).iter().skip(1).cloned().collect();
+        for sender in senders {
+            let _ = tokio::time::timeout(SEND_TIMEOUT, sender.send(frame.clone())).await;
+        }
+    }
+
+    /// Sends `frame` (Durable, settings, an error) on every stream that is still up.
     async fn broadcast(&self, frame: Frame) {
         let senders: Vec<_> = lock(&self.outgoing).clone();
         for sender in senders {
@@ -384,7 +443,9 @@ async fn run_primary(
     identity: &AgentIdentity,
     hello: Hello,
 ) -> Result<&'static str, SessionError> {
-    validate_hello(&hello)?;
+    validate_hello(&hello, ctx.settings.max_disk_size)?;
+    let hello = printable_hello(hello);
+    reader.enter_session()?;
     tracing::info!(
         host = %hello.inventory.host_name,
         agent_version = %hello.agent_version,
@@ -409,7 +470,12 @@ async fn run_primary(
     })
     .await
     .map_err(|e| SessionError::Storage(e.to_string()))?
-    .map_err(|e| SessionError::Storage(error_chain(&e)))?;
+    .map_err(|e| match e {
+        e @ crate::catalog::RegisterError::TooManyDisks { .. } => {
+            SessionError::Limit(e.to_string())
+        }
+        e => SessionError::Storage(error_chain(&e)),
+    })?;
     let started = match previous_agent {
         None => Some("first_contact"),
         Some(previous) if previous != identity.agent_id => Some("agent_reinstalled"),
@@ -434,10 +500,29 @@ async fn run_primary(
     }
 
     let mut disks = Vec::with_capacity(records.len());
+    let (mut stamped, mut found, mut missing) = (Vec::new(), Vec::new(), Vec::new());
     for record in &records {
-        let store = open_store(ctx, &identity.server_id, record).map_err(|e| {
+        let store = match open_store(ctx, &identity.server_id, record).map_err(|e| {
             SessionError::Storage(format!("disk {}: {}", record.name, error_chain(&*e)))
-        })?;
+        })? {
+            OpenedStore::Ready(store, stamp) => {
+                match stamp {
+                    Some(stamp) => stamped.push((record.name.clone(), stamp)),
+                    None if record.stall == crate::catalog::STAGING_MISSING => {
+                        found.push(record.name.clone());
+                    }
+                    None => {}
+                }
+                store
+            }
+            OpenedStore::Missing(why) => {
+                missing.push((
+                    record.name.clone(),
+                    format!("{} {why}", record.image.display()),
+                ));
+                continue;
+            }
+        };
         let disk = StagingDisk::new(
             record.name.clone(),
             store,
@@ -447,6 +532,17 @@ async fn run_primary(
             disk.start_rescan(record.rescanned_bytes, record.resent_bytes);
         }
         disks.push(Arc::new(disk));
+    }
+    if let Some(refusal) = refuse_missing_images(ctx, &identity.server_id, missing).await {
+        return Err(refusal);
+    }
+    if !stamped.is_empty() || !found.is_empty() {
+        let catalog = Arc::clone(&ctx.catalog);
+        let server = identity.server_id.clone();
+        tokio::task::spawn_blocking(move || catalog.record_images(&server, &stamped, &found))
+            .await
+            .map_err(|e| SessionError::Storage(e.to_string()))?
+            .map_err(|e| SessionError::Storage(error_chain(&e)))?;
     }
     let streams = hello
         .streams
@@ -614,12 +710,20 @@ async fn run_primary(
             let _ = outgoing.try_send(Frame::Error(ErrorFrame {
                 code: ErrorCode::SHUTTING_DOWN,
                 message: "the receiver is shutting down; reconnect later".into(),
+                retry_after_ms: 2_000,
             }));
         }
         Ok(End::Replaced) => {
             let _ = outgoing.try_send(Frame::Goodbye(Goodbye {
                 message: "replaced by a newer session of the same server".into(),
             }));
+        }
+        // The other streams hear why too (this one hears it from `serve`): the agent
+        // must not mistake their closing for a network failure and miss the retry hint.
+        Err(err) => {
+            if let Some(frame) = err.frame() {
+                session.broadcast_joined(Frame::Error(frame)).await;
+            }
         }
         _ => {}
     }
@@ -705,6 +809,10 @@ async fn run_joined(
         lock(&session.outgoing).push(outgoing.clone());
     }
     let _tracked = session.joined_streams.token();
+    if let Err(err) = reader.enter_session() {
+        session.end.cancel();
+        return Err(err);
+    }
     tracing::info!(stream = index, "stream joined");
     let result = stream_frames(ctx, reader, &session, index, outgoing).await;
     session.end.cancel();
@@ -863,11 +971,11 @@ async fn stream_frames(
                 *lock(&session.last_heartbeat) = Some(hb);
             }
             Some(Frame::Goodbye(bye)) => {
-                tracing::info!(message = %bye.message, "agent said goodbye");
+                tracing::info!(message = %blockferry_util::text::printable(&bye.message), "agent said goodbye");
                 return Ok(End::Goodbye);
             }
             Some(Frame::Error(err)) => {
-                tracing::warn!(code = %err.code, message = %err.message, "agent reported an error");
+                tracing::warn!(code = %err.code, message = %blockferry_util::text::printable(&err.message), "agent reported an error");
                 return Ok(End::AgentError);
             }
             Some(Frame::Unknown { kind, .. }) => {
@@ -917,7 +1025,7 @@ impl End {
     }
 }
 
-fn validate_hello(hello: &Hello) -> Result<(), SessionError> {
+fn validate_hello(hello: &Hello, max_disk_size: u64) -> Result<(), SessionError> {
     if hello.disks.is_empty() {
         return Err(SessionError::Protocol(
             "Hello lists no disks to replicate".into(),
@@ -939,8 +1047,34 @@ fn validate_hello(hello: &Hello) -> Result<(), SessionError> {
                 disk.name
             )));
         }
+        if disk.size > max_disk_size {
+            return Err(SessionError::Limit(format!(
+                "disk {} has {} bytes, more than this receiver's --max-disk-size of {} bytes",
+                disk.name, disk.size, max_disk_size
+            )));
+        }
     }
     Ok(())
+}
+
+/// `hello` with every string the agent chose escaped for terminals and logs (disk names
+/// were validated already): an inventory is the agent's word, printed by `status` and in
+/// the log lines of every session.
+fn printable_hello(mut hello: Hello) -> Hello {
+    fn clean(text: &mut String) {
+        if let std::borrow::Cow::Owned(escaped) = blockferry_util::text::printable(text) {
+            *text = escaped;
+        }
+    }
+    let inventory = &mut hello.inventory;
+    clean(&mut hello.agent_version);
+    clean(&mut inventory.host_name);
+    clean(&mut inventory.host_id);
+    clean(&mut inventory.os);
+    inventory.cpus.iter_mut().for_each(|c| clean(&mut c.model));
+    inventory.disks.iter_mut().for_each(|d| clean(&mut d.name));
+    inventory.private_ips.iter_mut().for_each(clean);
+    hello
 }
 
 /// Flags this receiver knows how to apply.
@@ -1092,6 +1226,10 @@ async fn barrier_worker(
     while let Some(sealed) = queue.recv().await {
         let started = std::time::Instant::now();
         if let Err(err) = make_durable(&session, &catalog, &registry, &sealed).await {
+            // Every stream hears why before any of them closes.
+            if let Some(frame) = err.frame() {
+                session.broadcast(Frame::Error(frame)).await;
+            }
             session.end.cancel();
             return Err(err);
         }
@@ -1203,7 +1341,7 @@ async fn stall(
         failure.disk.clone(),
     );
     let recorded =
-        tokio::task::spawn_blocking(move || catalog.mark_stalled(&server, &disk, reason)).await;
+        tokio::task::spawn_blocking(move || catalog.mark_stalled(&server, &disk, reason, "")).await;
     if !matches!(recorded, Ok(Ok(()))) {
         tracing::warn!(disk = %failure.disk, "could not record the stall in the catalog");
     }
@@ -1217,61 +1355,144 @@ async fn stall(
     }
 }
 
+enum OpenedStore {
+    /// The store, and the image identity the catalog must record, if any.
+    Ready(BlockStore, Option<crate::catalog::ImageId>),
+    /// The image is not one the catalog can vouch for: why.
+    Missing(String),
+}
+
 fn open_store(
     ctx: &SessionContext,
     server_id: &str,
     record: &crate::catalog::DiskRecord,
-) -> Result<BlockStore, Box<dyn std::error::Error + Send + Sync>> {
-    let (image, size, engine) = (&record.image, record.size, ctx.engine.clone());
-    if let Some(dir) = image.parent() {
-        blockferry_storage::durable::create_dir_durable(dir, 0o700)?;
+) -> Result<OpenedStore, Box<dyn std::error::Error + Send + Sync>> {
+    if let Some(dir) = record.image.parent() {
+        blockferry_util::durable::ensure_private_dir(dir, "staging images")?;
     }
-    match &ctx.ebs {
-        Some(ebs) => ebs.open_store(server_id, &record.name, image, size, engine),
-        None => Ok(BlockStore::File(FileStore::open_or_create(
-            image, size, engine,
-        )?)),
+    let (store, stamp) = match crate::staging::open(server_id, record, ctx.engine.clone())? {
+        crate::staging::Opened::Ready { store, stamp } => (store, stamp),
+        crate::staging::Opened::Missing { why } => return Ok(OpenedStore::Missing(why)),
+    };
+    let store = match &ctx.ebs {
+        Some(ebs) => ebs.open_store(server_id, &record.name, store, &record.image, record.size)?,
+        None => BlockStore::File(store),
+    };
+    Ok(OpenedStore::Ready(store, stamp))
+}
+
+/// With any of a server's images missing, its session cannot start: each such disk is
+/// recorded STALLED (`staging_missing`, naming the image), and the agent is told to come
+/// back later. It keeps its changes meanwhile.
+async fn refuse_missing_images(
+    ctx: &SessionContext,
+    server_id: &str,
+    missing: Vec<(String, String)>,
+) -> Option<SessionError> {
+    let (first, detail) = missing.first().cloned()?;
+    for (disk, detail) in &missing {
+        tracing::error!(disk = %disk, "the staging image {detail}; the disk is STALLED until the image is back, or an operator runs `blockferry-receiver disk adopt` (keep this file, rescan it) or `disk reset` (sync again) for it");
     }
+    let catalog = Arc::clone(&ctx.catalog);
+    let server = server_id.to_owned();
+    let recorded = tokio::task::spawn_blocking(move || {
+        missing.iter().try_for_each(|(disk, detail)| {
+            catalog.mark_stalled(&server, disk, crate::catalog::STAGING_MISSING, detail)
+        })
+    })
+    .await;
+    if !matches!(recorded, Ok(Ok(()))) {
+        tracing::warn!("could not record the staging_missing stall in the catalog");
+    }
+    Some(SessionError::Stalled {
+        disk: first,
+        reason: crate::catalog::STAGING_MISSING,
+        message: format!(
+            "the staging image {detail}; an operator must bring it back, or run `blockferry-receiver disk adopt` or `disk reset`"
+        ),
+    })
 }
 
 struct FrameReader {
     half: ReadHalf<TlsStream<TcpStream>>,
     buf: FrameBuffer,
     meter: crate::metrics::ServerMeter,
+    /// This connection's share of the receive-buffer budget.
+    share: crate::budget::Share,
 }
 
 impl FrameReader {
+    /// The first frame: Hello or JoinStream. Any other kind is refused as soon as its
+    /// header has arrived, without waiting for (or holding) its payload.
+    async fn first(&mut self) -> Result<Option<Frame>, SessionError> {
+        loop {
+            match self.buf.pending_kind() {
+                Some(FrameKind::HELLO | FrameKind::JOIN_STREAM) | None => {}
+                Some(kind) => {
+                    return Err(SessionError::Protocol(format!(
+                        "expected Hello or JoinStream, got {kind}"
+                    )));
+                }
+            }
+            if let Some(frame) = self.decoded()? {
+                return Ok(Some(frame));
+            }
+            if !self.fill().await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// The connection is part of a session now: it may send writes.
+    fn enter_session(&mut self) -> Result<(), SessionError> {
+        self.share
+            .enter_session(&mut self.buf)
+            .map_err(|refusal| SessionError::Busy(refusal.to_string()))
+    }
+
     /// The next frame, or `None` at a clean end of stream.
     async fn next(&mut self) -> Result<Option<Frame>, SessionError> {
         loop {
-            if let Some(frame) = self.buf.next_frame().map_err(|e| match e {
-                blockferry_proto::DecodeError::FieldTooLong {
-                    kind: FrameKind::HELLO,
-                    field: "disks",
-                    len,
-                    max,
-                } => SessionError::Limit(format!(
-                    "a source server replicates at most {max} disks; this agent offered {len}: name at most {max} with --disk"
-                )),
-                e => SessionError::Protocol(e.to_string()),
-            })?
-            {
+            if let Some(frame) = self.decoded()? {
                 return Ok(Some(frame));
             }
-            let n = self.half.read(self.buf.spare()).await?;
-            self.meter.received.inc_by(n as u64);
-            self.meter.rate.add(n as u64);
-            if n == 0 {
-                if self.buf.buffered() > 0 {
-                    return Err(SessionError::Protocol(format!(
-                        "connection closed inside a frame ({} bytes pending)",
-                        self.buf.buffered()
-                    )));
-                }
+            if !self.fill().await? {
                 return Ok(None);
             }
-            self.buf.filled(n);
         }
+    }
+
+    /// A whole frame already received, if there is one.
+    fn decoded(&mut self) -> Result<Option<Frame>, SessionError> {
+        self.buf.next_frame().map_err(|e| match e {
+            blockferry_proto::DecodeError::FieldTooLong {
+                kind: FrameKind::HELLO,
+                field: "disks",
+                len,
+                max,
+            } => SessionError::Limit(format!(
+                "a source server replicates at most {max} disks; this agent offered {len}: name at most {max} with --disk"
+            )),
+            e => SessionError::Protocol(e.to_string()),
+        })
+    }
+
+    /// Reads more; false at a clean end of stream.
+    async fn fill(&mut self) -> Result<bool, SessionError> {
+        let n = self.half.read(self.buf.spare()).await?;
+        self.meter.received.inc_by(n as u64);
+        self.meter.rate.add(n as u64);
+        if n == 0 {
+            if self.buf.buffered() > 0 {
+                return Err(SessionError::Protocol(format!(
+                    "connection closed inside a frame ({} bytes pending)",
+                    self.buf.buffered()
+                )));
+            }
+            return Ok(false);
+        }
+        self.buf.filled(n);
+        Ok(true)
     }
 }
 

@@ -22,7 +22,7 @@ use blockferry_storage::ebs::aws::{AwsEbs, AwsSettings};
 use blockferry_storage::ebs::chain::{ChainSettings, Cut, SnapshotChain, SnapshotLabel};
 use blockferry_storage::ebs::fake::FakeEbs;
 use blockferry_storage::ebs::{AnyEbs, RetryPolicy};
-use blockferry_storage::{BlockStore, Engine, FileStore};
+use blockferry_storage::{BlockStore, FileStore};
 
 use crate::apply::{ApplyPipeline, StagingDisk};
 use crate::catalog::{Catalog, RecoveryPointRecord, SnapshotRecord, now_ms};
@@ -132,11 +132,10 @@ impl EbsStaging {
         &self,
         server_id: &str,
         disk: &str,
+        base: FileStore,
         image: &Path,
         size: u64,
-        engine: Engine,
     ) -> Result<BlockStore, Box<dyn std::error::Error + Send + Sync>> {
-        let base = FileStore::open_or_create(image, size, engine)?;
         let key = (server_id.to_owned(), disk.to_owned());
         let mut chains = lock(&self.chains);
         let chain = match chains.get(&key) {
@@ -386,7 +385,7 @@ async fn upload_point(
             );
             return Ok(());
         }
-        Ok(Err(err)) => crate::session::error_chain(&err),
+        Ok(Err(err)) => blockferry_util::error_chain(&err),
         Err(err) => err.to_string(),
     };
     tracing::error!(server = %server_id, epoch, error = %failure, "cannot record the recovery point");

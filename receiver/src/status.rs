@@ -116,6 +116,10 @@ pub struct DiskStatus {
     /// backend, or before the first point).
     #[serde(default)]
     pub snapshot_id: Option<String>,
+    /// What a staging stall is about, e.g. which image is missing and why (null when
+    /// the disk is not stalled by its staging storage).
+    #[serde(default)]
+    pub stall_detail: Option<String>,
 }
 
 impl StatusReport {
@@ -172,8 +176,13 @@ impl StatusReport {
                             queue_position,
                             beat.map(|b| b.state),
                         );
+                        // Nothing is verifiably replicated in an image the receiver cannot
+                        // vouch for; the watermark is kept for when it is back.
+                        let missing = d.stall == crate::catalog::STAGING_MISSING;
                         DiskStatus {
-                            replicated_bytes: d.sync_watermark,
+                            replicated_bytes: if missing { 0 } else { d.sync_watermark },
+                            stall_detail: (!d.stall_detail.is_empty())
+                                .then(|| d.stall_detail.clone()),
                             sync_watermark: d.sync_watermark,
                             image: d.image.display().to_string(),
                             backlog_bytes: beat.map(|b| b.backlog_bytes),
@@ -263,11 +272,14 @@ impl StatusReport {
             return "no source servers have connected yet\n".to_owned();
         }
         let mut out = String::new();
+        // Hosts report the inventory: it is escaped at ingest, and again here for records
+        // an older receiver stored.
+        let shown = |text: &str| blockferry_util::text::printable(text).into_owned();
         for s in &self.servers {
             let host = if s.inventory.host_name.is_empty() {
-                "-"
+                "-".to_owned()
             } else {
-                &s.inventory.host_name
+                shown(&s.inventory.host_name)
             };
             let lag = s.lag_seconds.map_or("-".to_owned(), |l| format!("{l:.1}s"));
             let rate = s
@@ -318,7 +330,7 @@ impl StatusReport {
                 );
             }
             if let Some(error) = &s.recovery_point_error {
-                let _ = writeln!(out, "  recovery point FAILED: {error}");
+                let _ = writeln!(out, "  recovery point FAILED: {}", shown(error));
             }
             if let Some(latest) = s.recovery_points.last() {
                 let _ = writeln!(

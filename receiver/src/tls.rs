@@ -104,10 +104,18 @@ pub enum RefusalReason {
     HandshakeTimeout,
     /// The client went away or the handshake failed otherwise.
     HandshakeFailed,
+    /// The client did not start its handshake (no ClientHello) in time.
+    ClientHelloTimeout,
+    /// The listener held as many unauthenticated connections as it may.
+    TooManyConnections,
+    /// The client's address held as many connections as one address may.
+    TooManyFromAddress,
+    /// Authenticated, but the receiver serves as many streams as it may right now.
+    Busy,
 }
 
 impl RefusalReason {
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 14] = [
         Self::NotTls,
         Self::ProtocolVersion,
         Self::NoClientCertificate,
@@ -118,6 +126,10 @@ impl RefusalReason {
         Self::NoIdentity,
         Self::HandshakeTimeout,
         Self::HandshakeFailed,
+        Self::ClientHelloTimeout,
+        Self::TooManyConnections,
+        Self::TooManyFromAddress,
+        Self::Busy,
     ];
 
     pub fn code(self) -> &'static str {
@@ -132,6 +144,10 @@ impl RefusalReason {
             Self::NoIdentity => "no_identity",
             Self::HandshakeTimeout => "handshake_timeout",
             Self::HandshakeFailed => "handshake_failed",
+            Self::ClientHelloTimeout => "client_hello_timeout",
+            Self::TooManyConnections => "too_many_connections",
+            Self::TooManyFromAddress => "too_many_from_address",
+            Self::Busy => "busy",
         }
     }
 

@@ -48,7 +48,7 @@ fn token(receiver: &Receiver, data: &Path, extra: &[&str]) -> String {
 
 fn refused(result: Result<impl std::fmt::Debug, EnrollError>) -> String {
     match result {
-        Err(err) => blockferry_storage::error_chain(&err),
+        Err(err) => blockferry_util::error_chain(&err),
         Ok(ok) => panic!("expected a refusal, got {ok:?}"),
     }
 }
@@ -233,7 +233,7 @@ async fn bad_tokens_and_bad_requests_are_refused_clearly() {
             );
         }
         Err(err) => {
-            let err = blockferry_storage::error_chain(&err);
+            let err = blockferry_util::error_chain(&err);
             assert!(err.contains("certificate signing request"), "{err}");
         }
     }
@@ -245,12 +245,14 @@ async fn enrolling_again_revokes_the_previous_agent_and_the_disks_rescan() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("receiver");
     let receiver = start(&data).await;
-    let tokens = token(&receiver, &data, &["--uses", "2"]);
+    let first_token = token(&receiver, &data, &["--server", "db-07"]);
     let (source, _) = image(dir.path(), "src.img", 8 << 20, 0.5, 1 << 20, 42);
     let volumes = vec![volume("disk0", &source)];
 
     let first_dir = dir.path().join("first");
-    let first = enroll(&tokens, None, "db-07", &first_dir).await.unwrap();
+    let first = enroll(&first_token, None, "db-07", &first_dir)
+        .await
+        .unwrap();
     let creds = blockferry_agent::Credentials::load(&first_dir).unwrap();
     sync(
         &agent_config(&first.receiver, creds.clone()),
@@ -259,9 +261,12 @@ async fn enrolling_again_revokes_the_previous_agent_and_the_disks_rescan() {
     )
     .await;
 
-    // The reinstall: same server, new key and agent id.
+    // The reinstall, an operator's explicit choice: same server, new key and agent id.
+    let reinstall = token(&receiver, &data, &["--server", "db-07", "--reinstall"]);
     let second_dir = dir.path().join("second");
-    let second = enroll(&tokens, None, "db-07", &second_dir).await.unwrap();
+    let second = enroll(&reinstall, None, "db-07", &second_dir)
+        .await
+        .unwrap();
     assert_ne!(second.agent_id, first.agent_id);
     assert_eq!(second.server_id, "db-07");
 
@@ -544,4 +549,155 @@ async fn replication_continues_across_two_renewals_without_a_rescan() {
     stop.cancel();
     task.await.unwrap();
     receiver.shutdown().await;
+}
+
+/// The audit's C1: a token named no server, so its holder enrolled as an existing server
+/// id, which revoked the real agent and gave write access to that server's staging
+/// images. Now a token creates only a server id nobody holds, or re-enrolls the one
+/// server an operator made it for; every refusal is logged and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_cannot_take_over_an_existing_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let receiver = start(&data).await;
+    let (source, _) = image(dir.path(), "src.img", 4 << 20, 1.0, 1 << 20, 44);
+    let volumes = vec![volume("d0", &source)];
+    let victim_dir = dir.path().join("victim");
+    let victim = enroll(&token(&receiver, &data, &[]), None, "srvA", &victim_dir)
+        .await
+        .unwrap();
+    let victim_creds = blockferry_agent::Credentials::load(&victim_dir).unwrap();
+    sync(
+        &agent_config(&victim.receiver, victim_creds.clone()),
+        &volumes,
+        Duration::from_secs(60),
+    )
+    .await;
+
+    // Any token but a reinstall token made for srvA is refused for srvA.
+    let attacker = dir.path().join("attacker");
+    let err = refused(enroll(&token(&receiver, &data, &[]), None, "srvA", &attacker).await);
+    assert!(
+        err.contains("already enrolled") && err.contains("--reinstall"),
+        "{err}"
+    );
+    let err = refused(
+        enroll(
+            &token(&receiver, &data, &["--server", "web-07"]),
+            None,
+            "srvA",
+            &attacker,
+        )
+        .await,
+    );
+    assert!(err.contains("for server web-07 only"), "{err}");
+    // The operator cannot make such a token by mistake either.
+    let out = cli(
+        &data,
+        &[
+            "token",
+            "create",
+            "--address",
+            "127.0.0.1:1",
+            "--server",
+            "srvA",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("already enrolled"),
+        "{stderr}"
+    );
+    let out = cli(
+        &data,
+        &[
+            "token",
+            "create",
+            "--address",
+            "127.0.0.1:1",
+            "--server",
+            "nosuch",
+            "--reinstall",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("does not know"),
+        "{stderr}"
+    );
+
+    // A server id is taken from its enrollment on, before it ever connects.
+    enroll(
+        &token(&receiver, &data, &[]),
+        None,
+        "fresh-1",
+        &dir.path().join("fresh"),
+    )
+    .await
+    .unwrap();
+    let err = refused(enroll(&token(&receiver, &data, &[]), None, "fresh-1", &attacker).await);
+    assert!(err.contains("already enrolled"), "{err}");
+
+    // The victim was not revoked, and its image is as it left it.
+    sync(
+        &agent_config(&victim.receiver, victim_creds),
+        &volumes,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_identical(&source, &staging_image(&data, "srvA", "d0"));
+    let status = receiver.status().unwrap();
+    let server = status
+        .servers
+        .iter()
+        .find(|s| s.server_id == "srvA")
+        .unwrap();
+    assert_eq!(server.agent_id, victim.agent_id);
+
+    let metrics = receiver.render_metrics();
+    let count = |reason: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("blockferry_enrollment_refusals_total")
+                    && l.contains(&format!("reason=\"{reason}\""))
+            })
+            .and_then(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(count("server_exists"), 2.0, "{metrics}");
+    assert_eq!(count("wrong_server"), 1.0, "{metrics}");
+    receiver.shutdown().await;
+}
+
+/// The audit's C8: an empty (or whitespace-only) `admin.token` — a template that rendered
+/// no secret, a truncated restore — made the operator endpoints answer anyone. Such a
+/// token, or one readable by others, now stops the receiver at start, naming the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_or_exposed_admin_token_stops_the_receiver() {
+    use std::os::unix::fs::PermissionsExt;
+    for (contents, mode, why) in [
+        ("", 0o600, "fewer than the 64"),
+        ("  \n", 0o600, "fewer than the 64"),
+        ("short-secret", 0o600, "fewer than the 64"),
+        (&"a".repeat(64)[..], 0o644, "chmod 600"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("receiver");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let path = data.join("admin.token");
+        std::fs::write(&path, contents).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        let mut config: ReceiverConfig = receiver_config(&data);
+        config.control = Some("127.0.0.1:0".parse().unwrap());
+        let err = match Receiver::start(config).await {
+            Ok(receiver) => {
+                receiver.shutdown().await;
+                panic!("started with admin.token {contents:?} (mode {mode:o})");
+            }
+            Err(err) => blockferry_util::error_chain(&err),
+        };
+        assert!(err.contains("admin.token") && err.contains(why), "{err}");
+    }
 }

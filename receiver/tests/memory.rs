@@ -61,11 +61,7 @@ async fn two_gib_through_the_tap_under_a_slow_link_stays_within_the_buffer() {
     let (source, _) = image(dir.path(), "src.img", size, 0.0, 1 << 20, 31);
     let throttled = Arc::new(AtomicBool::new(false));
     let proxy = throttling_proxy(receiver.local_addr(), 20 << 20, Arc::clone(&throttled)).await;
-    let nbd_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let nbd_socket = dir.path().join("nbd.sock");
 
     let agent_bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_blockferry-receiver"))
         .with_file_name("blockferry-agent");
@@ -88,7 +84,7 @@ async fn two_gib_through_the_tap_under_a_slow_link_stays_within_the_buffer() {
         .arg("--disk")
         .arg(format!("disk0={}", source.display()))
         .arg("--nbd-listen")
-        .arg(format!("127.0.0.1:{nbd_port}"))
+        .arg(format!("unix:{}", nbd_socket.display()))
         .envs(std::env::vars().filter(|(k, _)| k.starts_with("MALLOC_")))
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -124,7 +120,7 @@ async fn two_gib_through_the_tap_under_a_slow_link_stays_within_the_buffer() {
             )
         })
         .collect();
-    let url = format!("nbd://127.0.0.1:{nbd_port}/disk0");
+    let url = format!("nbd+unix:///disk0?socket={}", nbd_socket.display());
     let writer = tokio::task::spawn_blocking(move || {
         let mut cmd = Command::new("qemu-io");
         cmd.args(["-f", "raw"]);

@@ -71,6 +71,10 @@ async fn qemu_io_through_the_tap_during_and_after_the_initial_sync() {
     let stop = CancellationToken::new();
     let (addr, _tap) = nbd::serve(
         &NbdListen::Tcp("127.0.0.1:0".into()),
+        &nbd::NbdAccess {
+            insecure_tcp: true,
+            ..Default::default()
+        },
         agent.capture().clone(),
         SyncMode::Sync,
         stop.clone(),
@@ -203,6 +207,10 @@ async fn bad_nbd_input_gets_error_replies_not_a_crash() {
     let stop = CancellationToken::new();
     let (addr, _tap) = nbd::serve(
         &NbdListen::Tcp("127.0.0.1:0".into()),
+        &nbd::NbdAccess {
+            insecure_tcp: true,
+            ..Default::default()
+        },
         agent.capture().clone(),
         SyncMode::Async,
         stop.clone(),
@@ -339,6 +347,10 @@ async fn sync_mode_flush_waits_for_the_receiver() {
     for mode in [SyncMode::Sync, SyncMode::Async] {
         let (addr, _) = nbd::serve(
             &NbdListen::Tcp("127.0.0.1:0".into()),
+            &nbd::NbdAccess {
+                insecure_tcp: true,
+                ..Default::default()
+            },
             agent.capture().clone(),
             mode,
             stop.clone(),
@@ -384,4 +396,126 @@ async fn sync_mode_flush_waits_for_the_receiver() {
     stop.cancel();
     run.await.unwrap();
     receiver.shutdown().await;
+}
+
+/// The audit's C10: with the tap on loopback TCP, as the README once recommended, the
+/// `nobody` user read a root-only volume through qemu-io and wrote blocks into it that
+/// were then replicated. TCP now needs an explicit `--nbd-insecure-tcp`, and the Unix
+/// socket admits only the agent's own user and root, by its mode and by `SO_PEERCRED`.
+#[test]
+fn other_local_users_cannot_read_or_write_the_volumes_through_the_tap() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to play another local user (setpriv)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Others may pass through the directory, as through /run; the volume is root's only.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let secret = dir.path().join("secret.img");
+    let mut content = b"root-only secret: hunter2\n".to_vec();
+    content.resize(1 << 20, 0);
+    std::fs::write(&secret, &content).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let data = dir.path().join("receiver");
+    let creds = dir.path().join("creds");
+    credentials(&data, SERVER, &creds);
+    let agent_bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_blockferry-receiver"))
+        .with_file_name("blockferry-agent");
+    let agent = |listen: &str, log: &std::path::Path| {
+        Command::new(&agent_bin)
+            .args(["run", "--progress", "log", "--receiver"])
+            .arg(format!("127.0.0.1:{}", free_port()))
+            .arg("--credentials")
+            .arg(&creds)
+            .arg("--disk")
+            .arg(format!("sec={}", secret.display()))
+            .args(["--nbd-listen", listen])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap()
+    };
+
+    // TCP without the explicit flag: the agent refuses to start, and says why.
+    let log = dir.path().join("tcp.log");
+    let mut tcp = agent(&format!("127.0.0.1:{}", free_port()), &log);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = tcp.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = tcp.kill();
+            let _ = tcp.wait();
+            panic!("the agent served the NBD tap on TCP without --nbd-insecure-tcp");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{text}");
+    assert!(text.contains("--nbd-insecure-tcp"), "{text}");
+
+    // The Unix socket: 0600, owned by the agent's user.
+    let socket = dir.path().join("nbd.sock");
+    let log = dir.path().join("unix.log");
+    let mut unix = agent(&format!("unix:{}", socket.display()), &log);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tap did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mode = std::fs::symlink_metadata(&socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let url = format!("nbd+unix:///sec?socket={}", socket.display());
+    let qemu_io_as = |user: Option<u32>, command: &str| {
+        let mut cmd = match user {
+            Some(uid) => {
+                let mut cmd = Command::new("setpriv");
+                cmd.arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={uid}"))
+                    .args(["--clear-groups", "qemu-io"]);
+                cmd
+            }
+            None => Command::new("qemu-io"),
+        };
+        let out = cmd
+            .args(["-f", "raw", "-c", command, &url])
+            .output()
+            .expect("setpriv (util-linux) and qemu-io (qemu-utils) are needed");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let nobody = Some(65534);
+    let read = qemu_io_as(nobody, "read -v 0 32");
+    assert!(!read.contains("hunter2"), "nobody read the volume:\n{read}");
+    // Even if someone loosens the socket's mode, the agent checks who connected.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let read = qemu_io_as(nobody, "read -v 0 32");
+    assert!(!read.contains("hunter2"), "nobody read the volume:\n{read}");
+    let write = qemu_io_as(nobody, "write -P 0x41 0 512");
+    assert!(!write.contains("wrote 512/512"), "nobody wrote:\n{write}");
+    assert_eq!(
+        std::fs::read(&secret).unwrap(),
+        content,
+        "the volume changed"
+    );
+    // Root, the agent's own user, is served.
+    let read = qemu_io_as(None, "read -v 0 32");
+    assert!(read.contains("hunter2"), "root was refused:\n{read}");
+    let _ = unix.kill();
+    let _ = unix.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("refused a client"), "{text}");
 }

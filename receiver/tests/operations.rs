@@ -742,6 +742,62 @@ async fn a_full_staging_file_system_stalls_the_disk_loses_nothing_and_resumes() 
     receiver.shutdown().await;
 }
 
+/// The audit's C11: with staging full, every session was let in (Welcome), failed its
+/// first write, and the agent, whose backoff started over after every Welcome,
+/// reconnected twice a second, resending everything unacknowledged: 45 sessions and 755
+/// MB on the wire in 25 s for a 16 MiB disk. Now the receiver says when to come back, and
+/// only progress (a durable ack) starts the agent's backoff over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_staging_disk_does_not_draw_a_reconnect_storm() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let Some(_mount) = Mount::tmpfs(&data.join("images"), "6m") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root and mount rights)");
+        return;
+    };
+    let receiver = Receiver::start(ops_config(&data)).await.unwrap();
+    let creds = credentials(&data, "srvH", &dir.path().join("creds"));
+    let size = 16u64 << 20;
+    let (source, _) = image(dir.path(), "src.img", size, 1.0, 1 << 20, 12);
+    let volumes = vec![volume("h0", &source)];
+    let mut config = agent_config(receiver.local_addr(), creds);
+    // The binary's defaults, not the tests' quick ones.
+    config.initial_backoff = Duration::from_millis(500);
+    config.max_backoff = Duration::from_secs(30);
+    let agent = Agent::new(&volumes);
+    let stats = std::sync::Arc::clone(agent.stats());
+    let run = {
+        let (config, volumes) = (config.clone(), volumes.clone());
+        tokio::spawn(async move { agent.run(&config, &volumes, CancellationToken::new()).await })
+    };
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let sessions = stats.sessions.load(std::sync::atomic::Ordering::Relaxed);
+    let sent = stats.wire_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        sessions <= 4,
+        "{sessions} sessions in 20 s against a full staging disk"
+    );
+    assert!(sent <= 4 * size, "{sent} bytes sent for a {size}-byte disk");
+    let status = receiver.status().unwrap();
+    assert_eq!(status.servers[0].disks[0].reason, "staging_full");
+
+    // Space returns: the disk syncs soon, without an operator.
+    let status = Command::new("mount")
+        .args(["-o", "remount,size=40m"])
+        .arg(data.join("images"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let report = tokio::time::timeout(Duration::from_secs(90), run)
+        .await
+        .expect("the agent synced once space returned")
+        .unwrap()
+        .unwrap();
+    assert!(report.sessions <= sessions + 2, "{report:?}");
+    assert_identical(&source, &staging_image(&data, "srvH", "h0"));
+    receiver.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_one_sync_slot_a_second_disk_waits_queued_then_syncs() {
     let dir = tempfile::tempdir().unwrap();

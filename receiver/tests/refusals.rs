@@ -258,7 +258,7 @@ async fn bad_peers_are_refused_without_disturbing_a_healthy_agent() {
         .connect(name(), TcpStream::connect(addr).await.unwrap())
         .await
         .unwrap();
-    let mut header = vec![b'B', b'F', 1, 4];
+    let mut header = vec![b'B', b'F', 1, blockferry_proto::FrameKind::HELLO.0];
     header.extend_from_slice(&u32::MAX.to_be_bytes());
     s.write_all(&header).await.unwrap();
     s.flush().await.unwrap();
@@ -268,6 +268,22 @@ async fn bad_peers_are_refused_without_disturbing_a_healthy_agent() {
         "{frames:?}"
     );
     wait_for_log("more than the limit").await;
+
+    // 6b. A first frame of another kind than Hello or JoinStream: refused at its header.
+    let mut s = connector
+        .connect(name(), TcpStream::connect(addr).await.unwrap())
+        .await
+        .unwrap();
+    let mut header = vec![b'B', b'F', 1, blockferry_proto::FrameKind::WRITE.0];
+    header.extend_from_slice(&(1u32 << 20).to_be_bytes());
+    s.write_all(&header).await.unwrap();
+    s.flush().await.unwrap();
+    let frames = frames_until_close(s).await;
+    assert!(
+        matches!(frames.last(), Some(Frame::Error(e)) if e.code == ErrorCode::PROTOCOL),
+        "{frames:?}"
+    );
+    wait_for_log("expected Hello or JoinStream").await;
 
     // 7. A write beyond the end of the disk, after a valid Hello.
     let mut s = connector

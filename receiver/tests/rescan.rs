@@ -183,8 +183,9 @@ async fn a_clean_stop_keeps_every_tap_write_and_restarts_without_a_rescan() {
     let proxy = throttling_proxy(receiver.local_addr(), 256 << 10, Arc::clone(&throttled)).await;
     let state = dir.path().join("state");
     let log = dir.path().join("agent.log");
-    let (proxy_addr, nbd_port) = (proxy.to_string(), free_port());
-    let nbd_addr = format!("127.0.0.1:{nbd_port}");
+    let proxy_addr = proxy.to_string();
+    let nbd_socket = dir.path().join("nbd.sock");
+    let nbd_addr = format!("unix:{}", nbd_socket.display());
     let disk_arg = format!("disk0={}", source.display());
     let common_args = [
         "--credentials",
@@ -230,7 +231,7 @@ async fn a_clean_stop_keeps_every_tap_write_and_restarts_without_a_rescan() {
         qemu.args(["-c", c]);
     }
     let out = qemu
-        .arg(format!("nbd://{nbd_addr}/disk0"))
+        .arg(format!("nbd+unix:///disk0?socket={}", nbd_socket.display()))
         .output()
         .expect("qemu-io is needed: apt-get install qemu-utils (.ci/run installs it)");
     assert!(
@@ -596,4 +597,148 @@ async fn malformed_checksum_queries_are_refused_with_a_clear_error() {
         "a fresh image reads as zeros"
     );
     receiver.shutdown().await;
+}
+
+/// The audit's C4: with its staging image deleted (or its volume not mounted at boot),
+/// the receiver made a new, empty image, kept the watermark, and the cleanly restarted
+/// agent resumed without a rescan: status said CONTINUOUS and 100 % over all zeros. Now
+/// an image that is missing, or not the file the catalog recorded, stalls the disk
+/// (`staging_missing`, naming the image) until it is back or an operator decides: `disk
+/// reset` (sync again) or `disk adopt` (keep this file, rescan it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_staging_image_stalls_the_disk_until_it_is_back_or_an_operator_decides() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let receiver = start_receiver(&data).await;
+    let creds = credentials(&data, SERVER, &dir.path().join("creds"));
+    let size = 8u64 << 20;
+    let (source, _) = image(dir.path(), "src.img", size, 1.0, 1 << 20, 26);
+    let volumes = vec![volume("disk0", &source)];
+    let mut config = agent_config(receiver.local_addr(), creds);
+    config.state_dir = Some(dir.path().join("state"));
+    let staged = staging_image(&data, SERVER, "disk0");
+    run_and_stop(&config, &volumes, &[]).await;
+    assert_identical(&source, &staged);
+
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_blockferry-receiver"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--server", SERVER, "--disk", "disk0"])
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+
+    // Gone, as when the images volume is not mounted: nothing is made in its place.
+    let elsewhere = dir.path().join("unmounted.img");
+    std::fs::rename(&staged, &elsewhere).unwrap();
+    stalled_by(&receiver, &config, &volumes, &staged, "does not exist").await;
+    assert!(
+        !staged.exists(),
+        "an empty image was made in place of the lost one"
+    );
+    // Back (the volume mounted): the disk goes on as before, with no rescan.
+    std::fs::rename(&elsewhere, &staged).unwrap();
+    run_until_synced(&config, &volumes).await;
+    let d = disk(&receiver, "disk0");
+    assert!(d.state != "STALLED" && d.stall_detail.is_none(), "{d:?}");
+    assert_identical(&source, &staged);
+
+    // A copy in its place (a restore): not the recorded file. Adopted, it is rescanned.
+    std::fs::copy(&staged, &elsewhere).unwrap();
+    std::fs::rename(&elsewhere, &staged).unwrap();
+    change_blocks(&staged, size, 8, 0x0dd);
+    stalled_by(
+        &receiver,
+        &config,
+        &volumes,
+        &staged,
+        "not the file the catalog recorded",
+    )
+    .await;
+    let (ok, text) = cli(&["disk", "adopt"]);
+    assert!(ok, "{text}");
+    run_until_synced(&config, &volumes).await;
+    let d = disk(&receiver, "disk0");
+    assert_eq!(d.last_rescan_reason.as_deref(), Some("staging_adopted"));
+    assert!(d.resent_bytes >= 8 * 4096, "{d:?}");
+    assert_identical(&source, &staged);
+
+    // Deleted for good: nothing to adopt; a reset syncs the disk again in full.
+    std::fs::remove_file(&staged).unwrap();
+    stalled_by(&receiver, &config, &volumes, &staged, "does not exist").await;
+    let (ok, text) = cli(&["disk", "adopt"]);
+    assert!(!ok && text.contains("disk reset"), "{text}");
+    let (ok, text) = cli(&["disk", "reset"]);
+    assert!(ok, "{text}");
+    let report = blockferry_agent::Agent::new(&volumes);
+    let mut full = config.clone();
+    full.exit_when_synced = true;
+    let done = tokio::time::timeout(
+        Duration::from_secs(120),
+        report.run(&full, &volumes, CancellationToken::new()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(done.payload_bytes >= size, "a reset disk is synced in full");
+    assert_identical(&source, &staged);
+    receiver.shutdown().await;
+}
+
+/// Runs the agent until disk0 is STALLED for a staging image the receiver cannot vouch
+/// for, and checks what status says of it.
+async fn stalled_by(
+    receiver: &Receiver,
+    config: &AgentConfig,
+    volumes: &[Volume],
+    staged: &Path,
+    expect: &str,
+) {
+    let mut config = config.clone();
+    config.exit_when_synced = false;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (stop, volumes) = (stop.clone(), volumes.to_vec());
+        async move { Agent::new(&volumes).run(&config, &volumes, stop).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let disk = loop {
+        if let Some(d) = find_disk(receiver, "disk0")
+            && d.state == "STALLED"
+            && d.reason == "staging_missing"
+        {
+            break d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not STALLED staging_missing: {:?}",
+            find_disk(receiver, "disk0")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let detail = disk.stall_detail.clone().unwrap_or_default();
+    assert!(
+        detail.contains(&staged.display().to_string()) && detail.contains(expect),
+        "{detail}"
+    );
+    assert_eq!(disk.replicated_bytes, 0, "nothing is vouched for: {disk:?}");
+    assert_eq!(
+        disk.sync_watermark, disk.size,
+        "the watermark is kept for its return"
+    );
+    let status = receiver.status().unwrap();
+    assert_eq!(
+        status.servers[0].stalled.as_deref(),
+        Some("staging_missing")
+    );
+    stop.cancel();
+    let _ = task.await;
 }

@@ -56,7 +56,7 @@ async fn a_revoked_agent_is_cut_off_at_once_and_refused_afterwards() {
         .expect("the revoked agent stops")
         .unwrap();
     match result {
-        Err(AgentError::Fatal(SessionError::Refused { code, message })) => {
+        Err(AgentError::Fatal(SessionError::Refused { code, message, .. })) => {
             assert_eq!(code, ErrorCode::NOT_AUTHORIZED);
             assert!(message.contains("revoked"), "{message}");
         }
@@ -71,7 +71,7 @@ async fn a_revoked_agent_is_cut_off_at_once_and_refused_afterwards() {
     .await
     .expect("the agent gives up")
     .unwrap_err();
-    let chain = blockferry_storage::error_chain(&err);
+    let chain = blockferry_util::error_chain(&err);
     assert!(chain.to_lowercase().contains("revoked"), "{chain}");
     assert!(receiver.refusals().get(RefusalReason::CertificateRevoked) >= 1);
     receiver.shutdown().await;
@@ -164,7 +164,7 @@ async fn an_expired_certificate_is_refused() {
     .await
     .expect("the agent gives up")
     .unwrap_err();
-    let chain = blockferry_storage::error_chain(&err);
+    let chain = blockferry_util::error_chain(&err);
     assert!(chain.to_lowercase().contains("expired"), "{chain}");
     assert_eq!(
         receiver.refusals().get(RefusalReason::CertificateExpired),

@@ -7,10 +7,10 @@ use std::os::unix::fs::FileExt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use crate::device::DeviceKind;
 use crate::error::StoreError;
 use crate::uring::UringPool;
 use crate::zero::{self, ZeroStep};
+use blockferry_util::device::DeviceKind;
 
 /// The `io_engine` setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -92,7 +92,7 @@ impl Engine {
                 Ok(pool) => EngineInner::Uring(pool),
                 Err(err) => {
                     tracing::warn!(
-                        error = %error_chain(&err),
+                        error = %blockferry_util::error_chain(&err),
                         "io_uring refused by the kernel or a seccomp filter; using the sync I/O engine (set io_engine = \"sync\" to silence this)"
                     );
                     EngineInner::Sync
@@ -129,18 +129,6 @@ impl Engine {
             EngineInner::Uring(pool) => pool.execute(file, op).await,
         }
     }
-}
-
-/// An error with all its causes on one line, for logs and error replies.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// An open staging file, as the engines see it. The id lets an io_uring thread keep its

@@ -17,8 +17,6 @@
 //! direct APIs: the client interface, a strict fake of the service, the uploader, the
 //! chain (dirty blocks, copy-on-write during uploads, digest index) and the restore.
 
-mod device;
-pub mod durable;
 pub mod ebs;
 mod engine;
 mod error;
@@ -28,10 +26,10 @@ mod store;
 mod uring;
 mod zero;
 
-pub use device::{DeviceKind, device_size};
-pub use engine::{Engine, EngineKind, IoEngine, error_chain};
+pub use blockferry_util::{DeviceKind, device_size};
+pub use engine::{Engine, EngineKind, IoEngine};
 pub use error::StoreError;
-pub use file::FileStore;
+pub use file::{FileIdentity, FileStore};
 pub use memory::MemoryStore;
 pub use store::{BlockStore, Flushed};
 

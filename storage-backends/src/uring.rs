@@ -16,10 +16,10 @@ use tokio::task::JoinSet;
 use tokio_uring::buf::BoundedBuf;
 use tokio_uring::fs::File as UringFile;
 
-use crate::device::DeviceKind;
 use crate::engine::{FileHandle, Op, OpOutput};
 use crate::error::StoreError;
 use crate::zero::{self, ZeroStep};
+use blockferry_util::device::DeviceKind;
 
 /// Submission queue entries per ring. Enough to keep a fast NVMe device busy; tokio-uring
 /// submits early when the queue fills, so this is not a limit on in-flight operations.

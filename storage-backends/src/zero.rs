@@ -2,7 +2,7 @@
 //! devices (which need aligned ranges), and plain zero writes for the unaligned edges or
 //! where the file system supports neither.
 
-use crate::device::DeviceKind;
+use blockferry_util::device::DeviceKind;
 
 /// Block devices take zeroing requests only in whole logical blocks; 4 KiB is a multiple
 /// of every logical block size in use (512 or 4096).

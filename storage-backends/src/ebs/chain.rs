@@ -26,11 +26,11 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use super::fake::lock;
 use super::upload::{CompletedSnapshot, PendingSnapshot, UploadConfig};
 use super::{BLOCK_SIZE, BlockIndex, EbsClient, EbsError, StartSnapshot, sha256};
 use crate::error::StoreError;
 use crate::file::FileStore;
+use blockferry_util::lock;
 
 const INDEX_MAGIC: &[u8; 8] = b"BFEBSIX1";
 

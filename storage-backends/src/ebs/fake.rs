@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use blockferry_util::lock;
 use bytes::Bytes;
 use tokio::time::Instant;
 
@@ -208,10 +209,6 @@ impl FakeEbs {
         }
         blocks
     }
-}
-
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl EbsClient for FakeEbs {

@@ -8,11 +8,11 @@ use bytes::Bytes;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::fake::lock;
 use super::{
     BLOCK_SIZE, BlockIndex, EbsClient, EbsError, RetryPolicy, StartSnapshot, aggregate_checksum,
     base64, sha256,
 };
+use blockferry_util::lock;
 
 /// How a snapshot's blocks are uploaded.
 #[derive(Debug, Clone, Copy)]
