@@ -1,6 +1,11 @@
 //! The agent's TLS identity: its own key and certificate, and the receiver's CA.
 //!
-//! Files in the credentials dir: `agent.key` (0600), `agent.crt`, `ca.crt`.
+//! Files in the credentials dir: `ca.crt`, and the key and certificate as a pair that
+//! only ever changes whole: `credentials/N/agent.key` (0600) and `credentials/N/agent.crt`
+//! for generation N, with the symlink `current` naming the generation in use, switched
+//! by one atomic rename. Credentials from `blockferry-receiver agent issue` (and state
+//! dirs of agents from before generations) hold `agent.key` and `agent.crt` directly in
+//! the dir; those are used when there is no generation.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,6 +34,58 @@ pub enum CredentialsError {
     KeyPermissions { path: PathBuf, mode: u32 },
     #[error("the credentials do not form a usable TLS client configuration")]
     Tls(#[source] rustls::Error),
+}
+
+/// The symlink naming the generation of key and certificate in use.
+pub(crate) const CURRENT: &str = "current";
+/// The directory holding the generations.
+pub(crate) const GENERATIONS: &str = "credentials";
+
+/// Where a key and its certificate are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KeyPair {
+    pub(crate) key: PathBuf,
+    pub(crate) cert: PathBuf,
+}
+
+impl KeyPair {
+    fn in_dir(dir: &Path) -> Self {
+        Self {
+            key: dir.join("agent.key"),
+            cert: dir.join("agent.crt"),
+        }
+    }
+}
+
+/// The generations in `dir`, newest first.
+pub(crate) fn generations(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(dir.join(GENERATIONS))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let n = entry.file_name().to_str()?.parse::<u64>().ok()?;
+            Some((n, entry.path()))
+        })
+        .collect();
+    found.sort_by_key(|g| std::cmp::Reverse(g.0));
+    found
+}
+
+/// The pairs to try, best first: the generation `current` names, then every generation
+/// newest first (should `current` be damaged), then a pair directly in the dir.
+fn candidates(dir: &Path) -> Vec<KeyPair> {
+    let mut out = Vec::new();
+    if dir.join(CURRENT).exists() {
+        out.push(KeyPair::in_dir(&dir.join(CURRENT)));
+    }
+    out.extend(
+        generations(dir)
+            .iter()
+            .map(|(_, path)| KeyPair::in_dir(path)),
+    );
+    out.push(KeyPair::in_dir(dir));
+    out
 }
 
 /// Clones share the configuration: a renewal ([`Credentials::reload`]) reaches every
@@ -60,9 +117,32 @@ impl Credentials {
         Ok(())
     }
 
+    /// The configuration from the best pair that works (a key that goes with its
+    /// certificate); if none does, the first one's error.
     fn read_config(dir: &Path) -> Result<rustls::ClientConfig, CredentialsError> {
-        let key_path = dir.join("agent.key");
-        let cert_path = dir.join("agent.crt");
+        let mut first_error = None;
+        for (index, pair) in candidates(dir).iter().enumerate() {
+            match Self::read_pair(dir, pair) {
+                Ok(config) => {
+                    if index > 0 && first_error.is_some() {
+                        tracing::warn!(
+                            key = %pair.key.display(),
+                            error = %first_error.as_ref().map(|e: &CredentialsError| blockferry_util::error_chain(e)).unwrap_or_default(),
+                            "the current key and certificate cannot be used; using an earlier pair that goes together"
+                        );
+                    }
+                    return Ok(config);
+                }
+                Err(err) => {
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        Err(first_error.expect("there is always a candidate"))
+    }
+
+    fn read_pair(dir: &Path, pair: &KeyPair) -> Result<rustls::ClientConfig, CredentialsError> {
+        let (key_path, cert_path) = (pair.key.clone(), pair.cert.clone());
         let ca_path = dir.join("ca.crt");
         check_key_mode(&key_path)?;
         let key_pem = read(&key_path)?;
@@ -92,14 +172,22 @@ impl Credentials {
     pub(crate) fn client_auth(
         &self,
     ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CredentialsError> {
-        let key_path = self.dir.join("agent.key");
-        let key = PrivateKeyDer::from_pem_slice(&read(&key_path)?).map_err(|_| {
-            CredentialsError::Missing {
-                path: key_path.clone(),
-                what: "private key",
+        let mut first_error = None;
+        for pair in candidates(&self.dir) {
+            // Only a pair that makes a configuration goes together.
+            if let Err(err) = Self::read_pair(&self.dir, &pair) {
+                first_error.get_or_insert(err);
+                continue;
             }
-        })?;
-        Ok((certificates(&self.dir.join("agent.crt"))?, key))
+            let key = PrivateKeyDer::from_pem_slice(&read(&pair.key)?).map_err(|_| {
+                CredentialsError::Missing {
+                    path: pair.key.clone(),
+                    what: "private key",
+                }
+            })?;
+            return Ok((certificates(&pair.cert)?, key));
+        }
+        Err(first_error.expect("there is always a candidate"))
     }
 
     pub fn server_name() -> ServerName<'static> {

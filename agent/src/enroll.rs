@@ -255,24 +255,70 @@ fn csr(key: &rcgen::KeyPair) -> Result<String, EnrollError> {
     Ok(params.serialize_request(key)?.pem()?)
 }
 
-/// Key first: a certificate never exists in the state dir without the key it names.
+/// Writes the new key and certificate as a new generation, then switches `current` to
+/// it with one atomic rename: at every instant the state dir holds a key and the
+/// certificate that goes with it, whatever crash comes (C5 of the 2026-12 audit: a kill
+/// between replacing the key and the certificate left a pair that never worked again).
 fn save(
     state_dir: &Path,
     key: &rcgen::KeyPair,
     issued: &Issued,
     enrollment: &Enrollment,
 ) -> Result<(), EnrollError> {
-    let write = |name: &str, contents: &[u8], mode: u32| {
-        let path = state_dir.join(name);
+    use crate::credentials::{CURRENT, GENERATIONS, generations};
+    let write = |path: PathBuf, contents: &[u8], mode: u32| {
         write_atomic(&path, contents, mode).map_err(|source| EnrollError::Write { path, source })
     };
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| EnrollError::Write { path, source }
+    };
     ensure_private_dir(state_dir, "agent state")?;
-    write("ca.crt", issued.ca_pem.as_bytes(), 0o644)?;
-    write("agent.key", key.serialize_pem().as_bytes(), 0o600)?;
-    write("agent.crt", issued.certificate_pem.as_bytes(), 0o644)?;
+    let ca = state_dir.join("ca.crt");
+    // The CA never changes on renewal (its fingerprint was checked); enrollment writes it.
+    if std::fs::read(&ca).ok().as_deref() != Some(issued.ca_pem.as_bytes()) {
+        write(ca, issued.ca_pem.as_bytes(), 0o644)?;
+    }
+    let existing = generations(state_dir);
+    let next = existing.first().map_or(1, |(n, _)| n + 1);
+    let generation = state_dir.join(GENERATIONS).join(next.to_string());
+    ensure_private_dir(&generation, "agent credentials")?;
+    write(
+        generation.join("agent.key"),
+        key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    write(
+        generation.join("agent.crt"),
+        issued.certificate_pem.as_bytes(),
+        0o644,
+    )?;
+    // The switch: a new symlink beside `current`, renamed over it.
+    let link = state_dir.join(CURRENT);
+    let temp = state_dir.join(format!(".{CURRENT}.{next}.tmp"));
+    let _ = std::fs::remove_file(&temp);
+    std::os::unix::fs::symlink(Path::new(GENERATIONS).join(next.to_string()), &temp)
+        .map_err(io(&temp))?;
+    std::fs::rename(&temp, &link).map_err(io(&link))?;
+    std::fs::File::open(state_dir)
+        .and_then(|dir| dir.sync_all())
+        .map_err(io(state_dir))?;
     let json = serde_json::to_vec_pretty(enrollment)
         .map_err(|e| EnrollError::Answer(format!("cannot record the enrollment: {e}")))?;
-    write(ENROLLMENT_FILE, &json, 0o644)
+    write(state_dir.join(ENROLLMENT_FILE), &json, 0o644)?;
+    // Keep the previous pair for a fall-back; older keys go. So does a pair directly in
+    // the dir (from before generations): `current` supersedes it.
+    for (n, path) in existing.iter().skip(1) {
+        if *n < next {
+            let _ = std::fs::remove_dir_all(path);
+        }
+    }
+    if existing.is_empty() {
+        for name in ["agent.key", "agent.crt"] {
+            let _ = std::fs::remove_file(state_dir.join(name));
+        }
+    }
+    Ok(())
 }
 
 /// `host:port` of `address` with another port (IPv6 literals keep their brackets).

@@ -43,15 +43,19 @@ pub(crate) struct StagingDisk {
     written: Counter,
     /// Whether a write has completed since the last durable epoch took stock.
     wrote: std::sync::atomic::AtomicBool,
-    /// Waiting for a sync slot: initial-sync writes are refused this session.
+    /// Waiting for a sync slot: this session may change only what is synced already
+    /// (below `synced`), and make no sync or rescan progress.
     pub(crate) queued: std::sync::atomic::AtomicBool,
+    /// The initial-sync watermark when the session started.
+    pub(crate) synced: u64,
 }
 
 impl StagingDisk {
-    pub(crate) fn new(name: String, store: BlockStore, written: Counter) -> Self {
+    pub(crate) fn new(name: String, store: BlockStore, written: Counter, synced: u64) -> Self {
         Self {
             name,
             store,
+            synced,
             written,
             wrote: std::sync::atomic::AtomicBool::new(false),
             queued: std::sync::atomic::AtomicBool::new(false),
@@ -176,6 +180,30 @@ impl ApplyPipeline {
     pub(crate) fn if_quiescent<T>(&self, through: u64, f: impl FnOnce() -> T) -> Option<T> {
         let sequence = lock(&self.sequence);
         (sequence.next.saturating_sub(1) == through).then(f)
+    }
+
+    /// Reserves `bytes` of the session's and the receiver's in-flight budgets for a read
+    /// (a checksum query's), waiting as a write would: the memory a session can make the
+    /// receiver hold is bounded whatever it asks for.
+    pub(crate) async fn reserve_read(
+        &self,
+        bytes: u64,
+    ) -> (
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let cost = u32::try_from(bytes)
+            .unwrap_or(u32::MAX)
+            .clamp(MIN_WRITE_COST, self.budget_bytes);
+        let own = Arc::clone(&self.budget)
+            .acquire_many_owned(cost)
+            .await
+            .expect("the budget semaphore is never closed");
+        let global = Arc::clone(&self.global_budget)
+            .acquire_many_owned(cost)
+            .await
+            .expect("the global budget semaphore is never closed");
+        (own, global)
     }
 
     /// Submits a write that the session has already validated (disk index, range, flags).
@@ -322,6 +350,7 @@ mod tests {
             "d".into(),
             BlockStore::File(store),
             Counter::default(),
+            0,
         ));
         let pipeline = ApplyPipeline::new(
             vec![disk.clone()],

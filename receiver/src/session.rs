@@ -55,6 +55,8 @@ const SLOT_GRACE: Duration = Duration::from_secs(60);
 /// Checksum queries of one session answered at once; more wait, and their stream with
 /// them (the agent keeps many in flight, so the disks stay busy).
 const SUMS_IN_PARALLEL: usize = 4;
+/// Checkpoint commits of one session are at least this far apart.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
 /// How often an idle session looks whether a recovery point can be cut.
 const RECOVERY_TICK: Duration = Duration::from_millis(250);
 
@@ -300,6 +302,8 @@ pub(crate) struct Session {
     /// (sequence, disk, start, end) of the writes not yet sealed (EBS backend): what the
     /// images hold beyond the consistent epoch if the session breaks now.
     unsealed: Mutex<std::collections::VecDeque<(u64, u16, u64, u64)>>,
+    /// When the latest checkpoint commit was (or will be) allowed.
+    last_checkpoint: Mutex<Option<tokio::time::Instant>>,
 }
 
 /// What `status` shows of a live session.
@@ -527,6 +531,7 @@ async fn run_primary(
             record.name.clone(),
             store,
             ctx.metrics.written(&identity.server_id, &record.name),
+            record.sync_watermark,
         );
         if record.rescan().is_some() {
             disk.start_rescan(record.rescanned_bytes, record.resent_bytes);
@@ -594,6 +599,7 @@ async fn run_primary(
         // it.
         sealed_mark: Mutex::new((0, durable_epoch, false)),
         unsealed: Mutex::default(),
+        last_checkpoint: Mutex::new(None),
         recovery,
     });
     let disk_names: Vec<String> = records.iter().map(|r| r.name.clone()).collect();
@@ -840,12 +846,15 @@ async fn stream_frames(
             None => return Ok(End::AgentClosed),
             Some(Frame::Write(write)) => {
                 let disk = validate_write(pipeline, &write)?;
-                if write.header.flags.contains(WriteFlags::INITIAL_SYNC)
-                    && disk.queued.load(Ordering::Relaxed)
+                // A queued disk waits for its slot: only changes to what is synced
+                // already may go on (an initial-sync write in disguise may not).
+                if disk.queued.load(Ordering::Relaxed)
+                    && (write.header.flags.contains(WriteFlags::INITIAL_SYNC)
+                        || write.header.end() > disk.synced)
                 {
                     return Err(SessionError::Limit(format!(
-                        "initial-sync write to disk {}, which waits for a sync slot (Welcome said QUEUED)",
-                        disk.name
+                        "write of {} bytes at {} to disk {}, which waits for a sync slot (Welcome said QUEUED): only changes below its watermark of {} may be sent",
+                        write.header.len, write.header.offset, disk.name, disk.synced
                     )));
                 }
                 if !write.header.flags.contains(WriteFlags::INITIAL_SYNC)
@@ -868,16 +877,28 @@ async fn stream_frames(
                     .acquire_owned()
                     .await
                     .map_err(|_| SessionError::Protocol("session closing".into()))?;
+                // The bytes it reads count against the in-flight budgets, like writes.
+                let memory = pipeline.reserve_read(request.len()).await;
                 let (session, outgoing) = (Arc::clone(session), outgoing.clone());
                 tokio::spawn(
                     async move {
-                        let _permit = permit;
+                        let _permits = (permit, memory);
                         answer_sums(&session, &disk, request, &outgoing).await;
                     }
                     .in_current_span(),
                 );
             }
             Some(Frame::Checkpoint(checkpoint)) => {
+                // One catalog commit per CHECKPOINT_INTERVAL at most: an agent sends one at
+                // a clean stop; a flood of them waits here (and so does its stream).
+                let wait = {
+                    let mut last = lock(&session.last_checkpoint);
+                    let now = tokio::time::Instant::now();
+                    let at = last.map_or(now, |t| (t + CHECKPOINT_INTERVAL).max(now));
+                    *last = Some(at);
+                    at
+                };
+                tokio::time::sleep_until(wait).await;
                 let catalog = Arc::clone(&ctx.catalog);
                 let (server_id, series) = (session.identity.server_id.clone(), session.series);
                 tokio::task::spawn_blocking(move || {
@@ -1183,14 +1204,18 @@ fn validate_barrier(
     pipeline: &ApplyPipeline,
     barrier: &Barrier,
 ) -> Result<Vec<(u16, u64)>, SessionError> {
-    if let Some(&disk) = barrier
-        .rescan_done
-        .iter()
-        .find(|&&d| usize::from(d) >= pipeline.disks().len())
-    {
-        return Err(SessionError::Protocol(format!(
-            "barrier claims the rescan of disk index {disk}, which does not exist"
-        )));
+    for &index in &barrier.rescan_done {
+        let disk = pipeline.disks().get(usize::from(index)).ok_or_else(|| {
+            SessionError::Protocol(format!(
+                "barrier claims the rescan of disk index {index}, which does not exist"
+            ))
+        })?;
+        if disk.queued.load(Ordering::Relaxed) {
+            return Err(SessionError::Limit(format!(
+                "barrier claims the rescan of disk {}, which waits for a sync slot (Welcome said QUEUED)",
+                disk.name
+            )));
+        }
     }
     barrier
         .sync_progress
@@ -1208,6 +1233,12 @@ fn validate_barrier(
                     p.watermark,
                     disk.name,
                     disk.store.size()
+                )));
+            }
+            if disk.queued.load(Ordering::Relaxed) && p.watermark > disk.synced {
+                return Err(SessionError::Limit(format!(
+                    "barrier claims initial-sync progress to {} on disk {}, which waits for a sync slot (Welcome said QUEUED) at {}",
+                    p.watermark, disk.name, disk.synced
                 )));
             }
             Ok((p.disk, p.watermark))

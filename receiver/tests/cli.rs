@@ -291,3 +291,83 @@ fn the_demo_verifies_its_copy_and_with_ebs_its_snapshot() {
         );
     }
 }
+
+/// The audit's C9 and L3: a key written into a directory others can write to (here with
+/// the temp file the old scheme would use planted, world-readable) ended up readable by
+/// them; and data, state and output directories were used whatever their mode. Now such
+/// a directory is refused, with the fix named, and nothing is written into it.
+#[test]
+fn directories_others_can_write_to_are_refused_for_keys_and_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("rx");
+    let shared = dir.path().join("shared-out");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let mut issue = Command::new("bash");
+    issue.arg("-c").arg(format!(
+        "touch {out}/agent.key.tmp$$; chmod 666 {out}/agent.key.tmp$$; exec {bin} agent issue --data-dir {data} --name srvD --out {out}",
+        out = shared.display(),
+        bin = receiver_bin().display(),
+        data = data.display()
+    ));
+    let out = run(&mut issue);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "issued into a world-writable dir");
+    assert!(stderr.contains("chmod go-w"), "{stderr}");
+    assert!(
+        !shared.join("agent.key").exists(),
+        "a key was written there"
+    );
+
+    // The receiver's data dir and the agent's state dir alike.
+    let open = dir.path().join("open-data");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = run(Command::new(receiver_bin())
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--control",
+            "off",
+            "--metrics",
+            "off",
+            "--data-dir",
+        ])
+        .arg(&open));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("chmod go-w"),
+        "{stderr}"
+    );
+    assert!(!open.join("pki").exists() && !open.join("catalog.redb").exists());
+    let (disk, _) = image(dir.path(), "d.img", 1 << 20, 1.0, 1 << 20, 3);
+    let out = run(Command::new(agent_bin())
+        .args(["run", "--receiver", "127.0.0.1:1", "--disk"])
+        .arg(format!("d={}", disk.display()))
+        .arg("--state-dir")
+        .arg(&open));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("chmod go-w"),
+        "{stderr}"
+    );
+
+    // A private dir of our own is fine, and the key in it is 0600.
+    let private = dir.path().join("creds");
+    let out = run(Command::new(receiver_bin())
+        .args(["agent", "issue", "--name", "srvD", "--data-dir"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&private));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = std::fs::metadata(private.join("agent.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}

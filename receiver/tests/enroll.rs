@@ -89,7 +89,11 @@ async fn an_enrolled_agent_replicates_knowing_the_ca_only_through_its_token() {
             .mode()
             & 0o777
     };
-    assert_eq!(mode("agent.key"), 0o600, "the private key is private");
+    assert_eq!(
+        mode("current/agent.key"),
+        0o600,
+        "the private key is private"
+    );
     assert_eq!(
         std::fs::metadata(&state).unwrap().permissions().mode() & 0o777,
         0o700
@@ -700,4 +704,87 @@ async fn an_empty_or_exposed_admin_token_stops_the_receiver() {
         };
         assert!(err.contains("admin.token") && err.contains(why), "{err}");
     }
+}
+
+/// The audit's C5: renewal replaced `agent.key` before `agent.crt`, so a crash between the
+/// two (shown with strace killing the agent at its third rename) left a key and a
+/// certificate that do not go together, and the agent never started again without a new
+/// token. Now the pair is written as a new generation and switched to by one rename:
+/// killed at any of its renames, the agent finds a pair that goes together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_at_any_point_of_a_renewal_leaves_usable_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let receiver = start(&data).await;
+    let state = dir.path().join("st");
+    enroll(&token(&receiver, &data, &[]), None, "srvE", &state)
+        .await
+        .unwrap();
+    let (source, _) = image(dir.path(), "e0.img", 4 << 20, 1.0, 1 << 20, 45);
+    let make_due = || {
+        let path = state.join("enrollment.json");
+        let mut enrollment: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        enrollment["issued_at"] = 1.into();
+        std::fs::write(&path, serde_json::to_vec(&enrollment).unwrap()).unwrap();
+    };
+    let mut killed = 0;
+    for when in 1..=4 {
+        make_due();
+        let out = Command::new("timeout")
+            .args([
+                "20",
+                "strace",
+                "-f",
+                "-qq",
+                "-o",
+                "/dev/null",
+                "-e",
+                "trace=rename",
+            ])
+            .arg("-e")
+            .arg(format!("inject=rename:signal=SIGKILL:when={when}"))
+            .arg(agent_bin())
+            .args(["run", "--progress", "log", "--disk"])
+            .arg(format!("e0={}", source.display()))
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .expect("strace is needed: apt-get install strace (.ci/run installs it)");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !stderr.contains("invalid"),
+            "strace refused the injection: {stderr}"
+        );
+        // Killed by the injection (the timeout passes the signal on), or exit 124: the
+        // renewal made fewer renames than `when`.
+        use std::os::unix::process::ExitStatusExt;
+        if out.status.signal() == Some(libc::SIGKILL) || out.status.code() == Some(137) {
+            killed += 1;
+        }
+        let loaded = blockferry_agent::Credentials::load(&state);
+        assert!(
+            loaded.is_ok(),
+            "after a kill at rename {when}: {}\n{stderr}",
+            blockferry_util::error_chain(&loaded.unwrap_err())
+        );
+    }
+    assert_eq!(
+        killed, 4,
+        "the injection killed the agent {killed} times, not at each rename"
+    );
+    // And the agent renews and replicates with what is there.
+    make_due();
+    let report = sync(
+        &agent_config(
+            receiver.local_addr(),
+            blockferry_agent::Credentials::load(&state).unwrap(),
+        ),
+        &[volume("e0", &source)],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(report.sessions >= 1);
+    assert_identical(&source, &staging_image(&data, "srvE", "e0"));
+    receiver.shutdown().await;
 }

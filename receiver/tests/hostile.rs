@@ -296,3 +296,190 @@ async fn one_certificate_cannot_make_the_receiver_hold_memory_before_hello() {
     assert!(matches!(raw.next().await, Some(Frame::Welcome(_))));
     drop(waiting);
 }
+
+/// The audit's L2: only writes flagged INITIAL_SYNC were refused for a QUEUED disk, so an
+/// agent that ignored QUEUED could sync with plain writes and a barrier claiming the
+/// whole disk, and get around --max-concurrent-syncs. Now a queued disk takes only
+/// changes below its watermark, and no sync or rescan progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_disk_cannot_be_synced_around_the_slot_limit() {
+    use blockferry_proto::{Barrier, DiskState, SyncProgress, Write, WriteFlags, WriteHeader};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let mut config = receiver_config(&data);
+    config.max_concurrent_syncs = 1;
+    let receiver = blockferry_receiver::Receiver::start(config).await.unwrap();
+    let disk = || {
+        vec![DiskSpec {
+            name: "d0".into(),
+            size: 1 << 20,
+        }]
+    };
+    // Server A holds the one slot.
+    let a = credentials(&data, "srvA", &dir.path().join("a"));
+    let mut holder = RawStream::connect(receiver.local_addr(), &a).await;
+    holder.send(&hello(disk(), Inventory::default())).await;
+    assert!(matches!(holder.next().await, Some(Frame::Welcome(_))));
+
+    let b = credentials(&data, "srvB", &dir.path().join("b"));
+    let queued_session = || async {
+        let mut raw = RawStream::connect(receiver.local_addr(), &b).await;
+        raw.send(&hello(disk(), Inventory::default())).await;
+        match raw.next().await {
+            Some(Frame::Welcome(w)) => assert_eq!(w.disks[0].state, DiskState::QUEUED),
+            other => panic!("{other:?}"),
+        }
+        raw
+    };
+    let refused = |frame: Option<Frame>| match frame {
+        Some(Frame::Error(err)) => {
+            assert_eq!(err.code, ErrorCode::LIMIT, "{}", err.message);
+            assert!(
+                err.message.contains("waits for a sync slot"),
+                "{}",
+                err.message
+            );
+        }
+        other => panic!("expected a LIMIT refusal, got {other:?}"),
+    };
+    // A plain write above the watermark (0): an initial-sync write in disguise.
+    let mut raw = queued_session().await;
+    raw.send(&Frame::Write(Write {
+        header: WriteHeader {
+            disk: 0,
+            flags: WriteFlags::default(),
+            offset: 0,
+            len: 4096,
+            epoch: 1,
+        },
+        data: vec![0x42; 4096],
+    }))
+    .await;
+    refused(raw.next().await);
+    // A barrier claiming the whole disk synced.
+    let mut raw = queued_session().await;
+    raw.send(&Frame::Barrier(Barrier {
+        epoch: 1,
+        sync_progress: vec![SyncProgress {
+            disk: 0,
+            watermark: 1 << 20,
+        }],
+        rescan_done: vec![],
+        consistent: true,
+    }))
+    .await;
+    refused(raw.next().await);
+    // A claimed rescan.
+    let mut raw = queued_session().await;
+    raw.send(&Frame::Barrier(Barrier {
+        epoch: 1,
+        sync_progress: vec![],
+        rescan_done: vec![0],
+        consistent: true,
+    }))
+    .await;
+    refused(raw.next().await);
+    let status = receiver.status().unwrap();
+    let srv_b = status
+        .servers
+        .iter()
+        .find(|s| s.server_id == "srvB")
+        .unwrap();
+    assert_eq!(
+        srv_b.disks[0].sync_watermark, 0,
+        "the queued disk made progress"
+    );
+    let staged = std::fs::read(staging_image(&data, "srvB", "d0")).unwrap();
+    assert!(staged.iter().all(|&b| b == 0), "a queued disk was written");
+    drop(holder);
+    receiver.shutdown().await;
+}
+
+/// The audit's L6: checksum queries (4 at once per session, 64 MiB each) were read into
+/// memory outside every budget, and each Checkpoint frame forced a catalog commit, with
+/// no rate. Now the bytes a query reads count against the session's and the receiver's
+/// in-flight budgets (64 MiB per session by default), and checkpoint commits of a
+/// session are at least 100 ms apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checksum_queries_and_checkpoints_are_bounded_per_session() {
+    use blockferry_proto::{Checkpoint, SumRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let creds_dir = dir.path().join("creds");
+    credentials(&data, "srvL", &creds_dir);
+    let creds = blockferry_agent::Credentials::load(&creds_dir).unwrap();
+    let receiver = Spawned::start(&data, &dir.path().join("receiver.log"));
+    let pid = receiver.child.id();
+    let mut raw = RawStream::connect(receiver.addr, &creds).await;
+    let size = 512u64 << 20;
+    raw.send(&hello(
+        vec![DiskSpec {
+            name: "d0".into(),
+            size,
+        }],
+        Inventory::default(),
+    ))
+    .await;
+    assert!(matches!(raw.next().await, Some(Frame::Welcome(_))));
+    let before = rss(pid);
+    // 32 queries of 64 MiB each (1 MiB blocks), all sent at once.
+    let mut queries = Vec::new();
+    for i in 0..32u64 {
+        Frame::SumRequest(SumRequest {
+            disk: 0,
+            first_block: (i % 8) * 64,
+            count: 64,
+            block_size: 1 << 20,
+        })
+        .encode(&mut queries);
+    }
+    raw.send_bytes(&queries).await;
+    let sampler = {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (s, p) = (stop.clone(), peak.clone());
+        let handle = std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                p.fetch_max(rss(pid), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        (stop, peak, handle)
+    };
+    for _ in 0..32 {
+        match raw.next().await {
+            Some(Frame::SumReply(reply)) => assert_eq!(reply.digests.len(), 64),
+            other => panic!("{other:?}"),
+        }
+    }
+    sampler.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    sampler.2.join().unwrap();
+    let grown = sampler
+        .1
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .saturating_sub(before);
+    assert!(
+        grown < 128 << 20,
+        "32 checksum queries of 64 MiB grew the receiver by {} MiB",
+        grown >> 20
+    );
+
+    // Thirty checkpoints in one go take at least 2.9 s to be recorded.
+    let started = std::time::Instant::now();
+    let mut frames = Vec::new();
+    for seq in 1..=30 {
+        Frame::Checkpoint(Checkpoint { seq }).encode(&mut frames);
+    }
+    raw.send_bytes(&frames).await;
+    for seq in 1..=30 {
+        match raw.next().await {
+            Some(Frame::CheckpointSaved(saved)) => assert_eq!(saved.seq, seq),
+            other => panic!("{other:?}"),
+        }
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2900),
+        "30 checkpoints recorded in {took:?}"
+    );
+}

@@ -742,3 +742,119 @@ async fn stalled_by(
     stop.cancel();
     let _ = task.await;
 }
+
+/// The audit's L1: a clean stop recorded its checkpoint and saved the state record
+/// without syncing the source volumes, so writes that went through the tap into the
+/// source's page cache could be acknowledged at the receiver and then lost at the source
+/// in a power cut, with the record (trusted at the next start) hiding the difference.
+/// Traced with strace: after SIGTERM, the source image is fdatasynced before the state
+/// record is renamed into place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_syncs_the_source_volumes_before_the_state_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let receiver = start_receiver(&data).await;
+    let creds_dir = dir.path().join("creds");
+    credentials(&data, SERVER, &creds_dir);
+    let (source, _) = image(dir.path(), "src.img", 16 << 20, 0.5, 1 << 20, 27);
+    let state = dir.path().join("state");
+    let socket = dir.path().join("nbd.sock");
+    let log = dir.path().join("agent.log");
+    let addr = receiver.local_addr().to_string();
+    let disk_arg = format!("disk0={}", source.display());
+    let nbd = format!("unix:{}", socket.display());
+    let mut agent = spawn_agent(
+        &[
+            "run",
+            "--receiver",
+            &addr,
+            "--credentials",
+            creds_dir.to_str().unwrap(),
+            "--disk",
+            &disk_arg,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--nbd-listen",
+            &nbd,
+            "--progress",
+            "log",
+        ],
+        &log,
+    );
+    wait_until("the initial sync", Duration::from_secs(60), || {
+        find_disk(&receiver, "disk0").is_some_and(|d| d.state == "CONTINUOUS")
+    })
+    .await;
+    let out = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x61 4096 65536",
+            "-c",
+            "write -P 0x62 1048576 4096",
+        ])
+        .arg(format!("nbd+unix:///disk0?socket={}", socket.display()))
+        .output()
+        .expect("qemu-io is needed (.ci/run installs qemu-utils)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let trace = dir.path().join("trace.txt");
+    let mut strace = Command::new("strace")
+        .args([
+            "-f",
+            "-y",
+            "-qq",
+            "-e",
+            "trace=fsync,fdatasync,rename,renameat,renameat2",
+            "-o",
+        ])
+        .arg(&trace)
+        .arg("-p")
+        .arg(agent.id().to_string())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("strace is needed (.ci/run installs it)");
+    wait_until("strace to attach", Duration::from_secs(20), || {
+        std::fs::read_to_string(format!("/proc/{}/status", agent.id())).is_ok_and(|s| {
+            s.lines()
+                .any(|l| l.starts_with("TracerPid:") && l.trim() != "TracerPid:\t0")
+        })
+    })
+    .await;
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) }, 0);
+    let status = tokio::task::spawn_blocking(move || agent.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    let _ = strace.wait();
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let signal = lines
+        .iter()
+        .position(|l| l.contains("--- SIGTERM"))
+        .expect("SIGTERM traced");
+    let record = lines
+        .iter()
+        .position(|l| l.contains("rename(") && l.contains("/agent-state\""))
+        .unwrap_or_else(|| panic!("the state record was not saved:\n{text}"));
+    let source_name = source.display().to_string();
+    let synced = lines[signal..record]
+        .iter()
+        .any(|l| (l.contains("fdatasync(") || l.contains("fsync(")) && l.contains(&source_name));
+    assert!(
+        synced,
+        "no sync of {source_name} between SIGTERM and the state record:\n{text}"
+    );
+    assert!(blockferry_agent::state::path(&state).exists());
+    receiver.shutdown().await;
+}
