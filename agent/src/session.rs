@@ -1153,7 +1153,7 @@ impl Session<'_> {
             Event::Refused(err) => Err(SessionError::Refused {
                 code: err.code,
                 message: blockferry_util::text::printable(&err.message).into_owned(),
-                retry_after: Duration::from_millis(u64::from(err.retry_after_ms)),
+                retry_after: Duration::from_millis(u64::from(err.retry_after_ms.unwrap_or(0))),
             }),
             Event::Goodbye(message) => Err(SessionError::Connection(std::io::Error::new(
                 std::io::ErrorKind::ConnectionAborted,

@@ -521,11 +521,11 @@ fn settings_flags(paused: bool, unknown: u8) -> u8 {
 pub struct ErrorFrame {
     pub code: ErrorCode,
     pub message: String,
-    /// For a retryable error: wait at least this long before reconnecting (0: the
-    /// agent's own backoff), so that a receiver that cannot make progress (a full staging
-    /// disk, a missing image, a budget used up) is not hammered. Older peers omitted the
-    /// field; it decodes as 0.
-    pub retry_after_ms: u32,
+    /// For a retryable error: wait at least this long before reconnecting, so that a
+    /// receiver that cannot make progress (a full staging disk, a missing image, a
+    /// budget used up) is not hammered. `None`: no hint (the agent's own backoff), and
+    /// nothing on the wire, as from peers that predate the field.
+    pub retry_after_ms: Option<u32>,
 }
 
 impl ErrorFrame {
@@ -534,7 +534,7 @@ impl ErrorFrame {
         Self {
             code,
             message: message.into(),
-            retry_after_ms: 0,
+            retry_after_ms: None,
         }
     }
 }
@@ -703,7 +703,9 @@ impl Frame {
             Self::Error(m) => {
                 out.put_u16(m.code.0);
                 out.put_str(&m.message, MAX_STRING_LEN);
-                out.put_u32(m.retry_after_ms);
+                if let Some(ms) = m.retry_after_ms {
+                    out.put_u32(ms);
+                }
             }
             Self::Goodbye(m) => out.put_str(&m.message, MAX_STRING_LEN),
             Self::Unknown { payload, .. } => out.extend_from_slice(payload),
@@ -790,9 +792,9 @@ impl Frame {
                 code: ErrorCode(r.u16("code")?),
                 message: r.string("message", MAX_STRING_LEN)?,
                 retry_after_ms: if r.remaining().is_empty() {
-                    0
+                    None
                 } else {
-                    r.u32("retry_after_ms")?
+                    Some(r.u32("retry_after_ms")?)
                 },
             }),
             FrameKind::GOODBYE => Self::Goodbye(Goodbye {

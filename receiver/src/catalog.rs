@@ -291,6 +291,27 @@ pub struct ImageId {
 }
 
 impl DiskRecord {
+    /// A disk seen for the first time: nothing synced, its image at `image`.
+    pub fn new(name: &str, size: u64, image: PathBuf) -> Self {
+        Self {
+            name: name.to_owned(),
+            size,
+            sync_watermark: 0,
+            state: String::new(),
+            reason: String::new(),
+            image,
+            updated: 0,
+            rescan_reason: String::new(),
+            rescan_requested: false,
+            last_rescan_reason: String::new(),
+            rescanned_bytes: 0,
+            resent_bytes: 0,
+            stall: String::new(),
+            stall_detail: String::new(),
+            image_id: None,
+        }
+    }
+
     pub fn sync_complete(&self) -> bool {
         self.sync_watermark >= self.size
     }
@@ -707,25 +728,13 @@ impl Catalog {
                         d
                     }
                     None => {
-                        let mut d = DiskRecord {
-                            name: spec.name.clone(),
-                            size: spec.size,
-                            sync_watermark: 0,
-                            state: String::new(),
-                            reason: String::new(),
-                            image: images_dir
+                        let mut d = DiskRecord::new(
+                            &spec.name,
+                            spec.size,
+                            images_dir
                                 .join(&identity.server_id)
                                 .join(format!("{}.img", spec.name)),
-                            updated: 0,
-                            rescan_reason: String::new(),
-                            rescan_requested: false,
-                            last_rescan_reason: String::new(),
-                            rescanned_bytes: 0,
-                            resent_bytes: 0,
-                            stall: String::new(),
-                            stall_detail: String::new(),
-                            image_id: None,
-                        };
+                        );
                         let reason = if previous.is_some() {
                             RescanReason::DISK_ADDED
                         } else {

@@ -141,7 +141,9 @@ impl SessionError {
         Some(ErrorFrame {
             code: self.code()?,
             message: self.to_string(),
-            retry_after_ms: u32::try_from(self.retry_after().as_millis()).unwrap_or(u32::MAX),
+            retry_after_ms: Some(self.retry_after())
+                .filter(|wait| !wait.is_zero())
+                .map(|wait| u32::try_from(wait.as_millis()).unwrap_or(u32::MAX)),
         })
     }
 
@@ -716,7 +718,7 @@ async fn run_primary(
             let _ = outgoing.try_send(Frame::Error(ErrorFrame {
                 code: ErrorCode::SHUTTING_DOWN,
                 message: "the receiver is shutting down; reconnect later".into(),
-                retry_after_ms: 2_000,
+                retry_after_ms: Some(2_000),
             }));
         }
         Ok(End::Replaced) => {

@@ -344,21 +344,8 @@ mod tests {
 
     fn record(dir: &Path, watermark: u64) -> DiskRecord {
         DiskRecord {
-            name: "d0".into(),
-            size: 1 << 20,
             sync_watermark: watermark,
-            state: "CONTINUOUS".into(),
-            reason: String::new(),
-            image: dir.join("d0.img"),
-            updated: 0,
-            rescan_reason: String::new(),
-            rescan_requested: false,
-            last_rescan_reason: String::new(),
-            rescanned_bytes: 0,
-            resent_bytes: 0,
-            stall: String::new(),
-            stall_detail: String::new(),
-            image_id: None,
+            ..DiskRecord::new("d0", 1 << 20, dir.join("d0.img"))
         }
     }
 
