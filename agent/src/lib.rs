@@ -3,6 +3,7 @@
 //! Embedded by the receiver's `demo`, by end-to-end tests and by the load generator.
 
 mod agent;
+pub mod blocktrace;
 pub mod capture;
 pub mod credentials;
 pub mod dirty;
