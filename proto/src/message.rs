@@ -127,6 +127,10 @@ pub enum ResumeClaim {
     InvalidRecord,
     /// The operator asked for a rescan (`--rescan`).
     RescanRequested,
+    /// Block-layer tracking cannot vouch for every change: the kernel dropped events, or
+    /// tracking started after the disks may have been written (every start of an agent
+    /// that tracks the block layer: writes made while it was not running were not seen).
+    TrackingLost,
     /// A claim this version does not know, with whatever followed its tag (kept so the
     /// frame re-encodes as it came); treated as no trustworthy record.
     Unknown { tag: u8, rest: Vec<u8> },
@@ -140,6 +144,7 @@ impl ResumeClaim {
             Self::NoRecord => 2,
             Self::InvalidRecord => 3,
             Self::RescanRequested => 4,
+            Self::TrackingLost => 5,
             Self::Unknown { tag, .. } => *tag,
         }
     }
@@ -162,6 +167,8 @@ impl RescanReason {
     /// An operator adopted a staging image the receiver could not vouch for (`disk
     /// adopt`): it is compared block by block before it is trusted again.
     pub const STAGING_ADOPTED: Self = Self(8);
+    /// Block-layer tracking lost events, or started after the disk may have changed.
+    pub const TRACKING_LOST: Self = Self(9);
 
     /// The reason code as shown in status, metrics and events.
     pub fn name(self) -> &'static str {
@@ -175,13 +182,14 @@ impl RescanReason {
             Self::STATE_MISMATCH => "state_mismatch",
             Self::OPERATOR_REQUEST => "operator_request",
             Self::STAGING_ADOPTED => "staging_adopted",
+            Self::TRACKING_LOST => "tracking_lost",
             _ => "unknown",
         }
     }
 
     /// The reason named `name` (as [`Self::name`] spells it).
     pub fn from_name(name: &str) -> Option<Self> {
-        (0..=8).map(Self).find(|r| r.name() == name)
+        (0..=9).map(Self).find(|r| r.name() == name)
     }
 
     pub fn is_some(self) -> bool {
@@ -981,6 +989,7 @@ impl Hello {
             2 => ResumeClaim::NoRecord,
             3 => ResumeClaim::InvalidRecord,
             4 => ResumeClaim::RescanRequested,
+            5 => ResumeClaim::TrackingLost,
             // A newer agent's claim may carry fields this version cannot parse; it is
             // kept as "no trustworthy record", never guessed at.
             tag => {

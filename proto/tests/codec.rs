@@ -332,7 +332,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         proptest::collection::vec(arb_disk(), 0..4),
         proptest::collection::vec(arb_string(40), 0..4),
         proptest::collection::vec(arb_disk(), 0..4),
-        (any::<u8>(), any::<[u8; 16]>(), 0u8..5, any::<u64>()),
+        (any::<u8>(), any::<[u8; 16]>(), 0u8..6, any::<u64>()),
     )
         .prop_map(
             |(v, host, id, cpus, ram, inv_disks, ips, disks, (streams, series, claim, seq))| {
@@ -358,7 +358,8 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                         1 => ResumeClaim::Checkpoint { series, seq },
                         2 => ResumeClaim::NoRecord,
                         3 => ResumeClaim::InvalidRecord,
-                        _ => ResumeClaim::RescanRequested,
+                        4 => ResumeClaim::RescanRequested,
+                        _ => ResumeClaim::TrackingLost,
                     },
                 })
             },

@@ -527,6 +527,7 @@ fn resume_verdict(
         }
         ResumeClaim::NoRecord => Some(RescanReason::UNCLEAN_SHUTDOWN),
         ResumeClaim::RescanRequested => Some(RescanReason::OPERATOR_REQUEST),
+        ResumeClaim::TrackingLost => Some(RescanReason::TRACKING_LOST),
         ResumeClaim::Live
         | ResumeClaim::Checkpoint { .. }
         | ResumeClaim::InvalidRecord
@@ -1444,4 +1445,101 @@ pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(agent: &str, live_series: [u8; 16], checkpoint: Option<ChainId>) -> ServerRecord {
+        ServerRecord {
+            server_id: "srv".into(),
+            agent_id: agent.into(),
+            agent_version: String::new(),
+            inventory: InventoryRecord::default(),
+            first_seen: 0,
+            last_seen: 0,
+            durable_epoch: 0,
+            consistent_at_ms: 0,
+            live_series: series_hex(&live_series),
+            checkpoint,
+        }
+    }
+
+    fn hello(series: [u8; 16], resume: ResumeClaim) -> Hello {
+        Hello {
+            agent_version: String::new(),
+            inventory: Inventory::default(),
+            disks: Vec::new(),
+            streams: 1,
+            series,
+            resume,
+        }
+    }
+
+    /// Only a claim the receiver can check against its own record is trusted; every
+    /// other one makes the disks rescan, each for its own reason.
+    #[test]
+    fn the_resume_verdict_trusts_only_what_the_catalog_recorded() {
+        let identity = AgentIdentity {
+            agent_id: "a1".into(),
+            server_id: "srv".into(),
+        };
+        let chain = ChainId {
+            series: series_hex(&[3; 16]),
+            seq: 7,
+        };
+        let known = server("a1", [1; 16], Some(chain));
+        let verdict = |record: &ServerRecord, claim| {
+            resume_verdict(record, &identity, &hello([1; 16], claim))
+        };
+        assert_eq!(verdict(&known, ResumeClaim::Live), None);
+        assert_eq!(
+            verdict(
+                &known,
+                ResumeClaim::Checkpoint {
+                    series: [3; 16],
+                    seq: 7
+                }
+            ),
+            None
+        );
+        for (claim, reason) in [
+            (
+                ResumeClaim::Checkpoint {
+                    series: [3; 16],
+                    seq: 8,
+                },
+                RescanReason::STATE_MISMATCH,
+            ),
+            (ResumeClaim::NoRecord, RescanReason::UNCLEAN_SHUTDOWN),
+            (ResumeClaim::InvalidRecord, RescanReason::STATE_MISMATCH),
+            (ResumeClaim::RescanRequested, RescanReason::OPERATOR_REQUEST),
+            (ResumeClaim::TrackingLost, RescanReason::TRACKING_LOST),
+            (
+                ResumeClaim::Unknown {
+                    tag: 77,
+                    rest: vec![],
+                },
+                RescanReason::STATE_MISMATCH,
+            ),
+        ] {
+            assert_eq!(verdict(&known, claim.clone()), Some(reason), "{claim:?}");
+        }
+        // Another process's series is not live; another agent is a reinstall.
+        let other = server("a1", [2; 16], None);
+        assert_eq!(
+            verdict(&other, ResumeClaim::Live),
+            Some(RescanReason::STATE_MISMATCH)
+        );
+        let reinstalled = server("a0", [1; 16], None);
+        assert_eq!(
+            verdict(&reinstalled, ResumeClaim::Live),
+            Some(RescanReason::AGENT_REINSTALLED)
+        );
+        assert_eq!(
+            RescanReason::from_name("tracking_lost"),
+            Some(RescanReason::TRACKING_LOST)
+        );
+    }
 }
