@@ -12,9 +12,11 @@ use crate::capture::{Capture, DEFAULT_BUFFER};
 use blockferry_util::error_chain;
 
 use crate::credentials::Credentials;
+use crate::freeze::FreezeMode;
 use crate::progress::{Progress, ProgressMode};
 use crate::session::{self, Identity, Outcome, SessionError};
 use crate::state::{self, StateRecord};
+use crate::tracking::{CaptureMode, Tracking};
 use crate::volume::Volume;
 use blockferry_proto::ResumeClaim;
 
@@ -44,6 +46,19 @@ pub struct AgentConfig {
     /// First reconnect delay; doubles up to `max_backoff`.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// How changes are learnt (`--capture`).
+    pub capture: CaptureMode,
+    /// Where changes cannot be tracked, every disk is rescanned this often.
+    pub rescan_interval: Duration,
+    /// Pages of perf ring per CPU for block tracking (a power of two; tests make it
+    /// tiny to force losses).
+    pub tracking_ring_pages: usize,
+    /// Whether block-tracked points are cut under a file-system freeze (`--freeze`).
+    pub freeze: FreezeMode,
+    /// Longest a freeze may last (`--freeze-timeout-ms`).
+    pub freeze_timeout: Duration,
+    /// While the disks change, how often a frozen point is cut (`--freeze-interval-secs`).
+    pub freeze_interval: Duration,
 }
 
 impl AgentConfig {
@@ -60,6 +75,12 @@ impl AgentConfig {
             drain_timeout: Duration::from_secs(30),
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
+            capture: CaptureMode::Auto,
+            rescan_interval: Duration::from_secs(3600),
+            tracking_ring_pages: crate::tracking::RING_PAGES,
+            freeze: FreezeMode::Auto,
+            freeze_timeout: crate::freeze::DEFAULT_FREEZE_TIMEOUT,
+            freeze_interval: crate::freeze::DEFAULT_FREEZE_INTERVAL,
         }
     }
 }
@@ -88,6 +109,11 @@ pub struct AgentStats {
     pub throttle: crate::throttle::Throttle,
     /// The operator's pause of this server's replication.
     pub pause: crate::throttle::Pause,
+    /// Block tracking and freezes.
+    pub tracking: Arc<crate::tracking::TrackingCounters>,
+    /// Barriers sent that close a crash-consistent point, and those that do not.
+    pub consistent_points: AtomicU64,
+    pub inconsistent_points: AtomicU64,
     sizes: Vec<u64>,
     positions: Vec<AtomicU64>,
     durable: Vec<AtomicU64>,
@@ -109,6 +135,9 @@ impl AgentStats {
             synced: AtomicBool::new(false),
             throttle: crate::throttle::Throttle::default(),
             pause: crate::throttle::Pause::default(),
+            tracking: Arc::default(),
+            consistent_points: AtomicU64::new(0),
+            inconsistent_points: AtomicU64::new(0),
             sizes: volumes.iter().map(|v| v.size).collect(),
             positions: volumes.iter().map(|_| AtomicU64::new(0)).collect(),
             durable: volumes.iter().map(|_| AtomicU64::new(0)).collect(),
@@ -189,6 +218,8 @@ pub struct AgentReport {
 pub enum AgentError {
     #[error("giving up: {0}")]
     Fatal(#[source] SessionError),
+    #[error(transparent)]
+    Capture(#[from] crate::tracking::CaptureError),
 }
 
 /// A running agent's handle on its counters, for progress displays and tests.
@@ -249,23 +280,53 @@ impl Agent {
             ));
         }
         let _stop_renewal = renewal.drop_guard();
+        // Tracking starts before the first session reads anything, so that no write
+        // between the two is missed.
+        let tracking = Arc::new(Tracking::start(
+            config.capture,
+            volumes,
+            Arc::clone(self.capture.shared()),
+            config.rescan_interval,
+            config.tracking_ring_pages,
+            Arc::clone(&self.stats.tracking),
+        )?);
+        if tracking.tracked && config.freeze == FreezeMode::Off {
+            tracing::warn!(
+                "--freeze off: block-tracked changes are replicated, but no point is crash-consistent and the receiver cuts no recovery point"
+            );
+        }
+        if tracking.tracked && matches!(identity.claim, ResumeClaim::Checkpoint { .. }) {
+            // A clean stop's record holds what was dirty then, not what was written
+            // after the agent stopped.
+            tracing::info!(
+                "block tracking saw nothing while the agent was stopped: the disks are rescanned by checksum"
+            );
+            identity.claim = ResumeClaim::TrackingLost;
+        }
+        let mut losses_handled = tracking.losses();
         let mut backoff = config.initial_backoff;
         let result = loop {
+            let restart = tracking.restart_token(losses_handled);
             let (acks_before, session_started) = (
                 self.stats.durable_acks.load(Ordering::Relaxed),
                 Instant::now(),
             );
             let mut retry_after = Duration::ZERO;
-            match session::run(
+            let ran = session::run(
                 config,
                 volumes,
                 &self.stats,
                 self.capture.shared(),
                 &shutdown,
+                session::Changes {
+                    tracking: &tracking,
+                    restart: &restart,
+                },
                 &mut identity,
             )
-            .await
-            {
+            .await;
+            restart.cancel();
+            match ran {
                 Ok(Outcome::Checkpointed(seq)) => {
                     self.save_state(config, volumes, identity.series, seq);
                     break Ok(Outcome::Shutdown);
@@ -273,6 +334,13 @@ impl Agent {
                 Ok(outcome @ (Outcome::Synced | Outcome::Shutdown)) => break Ok(outcome),
                 Ok(Outcome::Closed(why)) => tracing::info!(%why, "session closed; reconnecting"),
                 Err(SessionError::Stopping) => break Ok(Outcome::Shutdown),
+                Err(SessionError::Restart) => {
+                    // Events were lost, or a periodic rescan is due: the next session
+                    // has the receiver rescan every disk, at once.
+                    losses_handled = tracking.losses();
+                    identity.claim = ResumeClaim::TrackingLost;
+                    continue;
+                }
                 Err(err) if err.is_retryable() => {
                     retry_after = err.retry_after();
                     tracing::warn!(error = %error_chain(&err), "session failed; reconnecting")

@@ -576,23 +576,19 @@ impl Tracker {
     /// Waits up to `timeout` for any ring to hold a quarter of its size (returns early
     /// then); callers drain after it either way.
     pub fn wait(&self, timeout: std::time::Duration) {
-        let mut fds: Vec<libc::pollfd> = self
+        let fds: Vec<_> = self.rings.iter().map(|r| r.fd.as_raw_fd()).collect();
+        poll_readable(&fds, timeout);
+    }
+
+    /// A waiter of its own on the rings (duplicated descriptors), so that one thread can
+    /// wait while another drains.
+    pub fn waiter(&self) -> io::Result<RingWaiter> {
+        let fds = self
             .rings
             .iter()
-            .map(|r| libc::pollfd {
-                fd: r.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        // SAFETY: poll on descriptors we own, with an array that outlives the call.
-        unsafe {
-            libc::poll(
-                fds.as_mut_ptr(),
-                fds.len() as libc::nfds_t,
-                timeout.as_millis().min(i32::MAX as u128) as i32,
-            );
-        }
+            .map(|r| r.fd.try_clone())
+            .collect::<io::Result<_>>()?;
+        Ok(RingWaiter { fds })
     }
 
     /// Takes every sample written so far, on every CPU, and reports the volume ranges
@@ -652,6 +648,39 @@ impl Tracker {
     /// Samples taken and samples lost so far.
     pub fn counts(&self) -> (u64, u64) {
         (self.samples, self.lost)
+    }
+}
+
+/// Waits on a tracker's rings without holding the tracker.
+#[derive(Debug)]
+pub struct RingWaiter {
+    fds: Vec<OwnedFd>,
+}
+
+impl RingWaiter {
+    /// As [`Tracker::wait`].
+    pub fn wait(&self, timeout: std::time::Duration) {
+        let fds: Vec<_> = self.fds.iter().map(|fd| fd.as_raw_fd()).collect();
+        poll_readable(&fds, timeout);
+    }
+}
+
+fn poll_readable(fds: &[std::os::fd::RawFd], timeout: std::time::Duration) {
+    let mut fds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: poll on descriptors the caller owns, with an array that outlives the call.
+    unsafe {
+        libc::poll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            timeout.as_millis().min(i32::MAX as u128) as i32,
+        );
     }
 }
 

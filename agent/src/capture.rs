@@ -68,6 +68,34 @@ pub enum CaptureError {
     },
 }
 
+/// A point copied under a freeze.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CopiedPoint {
+    /// Bytes copied into the frozen generation (0: nothing was dirty).
+    pub(crate) bytes: u64,
+    /// The capture write sequence number the point covers.
+    pub(crate) write_seq: u64,
+}
+
+/// Why a frozen point could not be copied.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CopyError {
+    #[error("a generation is still being shipped")]
+    Busy,
+    #[error("{dirty} bytes are dirty, more than the capture buffer's {room} free bytes can copy")]
+    TooMuch { dirty: u64, room: u64 },
+    #[error("the backlog has more runs than a generation may hold")]
+    TooManyRuns,
+    #[error("the dirty blocks could not be read within the freeze window ({copied} bytes copied)")]
+    Timeout { copied: u64 },
+    #[error("cannot read volume {disk}")]
+    Read {
+        disk: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
 /// A handle on an agent's write capture; cheap to clone, shareable between writers.
 #[derive(Debug, Clone)]
 pub struct Capture {
@@ -695,10 +723,8 @@ impl CaptureShared {
 
     /// Reads a run from its volume (when the buffer no longer had it).
     pub(crate) fn read_volume(&self, disk: usize, offset: u64, len: u64) -> io::Result<Vec<u8>> {
-        let volume = &self.volumes[disk];
-        let file = File::open(volume.path())?;
         let mut data = vec![0; len as usize];
-        file.read_exact_at(&mut data, offset)?;
+        self.volumes[disk].read_exact_at(&mut data, offset)?;
         Ok(data)
     }
 
@@ -759,6 +785,100 @@ impl CaptureShared {
             generation: state.generation,
         });
         true
+    }
+
+    /// While the volumes cannot change (their file systems are frozen): makes every
+    /// dirty run the frozen generation and reads its content from the volumes now, so
+    /// that it ships as of this instant whatever is written after the thaw. Returns the
+    /// bytes copied; `Ok(0)` when nothing is dirty (every block's last shipped content is
+    /// already its content now). Gives the generation up (back to the dirty map) when it
+    /// cannot be copied by `deadline`, would not fit the buffer, or a volume read fails.
+    pub(crate) fn freeze_copied(
+        &self,
+        deadline: std::time::Instant,
+    ) -> Result<CopiedPoint, CopyError> {
+        let write_seq = {
+            let state = self.lock();
+            if state.frozen.is_some() {
+                return Err(CopyError::Busy);
+            }
+            let dirty = state.dirty.total_dirty_bytes();
+            if dirty == 0 {
+                return Ok(CopiedPoint {
+                    bytes: 0,
+                    write_seq: state.write_seq,
+                });
+            }
+            let room = self.buffer_limit.saturating_sub(state.cache_bytes) as u64;
+            if dirty > room {
+                return Err(CopyError::TooMuch { dirty, room });
+            }
+            state.write_seq
+        };
+        if !self.freeze() {
+            return Err(CopyError::TooManyRuns);
+        }
+        let (generation, runs): (u64, Vec<(usize, u64, u64)>) = {
+            let state = self.lock();
+            let frozen = state.frozen.as_ref().expect("just frozen");
+            let runs = frozen.runs.iter().map(|(&(d, o), &l)| (d, o, l)).collect();
+            (frozen.generation, runs)
+        };
+        let mut copied = 0;
+        for (disk, offset, len) in runs {
+            if std::time::Instant::now() >= deadline {
+                self.abandon_generation(generation);
+                return Err(CopyError::Timeout { copied });
+            }
+            let data = match self.read_volume(disk, offset, len) {
+                Ok(data) => data,
+                Err(source) => {
+                    self.abandon_generation(generation);
+                    return Err(CopyError::Read {
+                        disk: self.volumes[disk].name.clone(),
+                        source,
+                    });
+                }
+            };
+            let mut state = self.lock();
+            let state = &mut *state;
+            let Some(frozen) = state.frozen.as_mut().filter(|f| f.generation == generation) else {
+                return Err(CopyError::Busy);
+            };
+            // What the volume holds now is the truth: it replaces any buffered copy.
+            for (i, block) in (offset / BLOCK..(offset + len).div_ceil(BLOCK)).enumerate() {
+                let from = i * BLOCK as usize;
+                let to = (from + BLOCK as usize).min(data.len());
+                let copy: Box<[u8]> = data[from..to].into();
+                state.cache_bytes += copy.len();
+                if let Some(old) = frozen.cache.insert((disk, block), copy) {
+                    state.cache_bytes -= old.len();
+                }
+            }
+            copied += len;
+        }
+        Ok(CopiedPoint {
+            bytes: copied,
+            write_seq,
+        })
+    }
+
+    /// Gives up generation `generation` (if it is still the frozen one): its runs are
+    /// dirty again and its epoch closes only as an ordinary, not consistent, one.
+    pub(crate) fn abandon_generation(&self, generation: u64) {
+        let mut state = self.lock();
+        if state
+            .frozen
+            .as_ref()
+            .is_some_and(|f| f.generation == generation)
+        {
+            dissolve(&mut state);
+        }
+    }
+
+    /// The generation number of the frozen generation, if any.
+    pub(crate) fn frozen_generation(&self) -> Option<u64> {
+        self.lock().frozen.as_ref().map(|f| f.generation)
     }
 
     /// Where the frozen generation stands; a [`GenerationState::Shipped`] generation is

@@ -8,6 +8,7 @@ pub mod capture;
 pub mod credentials;
 pub mod dirty;
 pub mod enroll;
+pub mod freeze;
 pub mod inventory;
 pub mod nbd;
 mod progress;
@@ -17,6 +18,7 @@ pub mod resources;
 mod session;
 pub mod state;
 pub mod throttle;
+pub mod tracking;
 pub mod volume;
 
 pub use agent::{Agent, AgentConfig, AgentError, AgentReport, AgentStats};

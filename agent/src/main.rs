@@ -105,6 +105,27 @@ enum Command {
         /// rest in the state record.
         #[arg(long, default_value_t = 30)]
         drain_timeout_secs: u64,
+        /// How the agent learns what changed: auto (block-layer tracking for block
+        /// devices, the tap for image files), block, tap (only writes through the NBD tap),
+        /// none (periodic rescans).
+        #[arg(long, default_value = "auto")]
+        capture: blockferry_agent::tracking::CaptureMode,
+        /// Where changes cannot be tracked (--capture none, or block tracking that cannot
+        /// start), rescan every disk by checksum this often (seconds).
+        #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(60..=604800))]
+        rescan_interval_secs: u64,
+        /// Block tracking: auto (cut crash-consistent points by freezing the file systems
+        /// mounted on the replicated disks for a moment) or off (never freeze; points
+        /// are not crash-consistent and no recovery point is cut).
+        #[arg(long, default_value = "auto")]
+        freeze: blockferry_agent::freeze::FreezeMode,
+        /// Longest the file systems stay frozen for one point (milliseconds); a point
+        /// that needs longer is given up.
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=10000))]
+        freeze_timeout_ms: u64,
+        /// While the disks change, cut a frozen point this often (seconds).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+        freeze_interval_secs: u64,
     },
 }
 
@@ -188,6 +209,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             state_dir,
             rescan,
             drain_timeout_secs,
+            capture,
+            rescan_interval_secs,
+            freeze,
+            freeze_timeout_ms,
+            freeze_interval_secs,
         } => {
             if let Some(dir) = &state_dir {
                 blockferry_util::durable::ensure_private_dir(dir, "agent state")
@@ -222,6 +248,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             config.epoch_interval = std::time::Duration::from_millis(epoch_interval_ms);
             config.rescan = rescan;
             config.drain_timeout = std::time::Duration::from_secs(drain_timeout_secs);
+            config.capture = capture;
+            config.rescan_interval = std::time::Duration::from_secs(rescan_interval_secs);
+            config.freeze = freeze;
+            config.freeze_timeout = std::time::Duration::from_millis(freeze_timeout_ms);
+            config.freeze_interval = std::time::Duration::from_secs(freeze_interval_secs);
             config.state_dir = state_dir;
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone());

@@ -5,8 +5,6 @@
 //! always travels with its latest content: the rescan never sends data itself.
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -90,7 +88,7 @@ async fn rescan_disk(
     replies: &mut mpsc::Receiver<SumReply>,
     stats: &AgentStats,
 ) -> std::io::Result<bool> {
-    let file = Arc::new(File::open(volume.path())?);
+    let file = Arc::new(volume.clone());
     let block = u64::from(SUM_BLOCK);
     let total_blocks = job.end.div_ceil(block);
     let disk16 = u16::try_from(job.disk).expect("at most MAX_DISKS volumes");
@@ -176,7 +174,7 @@ async fn rescan_disk(
 /// Reads blocks `first..first + count` and hashes each (the last one over the bytes
 /// the disk has).
 fn hash_window(
-    file: &File,
+    file: &Volume,
     size: u64,
     first: u64,
     count: u32,

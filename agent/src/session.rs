@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use std::collections::BTreeSet;
@@ -22,8 +23,10 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{AgentConfig, AgentStats};
 use crate::capture::{CaptureShared, GenerationState};
 use crate::credentials::Credentials;
+use crate::freeze::FreezeMode;
 use crate::rescan::{RescanEvent, RescanJob};
 use crate::resources::ProcessSampler;
+use crate::tracking::Tracking;
 use crate::volume::CHUNK;
 use crate::volume::{ChunkReader, Volume, zero_runs};
 
@@ -41,6 +44,9 @@ const CHANGE_BATCH: u64 = 4 << 20;
 const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Checksum replies waiting for the rescan task (it keeps at most 16 requests in flight).
 const SUM_REPLY_QUEUE: usize = 64;
+/// After a failed frozen point, or while the first one is wanted, the next attempt
+/// comes this soon (or at the freeze interval, when shorter).
+const CUT_RETRY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -86,6 +92,10 @@ pub enum SessionError {
     /// The agent was asked to stop; the session ends at the next frame boundary.
     #[error("the agent is stopping")]
     Stopping,
+    /// The agent cannot vouch for its changes any more (block-layer events were lost,
+    /// or a periodic rescan is due): the session ends for one that rescans.
+    #[error("changes were lost to tracking; reconnecting to rescan")]
+    Restart,
 }
 
 impl SessionError {
@@ -182,7 +192,7 @@ impl StreamSender {
                     Ok(Ok(())) => {
                         stats
                             .wire_bytes
-                            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     }
                     Ok(Err(err)) => {
                         let _ = events
@@ -255,6 +265,19 @@ pub(crate) struct Session<'a> {
     /// A consistent barrier is due even without changes (the initial sync just became
     /// durable: the receiver can cut its first recovery point there).
     consistent_due: bool,
+    /// What block tracking sees; with it, only points cut under a freeze are
+    /// consistent.
+    tracking: &'a Arc<Tracking>,
+    /// Block tracking: a first frozen point is wanted (the initial sync is durable).
+    first_point_wanted: bool,
+    /// When the last frozen point was attempted.
+    last_cut: Option<Instant>,
+    /// Tracked writes counted when the last frozen point was cut.
+    writes_at_cut: u64,
+    /// The frozen generation being shipped was copied under a freeze.
+    frozen_consistent: bool,
+    /// Why the last frozen point failed, so that a lasting cause is logged once.
+    cut_failing: Option<String>,
 }
 
 /// What the agent tells the receiver about itself at Hello.
@@ -269,6 +292,13 @@ pub(crate) struct Identity {
     pub(crate) checkpoints: bool,
 }
 
+/// How a session learns of changes it cannot ship: block tracking, and the token that
+/// ends the session when tracking lost events (or a periodic rescan is due).
+pub(crate) struct Changes<'a> {
+    pub(crate) tracking: &'a Arc<Tracking>,
+    pub(crate) restart: &'a CancellationToken,
+}
+
 /// Connects, says Hello, and runs the session to its end. When `shutdown` fires, the
 /// session drains what it can, then asks the receiver to record a checkpoint.
 pub(crate) async fn run(
@@ -277,8 +307,10 @@ pub(crate) async fn run(
     stats: &Arc<AgentStats>,
     capture: &Arc<CaptureShared>,
     shutdown: &CancellationToken,
+    changes: Changes<'_>,
     identity: &mut Identity,
 ) -> Result<Outcome, SessionError> {
+    let Changes { tracking, restart } = changes;
     let stream = connect(&config.receiver, &config.credentials).await?;
     let (events_tx, events) = mpsc::channel(256);
     let (sums_tx, sums) = mpsc::channel(SUM_REPLY_QUEUE);
@@ -324,11 +356,34 @@ pub(crate) async fn run(
         welcomed: false,
         barrier_interval: 16 << 20,
         consistent_due: false,
+        tracking,
+        first_point_wanted: false,
+        last_cut: None,
+        writes_at_cut: 0,
+        frozen_consistent: false,
+        cut_failing: None,
     };
     let claim = std::mem::replace(&mut identity.claim, ResumeClaim::Live);
     // Stopping is noticed between frames, never inside one, so the Goodbye is the last
     // whole frame the receiver reads.
-    let result = match session.drive(claim, sums_tx).await {
+    // A restart drops the drive between two of its awaits: a frame is handed to a
+    // stream's writer whole or not at all, and what was sent but not acknowledged is
+    // marked dirty again below, as after a broken connection.
+    let driven = tokio::select! {
+        result = session.drive(claim, sums_tx) => result,
+        () = restart.cancelled() => {
+            let _ = session
+                .send(
+                    0,
+                    &Frame::Goodbye(Goodbye {
+                        message: "changes were lost to tracking; reconnecting to rescan".into(),
+                    }),
+                )
+                .await;
+            Err(SessionError::Restart)
+        }
+    };
+    let result = match driven {
         Err(SessionError::Stopping) if session.welcomed && identity.checkpoints => {
             let seq = identity.next_seq;
             identity.next_seq += 1;
@@ -440,9 +495,7 @@ impl Session<'_> {
         let barrier_interval = welcome.settings.barrier_interval.max(1 << 20);
         self.barrier_interval = barrier_interval;
         self.join_streams(&welcome, &sums_tx).await?;
-        self.stats
-            .sessions
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.sessions.fetch_add(1, Ordering::Relaxed);
 
         let capture = Arc::clone(self.capture);
         let mut to_sync = VecDeque::new();
@@ -582,8 +635,13 @@ impl Session<'_> {
             if !self.sync_done && queued == 0 && self.durable_epoch >= last_sync_epoch {
                 self.sync_done = true;
                 // The synced images become a consistent point as soon as nothing captured
-                // meanwhile is left to send, even if nothing changes after.
-                self.consistent_due = true;
+                // meanwhile is left to send, even if nothing changes after. Block-tracked
+                // images become one only under a freeze.
+                if self.tracking.tracked {
+                    self.first_point_wanted = true;
+                } else {
+                    self.consistent_due = true;
+                }
                 tracing::info!("every disk's initial sync is durable at the receiver");
                 self.update_synced();
             }
@@ -596,10 +654,17 @@ impl Session<'_> {
                 match capture.generation_state() {
                     GenerationState::Shipped(write_seq) => {
                         let frozen_at = self.frozen_at.take();
-                        self.consistent_barrier(write_seq, frozen_at).await?;
+                        // A tracked generation is a point only if it was copied frozen.
+                        let consistent =
+                            !self.tracking.tracked || std::mem::take(&mut self.frozen_consistent);
+                        self.point_barrier(write_seq, frozen_at, consistent).await?;
                         barrier_sent = true;
                     }
                     GenerationState::Shipping => {}
+                    GenerationState::Open if self.frozen_point_due() => {
+                        self.cut_frozen_point().await?;
+                        continue;
+                    }
                     GenerationState::Open => {
                         if let Some((write_seq, flush)) = capture.quiescent() {
                             let due = self.changes_since_barrier > 0
@@ -607,7 +672,11 @@ impl Session<'_> {
                                 || self.consistent_due
                                 || !self.rescans_finished.is_empty();
                             if due && self.epoch - self.durable_epoch < MAX_UNACKED_BARRIERS {
-                                self.consistent_barrier(write_seq, None).await?;
+                                // An empty map is a point only where every write is
+                                // seen as it happens; block tracking learns of writes
+                                // after they completed.
+                                let consistent = !self.tracking.tracked;
+                                self.point_barrier(write_seq, None, consistent).await?;
                                 barrier_sent = true;
                             } else if due {
                                 // Too many barriers in flight: ask again once one is
@@ -770,10 +839,10 @@ impl Session<'_> {
         self.send_bytes(stream, out).await?;
         self.stats
             .payload_bytes
-            .fetch_add(payload, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(payload, Ordering::Relaxed);
         self.stats
             .zero_fill_bytes
-            .fetch_add(zero_fill, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(zero_fill, Ordering::Relaxed);
         Ok(())
     }
 
@@ -839,18 +908,93 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Closes a crash-consistent epoch covering capture writes up to `write_seq` (and,
-    /// for a shipped generation, everything marked before `frozen_at`).
-    async fn consistent_barrier(
+    /// Closes an epoch covering capture writes up to `write_seq` (and, for a shipped
+    /// generation, everything marked before `frozen_at`), marked crash-consistent when
+    /// it is one.
+    async fn point_barrier(
         &mut self,
         write_seq: u64,
         frozen_at: Option<Instant>,
+        consistent: bool,
     ) -> Result<(), SessionError> {
-        self.barrier_with(Vec::new(), frozen_at, true).await?;
+        self.barrier_with(Vec::new(), frozen_at, consistent).await?;
+        let counter = if consistent {
+            &self.stats.consistent_points
+        } else {
+            &self.stats.inconsistent_points
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         self.changes_since_barrier = 0;
         self.consistent_due = false;
         self.covers.push_back((self.epoch, write_seq));
         self.last_consistent = Instant::now();
+        Ok(())
+    }
+
+    /// Whether a point should now be cut under a freeze: block tracking with `--freeze
+    /// auto`, no rescan in progress (a disk not yet compared is no point), and either the
+    /// first point after the initial sync or writes since the last one, an interval ago.
+    fn frozen_point_due(&self) -> bool {
+        if !self.tracking.tracked
+            || self.config.freeze != FreezeMode::Auto
+            || !self.rescans_pending.is_empty()
+            || self.epoch - self.durable_epoch >= MAX_UNACKED_BARRIERS
+        {
+            return false;
+        }
+        let wait = if self.first_point_wanted {
+            self.config.freeze_interval.min(CUT_RETRY)
+        } else {
+            self.config.freeze_interval
+        };
+        let written = self.stats.tracking.writes.load(Ordering::Relaxed) != self.writes_at_cut;
+        self.last_cut.is_none_or(|at| at.elapsed() >= wait) && (self.first_point_wanted || written)
+    }
+
+    /// Cuts a point under a freeze (see [`crate::freeze`]). On success the copied
+    /// generation ships next and its barrier is marked consistent (or, with nothing
+    /// dirty, a consistent barrier goes at once). A failure is logged (once while its
+    /// cause lasts) and replication goes on without the point.
+    async fn cut_frozen_point(&mut self) -> Result<(), SessionError> {
+        let tracking = Arc::clone(self.tracking);
+        let timeout = self.config.freeze_timeout;
+        let cut = tokio::task::spawn_blocking(move || tracking.cut_point(timeout))
+            .await
+            .map_err(|e| broken(&e.to_string()))?;
+        self.last_cut = Some(Instant::now());
+        match cut {
+            Ok(point) => {
+                tracing::debug!(
+                    frozen_ms = point.frozen_for.as_secs_f64() * 1e3,
+                    file_systems = point.file_systems,
+                    copied = point.copied,
+                    "crash-consistent point cut under a freeze"
+                );
+                if self.cut_failing.take().is_some() {
+                    tracing::info!("crash-consistent points are cut again");
+                }
+                self.first_point_wanted = false;
+                self.writes_at_cut = self.stats.tracking.writes.load(Ordering::Relaxed);
+                if point.copied == 0 {
+                    self.point_barrier(point.write_seq, None, true).await?;
+                } else {
+                    self.frozen_consistent = true;
+                    self.last_consistent = Instant::now();
+                    self.frozen_at = Some(self.last_consistent);
+                }
+            }
+            Err(err) => {
+                let why = blockferry_util::error_chain(&err);
+                if self.cut_failing.as_deref() != Some(why.as_str()) {
+                    tracing::warn!(
+                        error = %why,
+                        retry_s = self.config.freeze_interval.min(CUT_RETRY).as_secs(),
+                        "cannot cut a crash-consistent point under a freeze; changes are still replicated, but no recovery point is cut until one succeeds"
+                    );
+                }
+                self.cut_failing = Some(why);
+            }
+        }
         Ok(())
     }
 
@@ -930,9 +1074,7 @@ impl Session<'_> {
     /// Every initial sync and every rescan is durable: the disks are in step.
     fn update_synced(&self) {
         if self.sync_done && self.rescans_pending.is_empty() {
-            self.stats
-                .synced
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.stats.synced.store(true, Ordering::Relaxed);
         }
     }
 
@@ -1023,7 +1165,10 @@ impl Session<'_> {
                     self.capture.quiescent().filter(|_| self.sync_done)
                 };
                 match consistent {
-                    Some((write_seq, _)) => self.consistent_barrier(write_seq, None).await?,
+                    Some((write_seq, _)) => {
+                        let consistent = !self.tracking.tracked;
+                        self.point_barrier(write_seq, None, consistent).await?;
+                    }
                     None => {
                         self.barrier(Vec::new()).await?;
                         self.changes_since_barrier = 0;
@@ -1303,9 +1448,7 @@ async fn read_frames(
                 return;
             }
             Ok(n) => {
-                stats
-                    .received_bytes
-                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                stats.received_bytes.fetch_add(n as u64, Ordering::Relaxed);
                 buf.filled(n);
             }
             Err(err) => {

@@ -3,11 +3,11 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use blockferry_util::device_size;
+use blockferry_util::{DeviceKind, device_size};
 use tokio::sync::mpsc;
 
 /// Bytes per read: one full write frame.
@@ -46,10 +46,36 @@ pub struct Volume {
     pub name: String,
     pub path: PathBuf,
     pub size: u64,
+    /// A block device or an image file.
+    pub kind: DeviceKind,
     file: Arc<File>,
+    /// A block device opened with O_DIRECT, for reads that bypass its page cache.
+    direct: Option<Arc<File>>,
 }
 
 impl Volume {
+    /// Reads `buf.len()` bytes at `offset` as the volume holds them now. A block device
+    /// is read with O_DIRECT, past its page cache: a file system writes to the device
+    /// beneath that cache, so pages an earlier read left in it can be stale.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if let Some(direct) = &self.direct {
+            return read_direct(direct, buf, offset, self.size);
+        }
+        if self.kind == DeviceKind::BlockDevice {
+            use std::os::fd::AsRawFd;
+            // SAFETY: posix_fadvise on a descriptor the volume owns; it only advises.
+            unsafe {
+                libc::posix_fadvise(
+                    self.file.as_raw_fd(),
+                    offset as libc::off_t,
+                    buf.len() as libc::off_t,
+                    libc::POSIX_FADV_DONTNEED,
+                );
+            }
+        }
+        self.file.read_exact_at(buf, offset)
+    }
+
     /// Makes every write to the volume that has completed durable on it (`fdatasync`;
     /// Linux flushes the file's or the device's dirty pages whichever descriptor does).
     pub fn sync(&self) -> std::io::Result<()> {
@@ -77,17 +103,31 @@ impl Volume {
             source,
         };
         let file = File::open(&path).map_err(open_err)?;
-        let (_, size) = device_size(&file)
+        let (kind, size) = device_size(&file)
             .map_err(open_err)?
             .ok_or_else(|| VolumeError::NotAVolume { path: path.clone() })?;
         if size == 0 {
             return Err(VolumeError::Empty { path });
         }
+        // Without O_DIRECT (a file system or driver that refuses it) the page cache is
+        // bypassed by dropping the range before each read instead.
+        let direct = (kind == DeviceKind::BlockDevice)
+            .then(|| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(&path)
+                    .ok()
+            })
+            .flatten()
+            .map(Arc::new);
         Ok(Self {
             name,
             path,
             size,
+            kind,
             file: Arc::new(file),
+            direct,
         })
     }
 
@@ -123,7 +163,7 @@ impl Volume {
     /// is told the end of each chunk just before it is read.
     pub fn read_from(&self, start: u64, before_read: impl Fn(u64) + Send + 'static) -> ChunkReader {
         let (tx, rx) = mpsc::channel(READ_AHEAD);
-        let (file, size) = (Arc::clone(&self.file), self.size);
+        let (volume, size) = (self.clone(), self.size);
         tokio::task::spawn_blocking(move || {
             let mut offset = start;
             while offset < size {
@@ -131,7 +171,9 @@ impl Volume {
                 let len = (next.min(size) - offset) as usize;
                 before_read(offset + len as u64);
                 let mut buf = vec![0u8; len];
-                let result = file.read_exact_at(&mut buf, offset).map(|()| (offset, buf));
+                let result = volume
+                    .read_exact_at(&mut buf, offset)
+                    .map(|()| (offset, buf));
                 let failed = result.is_err();
                 if tx.blocking_send(result).is_err() || failed {
                     return;
@@ -141,6 +183,40 @@ impl Volume {
         });
         rx
     }
+}
+
+/// Alignment of O_DIRECT buffers, offsets and lengths: a page, which covers every
+/// logical block size (512 or 4096).
+const DIRECT_ALIGN: u64 = 4096;
+
+/// Reads `buf.len()` bytes at `offset` through `direct` (opened with O_DIRECT): the range
+/// widened to whole aligned blocks (within `size`, itself a multiple of the logical
+/// block size) in an aligned buffer, then copied out.
+fn read_direct(direct: &File, buf: &mut [u8], offset: u64, size: u64) -> std::io::Result<()> {
+    let start = offset / DIRECT_ALIGN * DIRECT_ALIGN;
+    let end = (offset + buf.len() as u64).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+    let end = end
+        .min(size.div_ceil(512) * 512)
+        .max(offset + buf.len() as u64);
+    let len = (end - start) as usize;
+    let layout = std::alloc::Layout::from_size_align(len.max(1), DIRECT_ALIGN as usize)
+        .map_err(std::io::Error::other)?;
+    // SAFETY: a non-zero layout; the memory is freed below with the same layout, and
+    // only the bytes the read filled are looked at.
+    let ptr = unsafe { std::alloc::alloc(layout) };
+    if ptr.is_null() {
+        std::alloc::handle_alloc_error(layout);
+    }
+    // SAFETY: `len` bytes at `ptr` are allocated and exclusively ours until freed.
+    let aligned = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+    let result = direct.read_exact_at(aligned, start);
+    if result.is_ok() {
+        let from = (offset - start) as usize;
+        buf.copy_from_slice(&aligned[from..from + buf.len()]);
+    }
+    // SAFETY: allocated above with this layout.
+    unsafe { std::alloc::dealloc(ptr, layout) };
+    result
 }
 
 fn valid_name(name: &str) -> bool {

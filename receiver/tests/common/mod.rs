@@ -2,6 +2,8 @@
 //! credentials, generated images, an in-process agent, and a TCP proxy that cuts.
 #![allow(dead_code)]
 
+pub mod ebs;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -1,0 +1,675 @@
+//! Block-layer change tracking with real file systems and real writers: an ext4 file
+//! system on a loop device, written by `dd`, `cp -r` and `rm` (with `fstrim` to
+//! discard) while the agent replicates the device with `--capture block`; once the file
+//! system is unmounted and nothing is pending, the staging image is byte-identical to
+//! the device and `e2fsck -n` finds it clean. A ring too small for the writes loses
+//! events, and the disk is rescanned for it (`tracking_lost`) to an identical image.
+//! Skips, saying why, where loop devices, mkfs or perf events are not available.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use blockferry_agent::tracking::CaptureMode;
+use blockferry_agent::{Agent, AgentConfig, Volume};
+use common::*;
+use tokio_util::sync::CancellationToken;
+
+struct LoopDevice(String);
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn run(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A loop device on a fresh file of `size` bytes, with ext4 on it; None (and why) where
+/// this machine cannot.
+fn ext4_device(dir: &Path, size: u64) -> Option<LoopDevice> {
+    let backing = dir.join("source.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let out = Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&backing)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!(
+            "SKIP: cannot attach a loop device: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return None;
+    }
+    let device = LoopDevice(String::from_utf8(out.stdout).ok()?.trim().to_owned());
+    if !run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "nodiscard"])
+        .arg(&device.0))
+    {
+        eprintln!("SKIP: mkfs.ext4 failed or is missing (e2fsprogs)");
+        return None;
+    }
+    Some(device)
+}
+
+/// Waits until the agent has nothing to send and nothing unacknowledged, for a while.
+async fn wait_quiet(agent: &Agent) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut quiet_since = None::<Instant>;
+    loop {
+        if agent.capture().backlog_bytes() == 0 {
+            let since = *quiet_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_millis(1500) {
+                return;
+            }
+        } else {
+            quiet_since = None;
+        }
+        assert!(Instant::now() < deadline, "the agent never caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn workload(mount: &Path) {
+    assert!(run(Command::new("dd")
+        .args(["if=/dev/urandom", "bs=1M", "count=24", "conv=fsync"])
+        .arg(format!("of={}", mount.join("random.bin").display()))));
+    std::fs::create_dir_all(mount.join("tree")).unwrap();
+    assert!(run(Command::new("cp")
+        .args(["-r", "/usr/share/zoneinfo"])
+        .arg(mount.join("tree"))));
+    assert!(run(Command::new("dd")
+        .args(["if=/dev/urandom", "bs=64k", "count=64", "oflag=direct"])
+        .arg(format!("of={}", mount.join("direct.bin").display()))));
+    // Thousands of small requests in a burst (more than a one-page ring holds).
+    assert!(run(Command::new("dd")
+        .args(["if=/dev/urandom", "bs=4k", "count=4000", "oflag=direct"])
+        .arg(format!("of={}", mount.join("small.bin").display()))));
+    std::fs::remove_file(mount.join("random.bin")).unwrap();
+    let _ = run(Command::new("fstrim").arg(mount));
+    assert!(run(&mut Command::new("sync")));
+}
+
+async fn replicate_a_written_file_system(
+    config_change: impl FnOnce(&mut AgentConfig),
+) -> Option<blockferry_receiver::status::DiskStatus> {
+    let dir = tempfile::tempdir().unwrap();
+    let device = ext4_device(dir.path(), 96 << 20)?;
+    let data = dir.path().join("receiver");
+    let receiver = start_receiver(&data).await;
+    let creds = credentials(&data, SERVER, &dir.path().join("creds"));
+    let volumes = vec![Volume::open(&format!("sdz={}", device.0)).unwrap()];
+    let mut config = agent_config(receiver.local_addr(), creds);
+    config.exit_when_synced = false;
+    config.capture = CaptureMode::Block;
+    config_change(&mut config);
+    let agent = Agent::new(&volumes);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (agent, config, volumes, stop) =
+            (agent.clone(), config.clone(), volumes.clone(), stop.clone());
+        async move { agent.run(&config, &volumes, stop).await }
+    });
+    wait_synced(agent.stats()).await;
+
+    let mount = dir.path().join("mnt");
+    std::fs::create_dir(&mount).unwrap();
+    if !run(Command::new("mount").arg(&device.0).arg(&mount)) {
+        eprintln!("SKIP: cannot mount ext4 here");
+        stop.cancel();
+        let _ = task.await;
+        return None;
+    }
+    let mounted = Mounted(mount.clone());
+    let writer = tokio::task::spawn_blocking({
+        let mount = mount.clone();
+        move || workload(&mount)
+    });
+    writer.await.unwrap();
+    drop(mounted);
+    wait_quiet(&agent).await;
+    let status = receiver.status().unwrap();
+    let disk = status.servers[0].disks[0].clone();
+    let staged = staging_image(&data, SERVER, "sdz");
+    // Read the device as it is, not as its page cache last saw it.
+    assert!(run(
+        Command::new("blockdev").args(["--flushbufs", &device.0])
+    ));
+    let (source, copy) = (
+        std::fs::read(&device.0).unwrap(),
+        std::fs::read(&staged).unwrap(),
+    );
+    assert_eq!(source.len(), copy.len());
+    let differs = source
+        .chunks(4096)
+        .zip(copy.chunks(4096))
+        .position(|(a, b)| a != b);
+    assert_eq!(
+        differs, None,
+        "the staging image differs from the device at block {differs:?}"
+    );
+    let fsck = Command::new("e2fsck")
+        .args(["-n", "-f"])
+        .arg(&staged)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck of the staging image: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    stop.cancel();
+    let _ = task.await;
+    receiver.shutdown().await;
+    Some(disk)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_write_of_a_mounted_file_system_reaches_the_staging_image() {
+    let Some(disk) = replicate_a_written_file_system(|_| {}).await else {
+        return;
+    };
+    assert_eq!(disk.last_rescan_reason, None, "nothing was lost: {disk:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_events_make_the_disk_rescan_to_an_identical_image() {
+    // One page of ring per CPU: the workload's writes overflow it.
+    let Some(disk) = replicate_a_written_file_system(|config| config.tracking_ring_pages = 1).await
+    else {
+        return;
+    };
+    assert_eq!(
+        disk.last_rescan_reason.as_deref(),
+        Some("tracking_lost"),
+        "{disk:?}"
+    );
+}
+
+fn raw_device(dir: &Path, size: u64) -> Option<LoopDevice> {
+    let backing = dir.join("raw.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let out = Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&backing)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!("SKIP: cannot attach a loop device");
+        return None;
+    }
+    Some(LoopDevice(
+        String::from_utf8(out.stdout).ok()?.trim().to_owned(),
+    ))
+}
+
+/// What block tracking did not see (writes while the agent was stopped) is never
+/// trusted: a restart after a clean stop rescans by checksum (`tracking_lost`) and
+/// finds what changed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_rescans_what_tracking_could_not_see() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(device) = raw_device(dir.path(), 16 << 20) else {
+        return;
+    };
+    let data = dir.path().join("receiver");
+    let receiver = start_receiver(&data).await;
+    let creds = credentials(&data, SERVER, &dir.path().join("creds"));
+    let volumes = vec![Volume::open(&format!("sdy={}", device.0)).unwrap()];
+    let mut config = agent_config(receiver.local_addr(), creds);
+    config.capture = CaptureMode::Block;
+    config.state_dir = Some(dir.path().join("state"));
+    // A clean stop, which leaves a checkpoint an untracked agent could resume from.
+    let mut first = config.clone();
+    first.exit_when_synced = false;
+    let agent = Agent::new(&volumes);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (agent, volumes, stop) = (agent.clone(), volumes.clone(), stop.clone());
+        async move { agent.run(&first, &volumes, stop).await }
+    });
+    wait_synced(agent.stats()).await;
+    stop.cancel();
+    task.await.unwrap().expect("the first agent stops cleanly");
+    assert!(
+        dir.path()
+            .join("state")
+            .read_dir()
+            .unwrap()
+            .next()
+            .is_some(),
+        "a clean stop leaves a state record"
+    );
+    // Written while no agent runs.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&device.0)
+        .unwrap();
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(&[0x77; 8192], 5 << 20).unwrap();
+    file.sync_all().unwrap();
+    sync(&config, &volumes, Duration::from_secs(60)).await;
+    let disk = receiver.status().unwrap().servers[0].disks[0].clone();
+    assert_eq!(
+        disk.last_rescan_reason.as_deref(),
+        Some("tracking_lost"),
+        "{disk:?}"
+    );
+    assert!(run(
+        Command::new("blockdev").args(["--flushbufs", &device.0])
+    ));
+    assert_eq!(
+        std::fs::read(&device.0).unwrap(),
+        std::fs::read(staging_image(&data, SERVER, "sdy")).unwrap()
+    );
+    receiver.shutdown().await;
+}
+
+/// Where the kernel refuses perf events (here strace makes perf_event_open fail with
+/// EACCES, as a seccomp filter or kernel.perf_event_paranoid would), the agent says why
+/// in one line and replicates anyway, with periodic rescans instead of tracking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn where_tracking_is_refused_the_agent_says_so_and_falls_back_to_rescans() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(device) = raw_device(dir.path(), 8 << 20) else {
+        return;
+    };
+    let data = dir.path().join("receiver");
+    let receiver = start_receiver(&data).await;
+    let creds_dir = dir.path().join("creds");
+    credentials(&data, SERVER, &creds_dir);
+    let agent_bin =
+        PathBuf::from(env!("CARGO_BIN_EXE_blockferry-receiver")).with_file_name("blockferry-agent");
+    let out = tokio::task::spawn_blocking({
+        let (addr, device) = (receiver.local_addr().to_string(), device.0.clone());
+        move || {
+            Command::new("strace")
+                .args([
+                    "-f",
+                    "-qq",
+                    "-o",
+                    "/dev/null",
+                    "-e",
+                    "trace=perf_event_open",
+                    "-e",
+                    "inject=perf_event_open:error=EACCES",
+                ])
+                .arg(&agent_bin)
+                .args([
+                    "run",
+                    "--exit-when-synced",
+                    "--progress",
+                    "log",
+                    "--capture",
+                    "block",
+                    "--receiver",
+                    &addr,
+                    "--credentials",
+                ])
+                .arg(&creds_dir)
+                .arg("--disk")
+                .arg(format!("sdx={device}"))
+                .output()
+                .expect("strace is needed (.ci/run installs it)")
+        }
+    })
+    .await
+    .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("cannot start")).collect();
+    assert_eq!(lines.len(), 1, "one line says why:\n{log}");
+    assert!(
+        lines[0].contains("refused a perf event") && lines[0].contains("rescanned"),
+        "{}",
+        lines[0]
+    );
+    receiver.shutdown().await;
+}
+
+/// An agent replicating in the background until stopped.
+struct Background {
+    agent: Agent,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<
+        Result<blockferry_agent::AgentReport, blockferry_agent::AgentError>,
+    >,
+}
+
+impl Background {
+    fn start(config: AgentConfig, volumes: Vec<Volume>) -> Self {
+        let agent = Agent::new(&volumes);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let (agent, stop) = (agent.clone(), stop.clone());
+            async move { agent.run(&config, &volumes, stop).await }
+        });
+        Self { agent, stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().expect("the agent stops cleanly");
+    }
+}
+
+/// Writes files (with fsync) and deletes them, in a loop, until `stop`.
+fn busy_writer(
+    mount: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let mut rounds = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let path = mount.join(format!("f{}", rounds % 16));
+            let mut file = std::fs::File::create(&path).unwrap();
+            file.write_all(&vec![rounds as u8; 256 << 10]).unwrap();
+            file.sync_all().unwrap();
+            if rounds.is_multiple_of(3) {
+                let _ = std::fs::remove_file(mount.join(format!("f{}", (rounds + 5) % 16)));
+            }
+            rounds += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        rounds
+    })
+}
+
+/// A receiver on the in-memory EBS, an ext4 device, and a tracked agent with `freeze`;
+/// the file system is mounted and written by [`busy_writer`] until `points` recovery
+/// points were cut while it wrote (or, for `points == 0`, for three seconds).
+async fn points_of_a_busy_file_system(
+    freeze: blockferry_agent::freeze::FreezeMode,
+    points: usize,
+    check: impl AsyncFnOnce(
+        &blockferry_receiver::Receiver,
+        &std::sync::Arc<blockferry_storage::ebs::fake::FakeEbs>,
+        &Agent,
+        &Path,
+    ),
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(device) = ext4_device(dir.path(), 64 << 20) else {
+        return;
+    };
+    let data = dir.path().join("receiver");
+    let fake = std::sync::Arc::new(blockferry_storage::ebs::fake::FakeEbs::new());
+    let receiver =
+        blockferry_receiver::Receiver::start(common::ebs::ebs_config(&data, &fake, 4, 64 << 20))
+            .await
+            .unwrap();
+    let creds = credentials(&data, SERVER, &dir.path().join("creds"));
+    let mut config = agent_config(receiver.local_addr(), creds);
+    config.exit_when_synced = false;
+    config.capture = CaptureMode::Block;
+    config.freeze = freeze;
+    config.freeze_interval = Duration::from_secs(1);
+    let mount = dir.path().join("mnt");
+    std::fs::create_dir(&mount).unwrap();
+    if !run(Command::new("mount").arg(&device.0).arg(&mount)) {
+        eprintln!("SKIP: cannot mount ext4 here");
+        return;
+    }
+    let mounted = Mounted(mount.clone());
+    let agent = Background::start(
+        config,
+        vec![Volume::open(&format!("sdw={}", device.0)).unwrap()],
+    );
+    wait_synced(agent.agent.stats()).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = busy_writer(mount.clone(), std::sync::Arc::clone(&stop));
+    let writing_since = now_ms();
+    if points > 0 {
+        for n in 1..=points {
+            common::ebs::wait_point(
+                &receiver,
+                &format!("point {n} cut while the file system is written"),
+                |p| {
+                    p.cut_at_ms > writing_since
+                        && receiver.status().unwrap().servers[0]
+                            .recovery_points
+                            .iter()
+                            .filter(|q| q.cut_at_ms > writing_since)
+                            .count()
+                            >= n
+                },
+            )
+            .await;
+        }
+    } else {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = writer.join().unwrap();
+    assert!(rounds > 10, "the writer wrote {rounds} rounds");
+    check(&receiver, &fake, &agent.agent, dir.path()).await;
+    drop(mounted);
+    agent.stop().await;
+    receiver.shutdown().await;
+}
+
+/// With `--freeze auto`, points are cut while a file system is being written: each
+/// freeze stays within its bound, and a recovery point restored from its snapshots is
+/// an ext4 file system that was frozen (journal clean, no recovery needed) and that
+/// `e2fsck -f` finds consistent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_points_of_a_busy_file_system_restore_to_a_clean_file_system() {
+    points_of_a_busy_file_system(
+        blockferry_agent::freeze::FreezeMode::Auto,
+        2,
+        async |receiver, fake, agent, dir| {
+            let tracking = &agent.stats().tracking;
+            let frozen = tracking
+                .frozen_points
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let longest = tracking
+                .max_freeze_us
+                .load(std::sync::atomic::Ordering::Relaxed);
+            assert!(frozen >= 2, "{frozen} frozen points");
+            // The bound is on the copy; FIFREEZE's own flush and the thaw come on top.
+            assert!(longest < 1_000_000, "a freeze lasted {longest} µs");
+            let status = receiver.status().unwrap();
+            let point = status.servers[0].recovery_points.last().unwrap().clone();
+            let image = common::ebs::restore_to(
+                receiver,
+                fake,
+                "sdw",
+                point.epoch,
+                &dir.join("restored.img"),
+            )
+            .await;
+            let features = Command::new("dumpe2fs")
+                .arg("-h")
+                .arg(&image)
+                .output()
+                .unwrap();
+            let features = String::from_utf8_lossy(&features.stdout);
+            let line = features
+                .lines()
+                .find(|l| l.starts_with("Filesystem features:"))
+                .unwrap_or_default();
+            assert!(
+                !line.contains("needs_recovery"),
+                "the point was not cut frozen: {line}"
+            );
+            let fsck = Command::new("e2fsck")
+                .args(["-n", "-f"])
+                .arg(&image)
+                .output()
+                .unwrap();
+            assert!(
+                fsck.status.success(),
+                "e2fsck of recovery point {}: {}{}",
+                point.epoch,
+                String::from_utf8_lossy(&fsck.stdout),
+                String::from_utf8_lossy(&fsck.stderr)
+            );
+        },
+    )
+    .await;
+}
+
+/// With `--freeze off`, block-tracked changes are replicated, but no barrier claims a
+/// crash-consistent point, so the receiver cuts no recovery point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_freeze_no_point_is_consistent_and_no_recovery_point_is_cut() {
+    points_of_a_busy_file_system(
+        blockferry_agent::freeze::FreezeMode::Off,
+        0,
+        async |receiver, fake, agent, _| {
+            let stats = agent.stats();
+            assert_eq!(
+                stats
+                    .consistent_points
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                0
+            );
+            assert!(
+                stats
+                    .inconsistent_points
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > 0,
+                "epochs were closed"
+            );
+            assert_eq!(
+                stats
+                    .tracking
+                    .frozen_points
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                0
+            );
+            let status = receiver.status().unwrap();
+            assert!(
+                status.servers[0].recovery_points.is_empty(),
+                "{:?}",
+                status.servers[0].recovery_points
+            );
+            assert_eq!(fake.calls("StartSnapshot"), 0);
+        },
+    )
+    .await;
+}
+
+/// A writer the freeze cannot stop (here, to the raw device) is seen writing while the
+/// file systems are frozen: the point is given up, never shipped as consistent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_during_the_freeze_give_the_point_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(device) = raw_device(dir.path(), 16 << 20) else {
+        return;
+    };
+    let data = dir.path().join("receiver");
+    let receiver = start_receiver(&data).await;
+    let creds = credentials(&data, SERVER, &dir.path().join("creds"));
+    let mut config = agent_config(receiver.local_addr(), creds);
+    config.exit_when_synced = false;
+    config.capture = CaptureMode::Block;
+    config.freeze_interval = Duration::from_secs(1);
+    let agent = Background::start(
+        config,
+        vec![Volume::open(&format!("sdv={}", device.0)).unwrap()],
+    );
+    wait_synced(agent.agent.stats()).await;
+    // The synced, idle disk is a point at once.
+    let tracking = std::sync::Arc::clone(&agent.agent.stats().tracking);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tracking
+        .frozen_points
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0
+    {
+        assert!(Instant::now() < deadline, "no first point");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = std::thread::spawn({
+        let (path, stop) = (device.0.clone(), std::sync::Arc::clone(&stop));
+        move || {
+            use std::os::unix::fs::{FileExt, OpenOptionsExt};
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&path)
+                .unwrap();
+            let mut block = vec![0u8; 8192];
+            let buf = {
+                // O_DIRECT needs an aligned buffer.
+                let at = block.as_ptr().align_offset(4096);
+                &mut block[at..at + 4096]
+            };
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                buf.fill(n as u8);
+                file.write_all_at(buf, (n % 1024) * 4096).unwrap();
+                n += 1;
+            }
+        }
+    });
+    let failures_before = tracking
+        .freeze_failures
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tracking
+        .freeze_failures
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < failures_before + 2
+    {
+        assert!(Instant::now() < deadline, "no point was given up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    // Under block tracking only a frozen point is ever shipped as consistent.
+    let consistent = agent
+        .agent
+        .stats()
+        .consistent_points
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let frozen = tracking
+        .frozen_points
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        consistent <= frozen,
+        "{consistent} consistent barriers from {frozen} frozen points"
+    );
+    wait_quiet(&agent.agent).await;
+    assert!(run(
+        Command::new("blockdev").args(["--flushbufs", &device.0])
+    ));
+    assert_eq!(
+        std::fs::read(&device.0).unwrap(),
+        std::fs::read(staging_image(&data, SERVER, "sdv")).unwrap()
+    );
+    agent.stop().await;
+    receiver.shutdown().await;
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
