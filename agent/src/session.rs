@@ -1229,6 +1229,7 @@ impl Session<'_> {
             rss_bytes: sample.rss_bytes,
             backlog_bytes: self.stats.backlog_bytes() + self.capture.backlog_bytes(),
             disks,
+            tracking: Some(self.tracking.beat()),
         });
         // On every stream: the receiver closes a stream that stays silent, and an idle
         // agent's other streams would carry nothing else.

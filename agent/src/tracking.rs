@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use crate::blocktrace::{Change, Placement, TrackError, Tracker};
 use crate::capture::CaptureShared;
 use crate::volume::Volume;
+use blockferry_proto::CaptureKind;
 use blockferry_util::DeviceKind;
 
 /// Pages of ring per CPU: 1 MiB, about 15,000 samples between two drains.
@@ -71,6 +72,8 @@ pub(crate) struct Tracking {
     shared: Option<Arc<Shared>>,
     /// Device numbers of the tracked volumes, for finding their file systems.
     devices: Vec<u64>,
+    /// How each volume's changes are learnt, for heartbeats.
+    pub(crate) modes: Vec<CaptureKind>,
 }
 
 /// What the tracking thread and a cut share.
@@ -186,7 +189,9 @@ impl Tracking {
             thread: None,
             shared: None,
             devices: Vec::new(),
+            modes: vec![CaptureKind::TAP; volumes.len()],
         };
+        let block = |v: &Volume| v.kind == DeviceKind::BlockDevice;
         let devices = volumes.iter().any(|v| v.kind == DeviceKind::BlockDevice);
         match mode {
             CaptureMode::Tap => return Ok(tracking),
@@ -196,6 +201,7 @@ impl Tracking {
                     "--capture none: changes are not tracked; every disk is rescanned by checksum periodically"
                 );
                 tracking.rescan_every = Some(rescan_interval);
+                tracking.modes = vec![CaptureKind::RESCANS; volumes.len()];
                 return Ok(tracking);
             }
             CaptureMode::Block => {
@@ -211,6 +217,11 @@ impl Tracking {
         match tracking.start_thread(volumes, capture, ring_pages) {
             Ok(()) => {
                 tracking.tracked = true;
+                for (mode, volume) in tracking.modes.iter_mut().zip(volumes) {
+                    if block(volume) {
+                        *mode = CaptureKind::BLOCK;
+                    }
+                }
                 tracing::info!(
                     "block-layer change tracking started (perf events on block:block_rq_complete)"
                 );
@@ -222,6 +233,8 @@ impl Tracking {
                     "block-layer change tracking cannot start; every disk is rescanned by checksum periodically instead"
                 );
                 tracking.rescan_every = Some(rescan_interval);
+                // Rescans cover every disk, the tap's too.
+                tracking.modes = vec![CaptureKind::TRACKING_UNAVAILABLE; volumes.len()];
             }
         }
         Ok(tracking)
@@ -345,6 +358,28 @@ impl Tracking {
                     .fetch_add(1, Ordering::Relaxed);
                 Err(err)
             }
+        }
+    }
+
+    /// The heartbeat's account of tracking.
+    pub(crate) fn beat(&self) -> blockferry_proto::TrackingBeat {
+        let c = &self.counters;
+        blockferry_proto::TrackingBeat {
+            writes: c.writes.load(Ordering::Relaxed),
+            lost: c.lost.load(Ordering::Relaxed),
+            frozen_points: c.frozen_points.load(Ordering::Relaxed),
+            freeze_failures: c.freeze_failures.load(Ordering::Relaxed),
+            last_freeze_us: c.last_freeze_us.load(Ordering::Relaxed),
+            max_freeze_us: c.max_freeze_us.load(Ordering::Relaxed),
+            disks: self
+                .modes
+                .iter()
+                .enumerate()
+                .map(|(disk, &mode)| blockferry_proto::DiskCapture {
+                    disk: u16::try_from(disk).expect("at most MAX_DISKS volumes"),
+                    mode,
+                })
+                .collect(),
         }
     }
 

@@ -491,6 +491,58 @@ pub struct Heartbeat {
     pub backlog_bytes: u64,
     /// Each disk of the session, as the agent sees it. At most [`MAX_DISKS`].
     pub disks: Vec<DiskBeat>,
+    /// How the agent learns of changes, and what its block tracking and freezes did
+    /// (after the fields above; absent from agents that predate it).
+    pub tracking: Option<TrackingBeat>,
+}
+
+/// The change-tracking part of a [`Heartbeat`]. Counters run from the agent's start.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TrackingBeat {
+    /// Completed writes, discards and write-zeroes block tracking marked dirty.
+    pub writes: u64,
+    /// Block-layer events the kernel dropped (each loss makes every disk rescan).
+    pub lost: u64,
+    /// Crash-consistent points cut under a file-system freeze, and attempts given up.
+    pub frozen_points: u64,
+    pub freeze_failures: u64,
+    /// Microseconds the file systems stayed frozen: the last freeze, and the longest.
+    pub last_freeze_us: u64,
+    pub max_freeze_us: u64,
+    /// Each disk's capture. At most [`MAX_DISKS`].
+    pub disks: Vec<DiskCapture>,
+}
+
+/// How the agent learns of one disk's changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskCapture {
+    pub disk: u16,
+    pub mode: CaptureKind,
+}
+
+/// How changes of a disk are learnt, as shown in status and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CaptureKind(pub u8);
+
+impl CaptureKind {
+    /// Block-layer tracking runs.
+    pub const BLOCK: Self = Self(1);
+    /// Only writes through the agent's NBD tap or in-process capture are seen.
+    pub const TAP: Self = Self(2);
+    /// Nothing is tracked (`--capture none`): periodic rescans.
+    pub const RESCANS: Self = Self(3);
+    /// Block tracking was asked for but cannot start: periodic rescans.
+    pub const TRACKING_UNAVAILABLE: Self = Self(4);
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::BLOCK => "block",
+            Self::TAP => "tap",
+            Self::RESCANS => "rescans",
+            Self::TRACKING_UNAVAILABLE => "tracking_unavailable",
+            _ => "unknown",
+        }
+    }
 }
 
 /// One disk in a [`Heartbeat`].
@@ -703,6 +755,19 @@ impl Frame {
                     out.put_u8(d.state.0);
                     out.put_u64(d.backlog_bytes);
                 }
+                if let Some(t) = &m.tracking {
+                    out.put_u64(t.writes);
+                    out.put_u64(t.lost);
+                    out.put_u64(t.frozen_points);
+                    out.put_u64(t.freeze_failures);
+                    out.put_u64(t.last_freeze_us);
+                    out.put_u64(t.max_freeze_us);
+                    out.put_count(t.disks.len(), MAX_DISKS);
+                    for d in &t.disks {
+                        out.put_u16(d.disk);
+                        out.put_u8(d.mode.0);
+                    }
+                }
             }
             Self::SettingsUpdate(m) => {
                 out.put_u64(m.bandwidth_limit);
@@ -786,6 +851,24 @@ impl Frame {
                         backlog_bytes: r.u64("disks.backlog_bytes")?,
                     })
                 })?,
+                tracking: if r.remaining().is_empty() {
+                    None
+                } else {
+                    Some(TrackingBeat {
+                        writes: r.u64("tracking.writes")?,
+                        lost: r.u64("tracking.lost")?,
+                        frozen_points: r.u64("tracking.frozen_points")?,
+                        freeze_failures: r.u64("tracking.freeze_failures")?,
+                        last_freeze_us: r.u64("tracking.last_freeze_us")?,
+                        max_freeze_us: r.u64("tracking.max_freeze_us")?,
+                        disks: r.list("tracking.disks", MAX_DISKS, |r| {
+                            Ok(DiskCapture {
+                                disk: r.u16("tracking.disks.disk")?,
+                                mode: CaptureKind(r.u8("tracking.disks.mode")?),
+                            })
+                        })?,
+                    })
+                },
             }),
             FrameKind::SETTINGS_UPDATE => {
                 let bandwidth_limit = r.u64("bandwidth_limit")?;

@@ -126,6 +126,35 @@ fn sample_frames() -> Vec<Frame> {
                     backlog_bytes: 345,
                 },
             ],
+            tracking: None,
+        }),
+        Frame::Heartbeat(Heartbeat {
+            cpu_permille: 3,
+            rss_bytes: 30 << 20,
+            backlog_bytes: 0,
+            disks: vec![DiskBeat {
+                disk: 0,
+                state: DiskState::CONTINUOUS,
+                backlog_bytes: 0,
+            }],
+            tracking: Some(TrackingBeat {
+                writes: 123_456,
+                lost: 2,
+                frozen_points: 17,
+                freeze_failures: 1,
+                last_freeze_us: 4_200,
+                max_freeze_us: 180_000,
+                disks: vec![
+                    DiskCapture {
+                        disk: 0,
+                        mode: CaptureKind::BLOCK,
+                    },
+                    DiskCapture {
+                        disk: 1,
+                        mode: CaptureKind(99),
+                    },
+                ],
+            }),
         }),
         Frame::SettingsUpdate(SettingsUpdate {
             bandwidth_limit: 5_000_000,
@@ -483,9 +512,13 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         any::<u64>().prop_map(|epoch| Frame::Durable(Durable { epoch })),
         (
             any::<(u32, u64, u64)>(),
-            proptest::collection::vec(any::<(u16, u8, u64)>(), 0..=50)
+            proptest::collection::vec(any::<(u16, u8, u64)>(), 0..=50),
+            proptest::option::of((
+                any::<(u64, u64, u64, u64, u64, u64)>(),
+                proptest::collection::vec(any::<(u16, u8)>(), 0..=50)
+            ))
         )
-            .prop_map(|((c, r, b), disks)| Frame::Heartbeat(Heartbeat {
+            .prop_map(|((c, r, b), disks, tracking)| Frame::Heartbeat(Heartbeat {
                 cpu_permille: c,
                 rss_bytes: r,
                 backlog_bytes: b,
@@ -497,6 +530,23 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                         backlog_bytes,
                     })
                     .collect(),
+                tracking: tracking.map(|((writes, lost, fp, ff, last, max), disks)| {
+                    TrackingBeat {
+                        writes,
+                        lost,
+                        frozen_points: fp,
+                        freeze_failures: ff,
+                        last_freeze_us: last,
+                        max_freeze_us: max,
+                        disks: disks
+                            .into_iter()
+                            .map(|(disk, mode)| DiskCapture {
+                                disk,
+                                mode: CaptureKind(mode),
+                            })
+                            .collect(),
+                    }
+                }),
             })),
         any::<(u64, u8)>().prop_map(|(bandwidth_limit, flags)| Frame::SettingsUpdate(
             SettingsUpdate {

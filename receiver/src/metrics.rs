@@ -430,6 +430,57 @@ impl Collector for StateCollector {
                 .iter()
                 .filter_map(|s| s.agent_rss_bytes.map(|r| (server(s), r as f64))),
         )?;
+        let tracking = || {
+            servers
+                .iter()
+                .filter_map(|s| s.tracking.as_ref().map(|t| (server(s), t)))
+        };
+        gauge(
+            &mut encoder,
+            "blockferry_agent_tracked_writes",
+            "Completed writes, discards and write-zeroes the agent's block tracking has seen since the agent started",
+            tracking().map(|(l, t)| (l, t.writes as f64)),
+        )?;
+        gauge(
+            &mut encoder,
+            "blockferry_agent_tracking_lost_events",
+            "Block-layer events the kernel dropped since the agent started; each makes every disk rescan (tracking_lost)",
+            tracking().map(|(l, t)| (l, t.lost_events as f64)),
+        )?;
+        gauge(
+            &mut encoder,
+            "blockferry_agent_frozen_points",
+            "Crash-consistent points cut under a file-system freeze since the agent started",
+            tracking().map(|(l, t)| (l, t.frozen_points as f64)),
+        )?;
+        gauge(
+            &mut encoder,
+            "blockferry_agent_freeze_failures",
+            "Frozen points given up since the agent started (see the agent's log for why)",
+            tracking().map(|(l, t)| (l, t.freeze_failures as f64)),
+        )?;
+        gauge(
+            &mut encoder,
+            "blockferry_agent_last_freeze_seconds",
+            "How long the file systems stayed frozen for the agent's last point",
+            tracking().map(|(l, t)| (l, t.last_freeze_ms / 1e3)),
+        )?;
+        gauge(
+            &mut encoder,
+            "blockferry_agent_max_freeze_seconds",
+            "The longest the agent has kept the file systems frozen since it started",
+            tracking().map(|(l, t)| (l, t.max_freeze_ms / 1e3)),
+        )?;
+        gauge(
+            &mut encoder,
+            "blockferry_disk_block_tracking",
+            "1 when the agent tracks the disk's writes at the block layer, 0 when it does not (tap only, or periodic rescans)",
+            disks().filter_map(|(_, d, l)| {
+                d.capture
+                    .as_ref()
+                    .map(|c| (l, if c == "block" { 1.0 } else { 0.0 }))
+            }),
+        )?;
         let live = ConstGauge::new(servers.iter().filter(|s| s.connected).count() as i64);
         live.encode(encoder.encode_descriptor(
             "blockferry_sessions",

@@ -988,6 +988,17 @@ async fn stream_frames(
                         beat.disk
                     )));
                 }
+                if let Some(capture) = hb
+                    .tracking
+                    .iter()
+                    .flat_map(|t| &t.disks)
+                    .find(|c| usize::from(c.disk) >= pipeline.disks().len())
+                {
+                    return Err(SessionError::Protocol(format!(
+                        "heartbeat names disk index {} in its tracking, which does not exist",
+                        capture.disk
+                    )));
+                }
                 if let Some(recovery) = &session.recovery {
                     recovery.heartbeat(hb.backlog_bytes);
                 }

@@ -80,6 +80,10 @@ pub struct ServerStatus {
     /// succeeds, and when not connected). Its changes go into the next point.
     #[serde(default)]
     pub recovery_point_error: Option<String>,
+    /// The agent's change tracking (null when not connected, or from an agent that does
+    /// not report it).
+    #[serde(default)]
+    pub tracking: Option<TrackingStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -120,6 +124,29 @@ pub struct DiskStatus {
     /// the disk is not stalled by its staging storage).
     #[serde(default)]
     pub stall_detail: Option<String>,
+    /// How the agent learns of the disk's changes, from its latest heartbeat: `block`
+    /// (block-layer tracking), `tap` (only writes through its NBD tap), `rescans`
+    /// (`--capture none`: periodic rescans), `tracking_unavailable` (block tracking
+    /// cannot start: periodic rescans). Null when not connected.
+    #[serde(default)]
+    pub capture: Option<String>,
+}
+
+/// What an agent's block tracking and freezes did since the agent started, from its
+/// latest heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrackingStatus {
+    /// Completed writes, discards and write-zeroes seen at the block layer.
+    pub writes: u64,
+    /// Block-layer events the kernel dropped; each made every disk rescan
+    /// (`tracking_lost`).
+    pub lost_events: u64,
+    /// Crash-consistent points cut under a file-system freeze, and attempts given up.
+    pub frozen_points: u64,
+    pub freeze_failures: u64,
+    /// How long the file systems stayed frozen: the last freeze, and the longest (ms).
+    pub last_freeze_ms: f64,
+    pub max_freeze_ms: f64,
 }
 
 impl StatusReport {
@@ -202,6 +229,14 @@ impl StatusReport {
                                     .find(|s| s.disk == d.name)
                                     .map(|s| s.snapshot_id.clone())
                             }),
+                            capture: heartbeat.as_ref().zip(position).and_then(|(h, position)| {
+                                h.tracking
+                                    .as_ref()?
+                                    .disks
+                                    .iter()
+                                    .find(|c| usize::from(c.disk) == position)
+                                    .map(|c| c.mode.name().to_owned())
+                            }),
                             name: d.name,
                         }
                     })
@@ -242,6 +277,17 @@ impl StatusReport {
                     backlog_bytes,
                     agent_rss_bytes: heartbeat.as_ref().map(|h| h.rss_bytes),
                     agent_cpu_percent: heartbeat.as_ref().map(|h| f64::from(h.cpu_permille) / 10.0),
+                    tracking: heartbeat
+                        .as_ref()
+                        .and_then(|h| h.tracking.as_ref())
+                        .map(|t| TrackingStatus {
+                            writes: t.writes,
+                            lost_events: t.lost,
+                            frozen_points: t.frozen_points,
+                            freeze_failures: t.freeze_failures,
+                            last_freeze_ms: t.last_freeze_us as f64 / 1e3,
+                            max_freeze_ms: t.max_freeze_us as f64 / 1e3,
+                        }),
                     receive_rate_bytes_per_second: rate,
                     bandwidth_mbps: settings.bandwidth_mbps,
                     eta_seconds,
@@ -327,6 +373,30 @@ impl StatusReport {
                         None => d.reason.clone(),
                     },
                     d.image
+                );
+            }
+            let captures: Vec<String> = s
+                .disks
+                .iter()
+                .filter_map(|d| Some(format!("{} {}", d.name, d.capture.as_deref()?)))
+                .collect();
+            if !captures.is_empty() {
+                let _ = writeln!(out, "  capture: {}", captures.join(", "));
+            }
+            if let Some(t) = s
+                .tracking
+                .as_ref()
+                .filter(|t| t.writes > 0 || t.frozen_points + t.freeze_failures > 0)
+            {
+                let _ = writeln!(
+                    out,
+                    "  tracking: {} writes seen, {} events lost; {} frozen points ({} given up), last freeze {:.1} ms, longest {:.1} ms",
+                    t.writes,
+                    t.lost_events,
+                    t.frozen_points,
+                    t.freeze_failures,
+                    t.last_freeze_ms,
+                    t.max_freeze_ms
                 );
             }
             if let Some(error) = &s.recovery_point_error {

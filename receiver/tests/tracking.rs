@@ -492,6 +492,43 @@ async fn frozen_points_of_a_busy_file_system_restore_to_a_clean_file_system() {
             // The bound is on the copy; FIFREEZE's own flush and the thaw come on top.
             assert!(longest < 1_000_000, "a freeze lasted {longest} µs");
             let status = receiver.status().unwrap();
+            // Status and metrics show the capture and what tracking and freezing did.
+            assert_eq!(status.servers[0].disks[0].capture.as_deref(), Some("block"));
+            let reported = status.servers[0]
+                .tracking
+                .clone()
+                .expect("the heartbeat reports tracking");
+            assert!(
+                reported.writes > 0 && reported.frozen_points >= 1,
+                "{reported:?}"
+            );
+            assert!(
+                reported.max_freeze_ms > 0.0 && reported.max_freeze_ms < 1000.0,
+                "{reported:?}"
+            );
+            let metrics = receiver.render_metrics();
+            for name in [
+                "blockferry_agent_tracked_writes{",
+                "blockferry_agent_tracking_lost_events{",
+                "blockferry_agent_max_freeze_seconds{",
+                "blockferry_disk_block_tracking{",
+            ] {
+                assert!(
+                    metrics.contains(name),
+                    "{name} missing from the metrics:\n{metrics}"
+                );
+            }
+            assert!(
+                metrics.lines().any(
+                    |l| l.starts_with("blockferry_disk_block_tracking{") && l.ends_with(" 1.0")
+                ),
+                "{metrics}"
+            );
+            let table = status.render_table();
+            assert!(
+                table.contains("capture: sdw block") && table.contains("frozen points"),
+                "{table}"
+            );
             let point = status.servers[0].recovery_points.last().unwrap().clone();
             let image = common::ebs::restore_to(
                 receiver,
