@@ -376,7 +376,7 @@ pub(crate) async fn run(
                 .send(
                     0,
                     &Frame::Goodbye(Goodbye {
-                        message: "changes were lost to tracking; reconnecting to rescan".into(),
+                        message: "reconnecting to rescan: block tracking lost events, or a periodic rescan is due".into(),
                     }),
                 )
                 .await;

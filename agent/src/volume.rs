@@ -201,13 +201,12 @@ fn read_direct(direct: &File, buf: &mut [u8], offset: u64, size: u64) -> std::io
     let len = (end - start) as usize;
     let layout = std::alloc::Layout::from_size_align(len.max(1), DIRECT_ALIGN as usize)
         .map_err(std::io::Error::other)?;
-    // SAFETY: a non-zero layout; the memory is freed below with the same layout, and
-    // only the bytes the read filled are looked at.
-    let ptr = unsafe { std::alloc::alloc(layout) };
+    // SAFETY: a non-zero layout; the memory is freed below with the same layout.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
     if ptr.is_null() {
         std::alloc::handle_alloc_error(layout);
     }
-    // SAFETY: `len` bytes at `ptr` are allocated and exclusively ours until freed.
+    // SAFETY: `len` initialized bytes at `ptr`, exclusively ours until freed.
     let aligned = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
     let result = direct.read_exact_at(aligned, start);
     if result.is_ok() {
