@@ -40,19 +40,35 @@ fn run(cmd: &mut Command) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// A loop device on a fresh file of `size` bytes, with ext4 on it; None (and why) where
-/// this machine cannot.
-fn ext4_device(dir: &Path, size: u64) -> Option<LoopDevice> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fs {
+    Ext4,
+    Xfs,
+}
+
+/// A loop device on a fresh file, with a file system on it or on its one partition.
+struct Source {
+    device: LoopDevice,
+    /// Where the file system is: the device, or a node made for its partition.
+    fs_node: String,
+    /// The file system's offset in the device.
+    fs_offset: u64,
+    fs: Fs,
+}
+
+/// Makes a [`Source`] of `size` bytes; None (and why) where this machine cannot.
+fn source(dir: &Path, size: u64, fs: Fs, partitioned: bool) -> Option<Source> {
     let backing = dir.join("source.img");
     std::fs::File::create(&backing)
         .unwrap()
         .set_len(size)
         .unwrap();
-    let out = Command::new("losetup")
-        .args(["--find", "--show"])
-        .arg(&backing)
-        .output()
-        .ok()?;
+    let mut losetup = Command::new("losetup");
+    losetup.args(["--find", "--show"]);
+    if partitioned {
+        losetup.arg("--partscan");
+    }
+    let out = losetup.arg(&backing).output().ok()?;
     if !out.status.success() {
         eprintln!(
             "SKIP: cannot attach a loop device: {}",
@@ -61,14 +77,116 @@ fn ext4_device(dir: &Path, size: u64) -> Option<LoopDevice> {
         return None;
     }
     let device = LoopDevice(String::from_utf8(out.stdout).ok()?.trim().to_owned());
-    if !run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-E", "nodiscard"])
-        .arg(&device.0))
-    {
-        eprintln!("SKIP: mkfs.ext4 failed or is missing (e2fsprogs)");
+    let (fs_node, fs_offset) = if partitioned {
+        (partition_node(dir, &device.0), 1 << 20)
+    } else {
+        (device.0.clone(), 0)
+    };
+    let made = match fs {
+        Fs::Ext4 => run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "nodiscard"])
+            .arg(&fs_node)),
+        Fs::Xfs => run(Command::new("mkfs.xfs")
+            .args(["-q", "-f", "-K"])
+            .arg(&fs_node)),
+    };
+    if !made {
+        eprintln!("SKIP: mkfs for {fs:?} failed or is missing (e2fsprogs, xfsprogs)");
         return None;
     }
-    Some(device)
+    Some(Source {
+        device,
+        fs_node,
+        fs_offset,
+        fs,
+    })
+}
+
+/// Writes a DOS partition table with one partition from 1 MiB to the end, and returns a
+/// node for that partition (made here: there may be no udev to make it).
+fn partition_node(dir: &Path, device: &str) -> String {
+    use std::io::Write;
+    let mut sfdisk = Command::new("sfdisk")
+        .arg(device)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("sfdisk (fdisk) is needed");
+    sfdisk
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: dos\n2048,,L\n")
+        .unwrap();
+    assert!(sfdisk.wait().unwrap().success());
+    let _ = Command::new("blockdev")
+        .args(["--rereadpt", device])
+        .status();
+    let name = format!("{}p1", device.trim_start_matches("/dev/"));
+    let sys = Path::new("/sys/class/block").join(&name).join("dev");
+    for _ in 0..100 {
+        if sys.exists() {
+            break;
+        }
+        let _ = Command::new("partx").args(["-u", device]).status();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let numbers = std::fs::read_to_string(&sys).expect("the partition appears in sysfs");
+    let (major, minor) = numbers.trim().split_once(':').unwrap();
+    let node = dir.join(&name);
+    let c_node = std::ffi::CString::new(node.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mknod with a NUL-terminated path that outlives the call.
+    let made = unsafe {
+        libc::mknod(
+            c_node.as_ptr(),
+            libc::S_IFBLK | 0o600,
+            libc::makedev(major.parse().unwrap(), minor.parse().unwrap()),
+        )
+    };
+    assert_eq!(
+        made,
+        0,
+        "mknod {}: {}",
+        node.display(),
+        std::io::Error::last_os_error()
+    );
+    node.display().to_string()
+}
+
+/// The file system at `offset` in `image`: the image itself, or a copy from there.
+fn fs_only(image: &Path, offset: u64, scratch: &Path) -> PathBuf {
+    if offset == 0 {
+        return image.to_owned();
+    }
+    let copy = scratch.join("fs-only.img");
+    let mut from = std::fs::File::open(image).unwrap();
+    use std::io::{Seek, SeekFrom};
+    from.seek(SeekFrom::Start(offset)).unwrap();
+    std::io::copy(&mut from, &mut std::fs::File::create(&copy).unwrap()).unwrap();
+    copy
+}
+
+/// Checks the file system at `offset` in `image` read-only; panics with the checker's
+/// output when it finds a problem.
+fn assert_fs_clean(image: &Path, offset: u64, fs: Fs, scratch: &Path) {
+    let target = fs_only(image, offset, scratch);
+    let out = match fs {
+        Fs::Ext4 => Command::new("e2fsck")
+            .args(["-n", "-f"])
+            .arg(&target)
+            .output(),
+        Fs::Xfs => Command::new("xfs_repair")
+            .args(["-n", "-f"])
+            .arg(&target)
+            .output(),
+    }
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{fs:?} check of the staging image: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Waits until the agent has nothing to send and nothing unacknowledged, for a while.
@@ -109,57 +227,56 @@ fn workload(mount: &Path) {
     assert!(run(&mut Command::new("sync")));
 }
 
+/// Replicates a [`source`] with block tracking while `workload` writes its mounted file
+/// system; once unmounted and quiet, the staging image must equal the device byte for
+/// byte and hold a clean file system. Returns the disk's status then.
 async fn replicate_a_written_file_system(
+    (size, fs, partitioned): (u64, Fs, bool),
     config_change: impl FnOnce(&mut AgentConfig),
+    workload: impl FnOnce(&Path) + Send + 'static,
 ) -> Option<blockferry_receiver::status::DiskStatus> {
     let dir = tempfile::tempdir().unwrap();
-    let device = ext4_device(dir.path(), 96 << 20)?;
+    let source = source(dir.path(), size, fs, partitioned)?;
     let data = dir.path().join("receiver");
     let receiver = start_receiver(&data).await;
     let creds = credentials(&data, SERVER, &dir.path().join("creds"));
-    let volumes = vec![Volume::open(&format!("sdz={}", device.0)).unwrap()];
+    let volumes = vec![Volume::open(&format!("sdz={}", source.device.0)).unwrap()];
     let mut config = agent_config(receiver.local_addr(), creds);
     config.exit_when_synced = false;
     config.capture = CaptureMode::Block;
     config_change(&mut config);
-    let agent = Agent::new(&volumes);
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let (agent, config, volumes, stop) =
-            (agent.clone(), config.clone(), volumes.clone(), stop.clone());
-        async move { agent.run(&config, &volumes, stop).await }
-    });
-    wait_synced(agent.stats()).await;
+    let agent = Background::start(config, volumes);
+    wait_synced(agent.agent.stats()).await;
 
     let mount = dir.path().join("mnt");
     std::fs::create_dir(&mount).unwrap();
-    if !run(Command::new("mount").arg(&device.0).arg(&mount)) {
-        eprintln!("SKIP: cannot mount ext4 here");
-        stop.cancel();
-        let _ = task.await;
+    if !run(Command::new("mount").arg(&source.fs_node).arg(&mount)) {
+        eprintln!("SKIP: cannot mount {fs:?} here");
+        agent.stop().await;
         return None;
     }
     let mounted = Mounted(mount.clone());
-    let writer = tokio::task::spawn_blocking({
+    tokio::task::spawn_blocking({
         let mount = mount.clone();
         move || workload(&mount)
-    });
-    writer.await.unwrap();
+    })
+    .await
+    .unwrap();
     drop(mounted);
-    wait_quiet(&agent).await;
-    let status = receiver.status().unwrap();
-    let disk = status.servers[0].disks[0].clone();
+    wait_quiet(&agent.agent).await;
+    let disk = receiver.status().unwrap().servers[0].disks[0].clone();
+    assert_eq!(disk.state, "CONTINUOUS", "{disk:?}");
     let staged = staging_image(&data, SERVER, "sdz");
     // Read the device as it is, not as its page cache last saw it.
     assert!(run(
-        Command::new("blockdev").args(["--flushbufs", &device.0])
+        Command::new("blockdev").args(["--flushbufs", &source.device.0])
     ));
-    let (source, copy) = (
-        std::fs::read(&device.0).unwrap(),
+    let (device, copy) = (
+        std::fs::read(&source.device.0).unwrap(),
         std::fs::read(&staged).unwrap(),
     );
-    assert_eq!(source.len(), copy.len());
-    let differs = source
+    assert_eq!(device.len(), copy.len());
+    let differs = device
         .chunks(4096)
         .zip(copy.chunks(4096))
         .position(|(a, b)| a != b);
@@ -167,25 +284,50 @@ async fn replicate_a_written_file_system(
         differs, None,
         "the staging image differs from the device at block {differs:?}"
     );
-    let fsck = Command::new("e2fsck")
-        .args(["-n", "-f"])
-        .arg(&staged)
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "e2fsck of the staging image: {}",
-        String::from_utf8_lossy(&fsck.stdout)
-    );
-    stop.cancel();
-    let _ = task.await;
+    assert_fs_clean(&staged, source.fs_offset, source.fs, dir.path());
+    agent.stop().await;
     receiver.shutdown().await;
     Some(disk)
 }
 
+/// fio's own verified random writes (crc32c), through the page cache and with O_DIRECT.
+fn fio_verified(mount: &Path) {
+    for direct in ["0", "1"] {
+        let out = Command::new("fio")
+            .args([
+                "--name=verify",
+                "--rw=randwrite",
+                "--bs=4k",
+                "--size=24m",
+                "--verify=crc32c",
+                "--ioengine=psync",
+                "--fsync_on_close=1",
+            ])
+            .arg(format!("--direct={direct}"))
+            .arg(format!("--directory={}", mount.display()))
+            .output()
+            .expect("fio is needed (scripts/test installs it)");
+        assert!(
+            out.status.success(),
+            "fio --direct={direct}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_write_of_a_mounted_file_system_reaches_the_staging_image() {
-    let Some(disk) = replicate_a_written_file_system(|_| {}).await else {
+    let Some(disk) = replicate_a_written_file_system(
+        (96 << 20, Fs::Ext4, false),
+        |_| {},
+        |mount| {
+            workload(mount);
+            fio_verified(mount);
+        },
+    )
+    .await
+    else {
         return;
     };
     assert_eq!(disk.last_rescan_reason, None, "nothing was lost: {disk:?}");
@@ -194,7 +336,12 @@ async fn every_write_of_a_mounted_file_system_reaches_the_staging_image() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_events_make_the_disk_rescan_to_an_identical_image() {
     // One page of ring per CPU: the workload's writes overflow it.
-    let Some(disk) = replicate_a_written_file_system(|config| config.tracking_ring_pages = 1).await
+    let Some(disk) = replicate_a_written_file_system(
+        (96 << 20, Fs::Ext4, false),
+        |config| config.tracking_ring_pages = 1,
+        workload,
+    )
+    .await
     else {
         return;
     };
@@ -203,6 +350,213 @@ async fn lost_events_make_the_disk_rescan_to_an_identical_image() {
         Some("tracking_lost"),
         "{disk:?}"
     );
+}
+
+/// XFS (at its minimum size of 300 MiB), written by fio's verified random writes and a
+/// `cp -r` of a tree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_write_of_a_mounted_xfs_reaches_the_staging_image() {
+    let Some(disk) = replicate_a_written_file_system(
+        (320 << 20, Fs::Xfs, false),
+        |_| {},
+        |mount| {
+            fio_verified(mount);
+            assert!(run(Command::new("cp")
+                .args(["-r", "/usr/share/zoneinfo", "/usr/share/perl5"])
+                .arg(mount)));
+            assert!(run(&mut Command::new("sync")));
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    assert_eq!(
+        disk.last_rescan_reason.as_deref(),
+        None,
+        "nothing was lost: {disk:?}"
+    );
+}
+
+/// The bin directory of the installed PostgreSQL, if any.
+fn postgres_bin() -> Option<PathBuf> {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|bin| bin.join("pgbench").exists() && bin.join("initdb").exists())
+        .collect();
+    versions.sort();
+    versions.pop()
+}
+
+/// Runs `program` of PostgreSQL as the `postgres` user.
+fn as_postgres(bin: &Path, program: &str) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=postgres", "--regid=postgres", "--init-groups"])
+        .arg(bin.join(program));
+    cmd
+}
+
+fn must(cmd: &mut Command, what: &str) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// PostgreSQL on ext4 on the disk's partition: `pgbench` runs for 30 s (TPC-B-like
+/// transactions, each committed with fsync) while the whole disk is replicated; the
+/// partition's writes are placed on the disk, and the database's file system replicates
+/// byte-identical and clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_on_a_partition_replicates_under_pgbench() {
+    let Some(bin) = postgres_bin() else {
+        eprintln!("SKIP: PostgreSQL is not installed (scripts/test installs it)");
+        return;
+    };
+    let Some(disk) = replicate_a_written_file_system(
+        (384 << 20, Fs::Ext4, true),
+        |_| {},
+        move |mount| {
+            let (pgdata, socket) = (mount.join("pgdata"), mount.join("sock"));
+            for dir in [&pgdata, &socket] {
+                std::fs::create_dir(dir).unwrap();
+                must(
+                    Command::new("chown").arg("postgres:postgres").arg(dir),
+                    "chown",
+                );
+            }
+            must(
+                as_postgres(&bin, "initdb")
+                    .args(["-A", "trust", "-U", "postgres", "-D"])
+                    .arg(&pgdata),
+                "initdb",
+            );
+            must(
+                as_postgres(&bin, "pg_ctl")
+                    .arg("-D")
+                    .arg(&pgdata)
+                    .args(["-w", "-l"])
+                    .arg(pgdata.join("log"))
+                    .arg("-o")
+                    // WAL within the small file system.
+                    .arg(format!(
+                        "-c listen_addresses='' -k {} -c max_wal_size=96MB -c min_wal_size=32MB",
+                        socket.display()
+                    ))
+                    .arg("start"),
+                "pg_ctl start",
+            );
+            let host = socket.display().to_string();
+            let bench = |args: &[&str]| {
+                let mut cmd = as_postgres(&bin, "pgbench");
+                cmd.args(["-h", &host, "-U", "postgres"])
+                    .args(args)
+                    .arg("postgres");
+                cmd
+            };
+            must(&mut bench(&["-i", "-s", "4", "-q"]), "pgbench -i");
+            must(
+                &mut bench(&["-T", "30", "-c", "4", "-j", "2"]),
+                "pgbench -T 30",
+            );
+            must(
+                as_postgres(&bin, "pg_ctl")
+                    .arg("-D")
+                    .arg(&pgdata)
+                    .args(["-w", "-m", "fast", "stop"]),
+                "pg_ctl stop",
+            );
+            assert!(run(&mut Command::new("sync")));
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    assert_eq!(
+        disk.last_rescan_reason.as_deref(),
+        None,
+        "nothing was lost: {disk:?}"
+    );
+}
+
+/// Discards (`blkdiscard`) and write-zeroes (`blkdiscard -z`) of a written raw device
+/// reach the staging image: the ranges read as zeros there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discards_and_write_zeroes_reach_the_staging_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(device) = raw_device(dir.path(), 16 << 20) else {
+        return;
+    };
+    must(
+        Command::new("dd")
+            .args(["if=/dev/urandom", "bs=1M", "count=16", "oflag=direct"])
+            .arg(format!("of={}", device.0)),
+        "dd",
+    );
+    let data = dir.path().join("receiver");
+    let receiver = start_receiver(&data).await;
+    let creds = credentials(&data, SERVER, &dir.path().join("creds"));
+    let mut config = agent_config(receiver.local_addr(), creds);
+    config.exit_when_synced = false;
+    config.capture = CaptureMode::Block;
+    let agent = Background::start(
+        config,
+        vec![Volume::open(&format!("sdu={}", device.0)).unwrap()],
+    );
+    wait_synced(agent.agent.stats()).await;
+    wait_quiet(&agent.agent).await;
+    let staged = staging_image(&data, SERVER, "sdu");
+    let zero = |path: &Path, from: u64, len: u64| {
+        let file = std::fs::File::open(path).unwrap();
+        let mut buf = vec![0u8; len as usize];
+        use std::os::unix::fs::FileExt;
+        file.read_exact_at(&mut buf, from).unwrap();
+        buf.iter().all(|&b| b == 0)
+    };
+    assert!(
+        !zero(&staged, 1 << 20, 2 << 20),
+        "the synced image holds the random data"
+    );
+    must(
+        Command::new("blkdiscard")
+            .args(["-o", "1048576", "-l", "2097152"])
+            .arg(&device.0),
+        "blkdiscard",
+    );
+    must(
+        Command::new("blkdiscard")
+            .args(["-z", "-o", "8388608", "-l", "1048576"])
+            .arg(&device.0),
+        "blkdiscard -z",
+    );
+    wait_quiet(&agent.agent).await;
+    assert!(run(
+        Command::new("blockdev").args(["--flushbufs", &device.0])
+    ));
+    assert!(
+        zero(Path::new(&device.0), 1 << 20, 2 << 20),
+        "the loop device discards to zeros"
+    );
+    assert!(
+        zero(&staged, 1 << 20, 2 << 20),
+        "the discard reached the staging image"
+    );
+    assert!(
+        zero(&staged, 8 << 20, 1 << 20),
+        "the write-zeroes reached the staging image"
+    );
+    assert_eq!(
+        std::fs::read(&device.0).unwrap(),
+        std::fs::read(&staged).unwrap()
+    );
+    agent.stop().await;
+    receiver.shutdown().await;
 }
 
 fn raw_device(dir: &Path, size: u64) -> Option<LoopDevice> {
@@ -412,7 +766,8 @@ async fn points_of_a_busy_file_system(
     ),
 ) {
     let dir = tempfile::tempdir().unwrap();
-    let Some(device) = ext4_device(dir.path(), 64 << 20) else {
+    // On a partition: the freeze must find the file system through it.
+    let Some(source) = source(dir.path(), 64 << 20, Fs::Ext4, true) else {
         return;
     };
     let data = dir.path().join("receiver");
@@ -429,14 +784,14 @@ async fn points_of_a_busy_file_system(
     config.freeze_interval = Duration::from_secs(1);
     let mount = dir.path().join("mnt");
     std::fs::create_dir(&mount).unwrap();
-    if !run(Command::new("mount").arg(&device.0).arg(&mount)) {
+    if !run(Command::new("mount").arg(&source.fs_node).arg(&mount)) {
         eprintln!("SKIP: cannot mount ext4 here");
         return;
     }
     let mounted = Mounted(mount.clone());
     let agent = Background::start(
         config,
-        vec![Volume::open(&format!("sdw={}", device.0)).unwrap()],
+        vec![Volume::open(&format!("sdw={}", source.device.0)).unwrap()],
     );
     wait_synced(agent.agent.stats()).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -538,6 +893,7 @@ async fn frozen_points_of_a_busy_file_system_restore_to_a_clean_file_system() {
                 &dir.join("restored.img"),
             )
             .await;
+            let image = fs_only(&image, 1 << 20, dir);
             let features = Command::new("dumpe2fs")
                 .arg("-h")
                 .arg(&image)
