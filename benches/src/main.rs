@@ -30,6 +30,7 @@ mod ebs_upload;
 mod loadgen;
 mod plot;
 mod rescan;
+mod tracked;
 mod tracking;
 
 #[derive(Parser)]
@@ -180,6 +181,24 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Block-tracked replication of a loop device written by fio at fixed rates: the
+    /// agent process's CPU (beside its idle CPU) and the lag from a write's completion
+    /// to its durability at the receiver (p50, p99, max). Needs root and fio, and the
+    /// release blockferry-agent binary beside this one.
+    Tracked {
+        /// Write rates to measure, MiB/s.
+        #[arg(long, value_delimiter = ',', default_value = "10,50")]
+        rates: Vec<u64>,
+        /// Seconds per rate.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Size of the loop device.
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        size: u64,
+        /// Where the loop device's backing file lives (default /var/tmp).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// What block-layer tracking costs a writer: fio 4 KiB random writes (O_DIRECT) to a
     /// loop device untracked, tracked by the agent's tracker (perf rings), and with --bpf
     /// by a bpftrace program on the same tracepoint; then the tracker's CPU at 10 MiB/s.
@@ -292,6 +311,12 @@ fn main() -> anyhow::Result<()> {
             dir,
             bpf,
         } => tracking::run(size, seconds.max(1), rounds.max(1), dir, bpf),
+        Command::Tracked {
+            rates,
+            seconds,
+            size,
+            dir,
+        } => runtime.block_on(tracked::run(&rates, seconds.max(1), size, dir)),
     }
 }
 
