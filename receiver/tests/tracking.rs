@@ -207,6 +207,24 @@ async fn wait_quiet(agent: &Agent) {
     }
 }
 
+/// Waits until the agent's heartbeats report the disk CONTINUOUS with nothing pending.
+async fn wait_continuous(
+    receiver: &blockferry_receiver::Receiver,
+) -> blockferry_receiver::status::DiskStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let disk = receiver.status().unwrap().servers[0].disks[0].clone();
+        if disk.state == "CONTINUOUS" && disk.backlog_bytes == Some(0) {
+            return disk;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never CONTINUOUS with nothing pending: {disk:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn workload(mount: &Path) {
     assert!(run(Command::new("dd")
         .args(["if=/dev/urandom", "bs=1M", "count=24", "conv=fsync"])
@@ -264,8 +282,7 @@ async fn replicate_a_written_file_system(
     .unwrap();
     drop(mounted);
     wait_quiet(&agent.agent).await;
-    let disk = receiver.status().unwrap().servers[0].disks[0].clone();
-    assert_eq!(disk.state, "CONTINUOUS", "{disk:?}");
+    let disk = wait_continuous(&receiver).await;
     let staged = staging_image(&data, SERVER, "sdz");
     // Read the device as it is, not as its page cache last saw it.
     assert!(run(
@@ -637,6 +654,52 @@ async fn a_restart_rescans_what_tracking_could_not_see() {
     assert_eq!(
         std::fs::read(&device.0).unwrap(),
         std::fs::read(staging_image(&data, SERVER, "sdy")).unwrap()
+    );
+    receiver.shutdown().await;
+}
+
+/// A clean stop and a start in the same boot, with nothing written in between, resume
+/// from the state record without a rescan: the device's write counters are the same
+/// (and a write made while the first agent ran is still delivered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_nothing_written_meanwhile_needs_no_rescan() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(device) = raw_device(dir.path(), 16 << 20) else {
+        return;
+    };
+    let data = dir.path().join("receiver");
+    let receiver = start_receiver(&data).await;
+    let creds = credentials(&data, SERVER, &dir.path().join("creds"));
+    let volumes = vec![Volume::open(&format!("sdt={}", device.0)).unwrap()];
+    let mut config = agent_config(receiver.local_addr(), creds);
+    config.capture = CaptureMode::Block;
+    config.state_dir = Some(dir.path().join("state"));
+    let mut first = config.clone();
+    first.exit_when_synced = false;
+    let agent = Background::start(first, volumes.clone());
+    wait_synced(agent.agent.stats()).await;
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&device.0)
+            .unwrap();
+        file.write_all_at(&[0x3c; 65536], 3 << 20).unwrap();
+        file.sync_all().unwrap();
+    }
+    agent.stop().await;
+    sync(&config, &volumes, Duration::from_secs(60)).await;
+    let disk = receiver.status().unwrap().servers[0].disks[0].clone();
+    assert_eq!(
+        disk.last_rescan_reason, None,
+        "resumed without a rescan: {disk:?}"
+    );
+    assert!(run(
+        Command::new("blockdev").args(["--flushbufs", &device.0])
+    ));
+    assert_eq!(
+        std::fs::read(&device.0).unwrap(),
+        std::fs::read(staging_image(&data, SERVER, "sdt")).unwrap()
     );
     receiver.shutdown().await;
 }
