@@ -14,6 +14,7 @@ use blockferry_util::error_chain;
 use crate::credentials::Credentials;
 use crate::freeze::FreezeMode;
 use crate::progress::{Progress, ProgressMode};
+use crate::quiet::WriteCounters;
 use crate::session::{self, Identity, Outcome, SessionError};
 use crate::state::{self, StateRecord};
 use crate::tracking::{CaptureMode, Tracking};
@@ -261,9 +262,10 @@ impl Agent {
         shutdown: CancellationToken,
     ) -> Result<AgentReport, AgentError> {
         let started = Instant::now();
+        let (claim, quiet) = self.initial_claim(config, volumes);
         let mut identity = Identity {
             series: *uuid::Uuid::new_v4().as_bytes(),
-            claim: self.initial_claim(config, volumes),
+            claim,
             next_seq: 1,
             checkpoints: config.state_dir.is_some(),
         };
@@ -296,12 +298,17 @@ impl Agent {
             );
         }
         if tracking.tracked && matches!(identity.claim, ResumeClaim::Checkpoint { .. }) {
-            // A clean stop's record holds what was dirty then, not what was written
-            // after the agent stopped.
-            tracing::info!(
-                "block tracking saw nothing while the agent was stopped: the disks are rescanned by checksum"
-            );
-            identity.claim = ResumeClaim::TrackingLost;
+            // A clean stop's record holds what was dirty then; what was written after
+            // the agent stopped is known only if nothing was (crate::quiet).
+            match tracking.unwritten_since(volumes, &quiet) {
+                Ok(()) => tracing::info!(
+                    "no write reached the tracked disks while the agent was stopped (same boot, same devices, same write counters): resuming without a rescan"
+                ),
+                Err(why) => {
+                    tracing::info!(%why, "block tracking saw nothing while the agent was stopped: the disks are rescanned by checksum");
+                    identity.claim = ResumeClaim::TrackingLost;
+                }
+            }
         }
         let mut losses_handled = tracking.losses();
         let mut backoff = config.initial_backoff;
@@ -328,7 +335,8 @@ impl Agent {
             restart.cancel();
             match ran {
                 Ok(Outcome::Checkpointed(seq)) => {
-                    self.save_state(config, volumes, identity.series, seq);
+                    let quiet = tracking.quiesce(volumes, losses_handled);
+                    self.save_state(config, volumes, identity.series, seq, quiet);
                     break Ok(Outcome::Shutdown);
                 }
                 Ok(outcome @ (Outcome::Synced | Outcome::Shutdown)) => break Ok(outcome),
@@ -383,20 +391,26 @@ impl Agent {
 impl Agent {
     /// What the first Hello claims: a clean shutdown's record restores the dirty map;
     /// anything else means the receiver must have the disks rescanned.
-    fn initial_claim(&self, config: &AgentConfig, volumes: &[Volume]) -> ResumeClaim {
+    fn initial_claim(
+        &self,
+        config: &AgentConfig,
+        volumes: &[Volume],
+    ) -> (ResumeClaim, Vec<Option<WriteCounters>>) {
+        let nothing = vec![None; volumes.len()];
         let Some(dir) = &config.state_dir else {
-            return if config.rescan {
+            let claim = if config.rescan {
                 ResumeClaim::RescanRequested
             } else {
                 ResumeClaim::NoRecord
             };
+            return (claim, nothing);
         };
         // Read (and so consumed) even when a rescan is asked for: it must never be
         // trusted later.
         let record = state::take(dir, volumes);
         if config.rescan {
             tracing::info!("rescan requested: every disk is compared with the receiver");
-            return ResumeClaim::RescanRequested;
+            return (ResumeClaim::RescanRequested, nothing);
         }
         match record {
             Ok(Some(record)) => {
@@ -410,32 +424,43 @@ impl Agent {
                     dirty = self.capture.backlog_bytes(),
                     "resuming from the clean-shutdown state record"
                 );
-                ResumeClaim::Checkpoint {
-                    series: record.series,
-                    seq: record.seq,
-                }
+                (
+                    ResumeClaim::Checkpoint {
+                        series: record.series,
+                        seq: record.seq,
+                    },
+                    record.quiet,
+                )
             }
             Ok(None) => {
                 tracing::info!(
                     "no clean-shutdown state record: the disks will be rescanned by checksum"
                 );
-                ResumeClaim::NoRecord
+                (ResumeClaim::NoRecord, nothing)
             }
             Err(err) => {
                 tracing::warn!(error = %error_chain(&err), "not trusting the state record: the disks will be rescanned by checksum");
-                ResumeClaim::InvalidRecord
+                (ResumeClaim::InvalidRecord, nothing)
             }
         }
     }
 
     /// Saves the dirty map under the checkpoint the receiver recorded. A failure leaves
     /// no record, so the next start rescans: slower, never wrong.
-    fn save_state(&self, config: &AgentConfig, volumes: &[Volume], series: [u8; 16], seq: u64) {
+    fn save_state(
+        &self,
+        config: &AgentConfig,
+        volumes: &[Volume],
+        series: [u8; 16],
+        seq: u64,
+        quiet: Vec<Option<WriteCounters>>,
+    ) {
         let Some(dir) = &config.state_dir else { return };
         let record = StateRecord {
             series,
             seq,
             dirty: self.capture.shared().dirty_runs(),
+            quiet,
         };
         let dirty: u64 = record.dirty.iter().flatten().map(|r| r.1).sum();
         match state::save(dir, volumes, &record) {

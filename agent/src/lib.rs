@@ -13,6 +13,7 @@ pub mod inventory;
 pub mod nbd;
 mod progress;
 pub mod proxy;
+pub mod quiet;
 mod rescan;
 pub mod resources;
 mod session;

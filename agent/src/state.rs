@@ -6,18 +6,22 @@
 //! receiver knows its chain id; anything else makes the agent rescan. It is read once and
 //! deleted before the first session, so a crash later can never make it trusted again.
 //!
-//! Layout (big endian): magic `BFSTATE1`, series (16 bytes), seq (u64), disk count (u16),
+//! Layout (big endian): magic `BFSTATE2`, series (16 bytes), seq (u64), disk count (u16),
 //! then per disk: name length (u16), name, size (u64), run count (u64), runs as
-//! (offset u64, len u64); finally the xxh3-64 of everything before it.
+//! (offset u64, len u64), then 0, or 1 and the device's write counters at the stop
+//! ([`crate::quiet`]); finally the xxh3-64 of everything before it. A `BFSTATE1` record
+//! (no counters) is still read.
 
 use std::io;
 use std::path::{Path, PathBuf};
 
 use blockferry_util::durable::{ensure_private_dir, write_atomic};
 
+use crate::quiet::{self, WriteCounters};
 use crate::volume::Volume;
 
-const MAGIC: &[u8; 8] = b"BFSTATE1";
+const MAGIC: &[u8; 8] = b"BFSTATE2";
+const MAGIC_V1: &[u8; 8] = b"BFSTATE1";
 const FILE_NAME: &str = "agent-state";
 /// More runs than this are coarsened to 4 MiB chunks, so the record stays small whatever
 /// the workload did (coarser means more to resend, never something missed).
@@ -31,6 +35,9 @@ pub struct StateRecord {
     pub seq: u64,
     /// Per disk, in the agent's disk order: dirty runs (offset, len).
     pub dirty: Vec<Vec<(u64, u64)>>,
+    /// Per disk: the kernel's write counters of the device when the dirty map was taken
+    /// (block-tracked disks only), to prove at the next start that nothing was written.
+    pub quiet: Vec<Option<WriteCounters>>,
 }
 
 /// Why a record on disk cannot be trusted.
@@ -59,7 +66,7 @@ pub fn save(state_dir: &Path, volumes: &[Volume], record: &StateRecord) -> io::R
     out.extend_from_slice(&record.series);
     out.extend_from_slice(&record.seq.to_be_bytes());
     out.extend_from_slice(&(volumes.len() as u16).to_be_bytes());
-    for (volume, runs) in volumes.iter().zip(&record.dirty) {
+    for (i, (volume, runs)) in volumes.iter().zip(&record.dirty).enumerate() {
         let name = volume.name.as_bytes();
         out.extend_from_slice(&(name.len() as u16).to_be_bytes());
         out.extend_from_slice(name);
@@ -69,6 +76,13 @@ pub fn save(state_dir: &Path, volumes: &[Volume], record: &StateRecord) -> io::R
         for (offset, len) in runs {
             out.extend_from_slice(&offset.to_be_bytes());
             out.extend_from_slice(&len.to_be_bytes());
+        }
+        match record.quiet.get(i).copied().flatten() {
+            Some(counters) => {
+                out.push(1);
+                counters.encode(&mut out);
+            }
+            None => out.push(0),
         }
     }
     let sum = xxhash_rust::xxh3::xxh3_64(&out);
@@ -140,9 +154,11 @@ fn parse(raw: &[u8], volumes: &[Volume]) -> Result<StateRecord, (bool, String)> 
         return Err(damaged("checksum mismatch (truncated or altered)"));
     }
     let mut r = Cursor(body);
-    if &r.bytes::<8>()? != MAGIC {
-        return Err(damaged("not a blockferry state record"));
-    }
+    let version = match &r.bytes::<8>()? {
+        m if m == MAGIC => 2,
+        m if m == MAGIC_V1 => 1,
+        _ => return Err(damaged("not a blockferry state record")),
+    };
     let series = r.bytes::<16>()?;
     let seq = r.u64()?;
     let disks = usize::from(r.u16()?);
@@ -156,6 +172,7 @@ fn parse(raw: &[u8], volumes: &[Volume]) -> Result<StateRecord, (bool, String)> 
         ));
     }
     let mut dirty = Vec::with_capacity(disks);
+    let mut quiet = Vec::with_capacity(disks);
     for volume in volumes {
         let name_len = usize::from(r.u16()?);
         let name = String::from_utf8_lossy(r.slice(name_len)?).into_owned();
@@ -182,11 +199,24 @@ fn parse(raw: &[u8], volumes: &[Volume]) -> Result<StateRecord, (bool, String)> 
             runs.push((offset, len));
         }
         dirty.push(runs);
+        quiet.push(match version {
+            1 => None,
+            _ => match r.bytes::<1>()? {
+                [0] => None,
+                [1] => Some(WriteCounters::decode(&r.bytes::<{ quiet::ENCODED_LEN }>()?)),
+                _ => return Err(damaged("bad write-counter flag")),
+            },
+        });
     }
     if !r.0.is_empty() {
         return Err(damaged("trailing bytes"));
     }
-    Ok(StateRecord { series, seq, dirty })
+    Ok(StateRecord {
+        series,
+        seq,
+        dirty,
+        quiet,
+    })
 }
 
 /// Runs as they are, or merged into whole 4 MiB chunks when there are too many.
@@ -228,6 +258,17 @@ mod tests {
             series: [7; 16],
             seq: 3,
             dirty: vec![vec![(0, 4096), (65536, 8192)], vec![]],
+            quiet: vec![
+                Some(WriteCounters {
+                    boot_id: [9; 16],
+                    diskseq: 12,
+                    writes: 345,
+                    write_sectors: 6789,
+                    discards: 1,
+                    discard_sectors: 2048,
+                }),
+                None,
+            ],
         }
     }
 

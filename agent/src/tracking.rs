@@ -22,6 +22,7 @@ use tokio::sync::watch;
 
 use crate::blocktrace::{Change, Placement, TrackError, Tracker};
 use crate::capture::CaptureShared;
+use crate::quiet::WriteCounters;
 use crate::volume::Volume;
 use blockferry_proto::CaptureKind;
 use blockferry_util::DeviceKind;
@@ -359,6 +360,77 @@ impl Tracking {
                 Err(err)
             }
         }
+    }
+
+    /// At a clean stop, before the dirty map is saved: reads the tracked volumes' write
+    /// counters, then takes every event still in the rings (a write is traced before it
+    /// is counted), so that the map then covers every write the counters include. No
+    /// counters (nothing to prove) when events were lost since `losses_handled`.
+    pub(crate) fn quiesce(
+        &self,
+        volumes: &[Volume],
+        losses_handled: u64,
+    ) -> Vec<Option<WriteCounters>> {
+        let counters: Vec<Option<WriteCounters>> = volumes
+            .iter()
+            .zip(&self.modes)
+            .map(|(volume, &mode)| {
+                (mode == CaptureKind::BLOCK)
+                    .then(|| WriteCounters::read(&volume.path))
+                    .flatten()
+            })
+            .collect();
+        let Some(shared) = &self.shared else {
+            return vec![None; volumes.len()];
+        };
+        let mut tracker = shared.tracker.lock().unwrap_or_else(|p| p.into_inner());
+        shared.drain(&mut tracker);
+        if *shared.losses.borrow() > losses_handled {
+            return vec![None; volumes.len()];
+        }
+        counters
+    }
+
+    /// Whether every tracked volume is provably unwritten since the stop that saved
+    /// `saved` ([`crate::quiet`]); if not, why.
+    pub(crate) fn unwritten_since(
+        &self,
+        volumes: &[Volume],
+        saved: &[Option<WriteCounters>],
+    ) -> Result<(), String> {
+        for ((volume, &mode), saved) in volumes.iter().zip(&self.modes).zip(saved) {
+            if mode != CaptureKind::BLOCK {
+                continue;
+            }
+            let name = &volume.name;
+            let Some(saved) = saved else {
+                return Err(format!(
+                    "the state record holds no write counters for {name}"
+                ));
+            };
+            let Some(now) = WriteCounters::read(&volume.path) else {
+                return Err(format!(
+                    "the kernel reports no write counters (or no diskseq) for {name}"
+                ));
+            };
+            if now.boot_id != saved.boot_id {
+                return Err("the server booted since the agent stopped".to_owned());
+            }
+            if now.diskseq != saved.diskseq {
+                return Err(format!(
+                    "{name} is not the device it was at the stop (diskseq {} then, {} now)",
+                    saved.diskseq, now.diskseq
+                ));
+            }
+            if now != *saved {
+                return Err(format!(
+                    "{name} was written while the agent was stopped ({} writes, {} discards)",
+                    now.writes.saturating_sub(saved.writes),
+                    now.discards.saturating_sub(saved.discards)
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The heartbeat's account of tracking.

@@ -128,8 +128,9 @@ pub enum ResumeClaim {
     /// The operator asked for a rescan (`--rescan`).
     RescanRequested,
     /// Block-layer tracking cannot vouch for every change: the kernel dropped events, or
-    /// tracking started after the disks may have been written (every start of an agent
-    /// that tracks the block layer: writes made while it was not running were not seen).
+    /// tracking started after the disks may have been written (a start of an agent that
+    /// tracks the block layer, unless the kernel's write counters prove that nothing was
+    /// written since its clean stop).
     TrackingLost,
     /// A claim this version does not know, with whatever followed its tag (kept so the
     /// frame re-encodes as it came); treated as no trustworthy record.
