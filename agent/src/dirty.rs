@@ -209,8 +209,7 @@ fn take_from_region(
     let region_start = region * REGION;
     if let Some(bits) = d.fine.get_mut(&key) {
         let start_index = ((from - region_start) / BLOCK) as usize;
-        let first = (start_index..BLOCKS_PER_REGION as usize)
-            .find(|&i| bits[i / 64] & (1 << (i % 64)) != 0)?;
+        let first = first_set_bit(&bits[..], start_index)?;
         let mut end = first;
         while end < BLOCKS_PER_REGION as usize
             && (end - first) < max_blocks as usize
@@ -239,6 +238,19 @@ fn take_from_region(
     Some((offset, len))
 }
 
+/// The first set bit at or after `from`, a word at a time (a region has 65,536 bits).
+fn first_set_bit(bits: &[u64], from: usize) -> Option<usize> {
+    let mut word = from / 64;
+    let mut w = *bits.get(word)? & (!0u64 << (from % 64));
+    loop {
+        if w != 0 {
+            return Some(word * 64 + w.trailing_zeros() as usize);
+        }
+        word += 1;
+        w = *bits.get(word)?;
+    }
+}
+
 fn block_bytes(size: u64, block: u64) -> u64 {
     BLOCK.min(size - block * BLOCK)
 }
@@ -252,6 +264,32 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeSet;
+
+    #[test]
+    fn the_first_set_bit_is_found_from_any_start() {
+        let mut bits = vec![0u64; FINE_WORDS];
+        assert_eq!(first_set_bit(&bits, 0), None);
+        for bit in [0usize, 63, 64, 4097, BLOCKS_PER_REGION as usize - 1] {
+            bits[bit / 64] |= 1 << (bit % 64);
+        }
+        let naive = |from: usize| {
+            (from..BLOCKS_PER_REGION as usize).find(|&i| bits[i / 64] & (1 << (i % 64)) != 0)
+        };
+        for from in [
+            0,
+            1,
+            63,
+            64,
+            65,
+            4096,
+            4097,
+            4098,
+            BLOCKS_PER_REGION as usize - 1,
+        ] {
+            assert_eq!(first_set_bit(&bits, from), naive(from), "from {from}");
+        }
+        assert_eq!(first_set_bit(&bits, BLOCKS_PER_REGION as usize), None);
+    }
 
     /// Drains a disk; returns the set of blocks the runs covered.
     fn drain(map: &mut DirtyMap, disk: usize, max_len: u64) -> BTreeSet<u64> {
