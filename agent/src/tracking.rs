@@ -308,6 +308,8 @@ impl Tracking {
         // Taken before the freeze, so that waiting for it is not part of the window.
         let mut tracker = shared.tracker.lock().unwrap_or_else(|p| p.into_inner());
         let losses_before = *shared.losses.borrow();
+        // Only a generation this cut makes is given up with it.
+        let shipping = shared.capture.frozen_generation();
         let started = Instant::now();
         let frozen = crate::freeze::freeze(&mounts)?;
         let deadline = started + timeout;
@@ -324,7 +326,7 @@ impl Tracking {
             Ok(point) => Ok(point),
         };
         if outcome.is_err()
-            && let Some(generation) = generation
+            && let Some(generation) = generation.filter(|&g| Some(g) != shipping)
         {
             shared.capture.abandon_generation(generation);
         }
