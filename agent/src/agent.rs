@@ -54,6 +54,9 @@ pub struct AgentConfig {
     /// Pages of perf ring per CPU for block tracking (a power of two; tests make it
     /// tiny to force losses).
     pub tracking_ring_pages: usize,
+    /// Tests only: the tracking thread sleeps this long between drains instead of
+    /// waking when its rings fill (a paused consumer, so that small rings lose events).
+    pub tracking_paused_drain: Option<Duration>,
     /// Whether block-tracked points are cut under a file-system freeze (`--freeze`).
     pub freeze: FreezeMode,
     /// Longest a freeze may last (`--freeze-timeout-ms`).
@@ -79,6 +82,7 @@ impl AgentConfig {
             capture: CaptureMode::Auto,
             rescan_interval: Duration::from_secs(3600),
             tracking_ring_pages: crate::tracking::RING_PAGES,
+            tracking_paused_drain: None,
             freeze: FreezeMode::Auto,
             freeze_timeout: crate::freeze::DEFAULT_FREEZE_TIMEOUT,
             freeze_interval: crate::freeze::DEFAULT_FREEZE_INTERVAL,
@@ -289,7 +293,7 @@ impl Agent {
             volumes,
             Arc::clone(self.capture.shared()),
             config.rescan_interval,
-            config.tracking_ring_pages,
+            (config.tracking_ring_pages, config.tracking_paused_drain),
             Arc::clone(&self.stats.tracking),
         )?);
         if tracking.tracked && config.freeze == FreezeMode::Off {

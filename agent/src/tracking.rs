@@ -177,7 +177,7 @@ impl Tracking {
         volumes: &[Volume],
         capture: Arc<CaptureShared>,
         rescan_interval: Duration,
-        ring_pages: usize,
+        (ring_pages, paused_drain): (usize, Option<Duration>),
         counters: Arc<TrackingCounters>,
     ) -> Result<Self, CaptureError> {
         let (losses, _) = watch::channel(0u64);
@@ -215,7 +215,7 @@ impl Tracking {
             CaptureMode::Auto if !devices => return Ok(tracking),
             CaptureMode::Auto => {}
         }
-        match tracking.start_thread(volumes, capture, ring_pages) {
+        match tracking.start_thread(volumes, capture, ring_pages, paused_drain) {
             Ok(()) => {
                 tracking.tracked = true;
                 for (mode, volume) in tracking.modes.iter_mut().zip(volumes) {
@@ -246,6 +246,7 @@ impl Tracking {
         volumes: &[Volume],
         capture: Arc<CaptureShared>,
         ring_pages: usize,
+        paused_drain: Option<Duration>,
     ) -> Result<(), TrackError> {
         // Volumes that are files are left to the tap (auto); placements keep the
         // volumes' indices for the dirty map.
@@ -280,7 +281,10 @@ impl Tracking {
                 .spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
                         // Waiting without the tracker, so that a cut can take it at once.
-                        waiter.wait(DRAIN_EVERY);
+                        match paused_drain {
+                            Some(pause) => std::thread::sleep(pause),
+                            None => waiter.wait(DRAIN_EVERY),
+                        }
                         let mut tracker = shared.tracker.lock().unwrap_or_else(|p| p.into_inner());
                         let before = shared.losses.borrow().to_owned();
                         shared.drain(&mut tracker);

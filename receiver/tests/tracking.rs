@@ -352,10 +352,14 @@ async fn every_write_of_a_mounted_file_system_reaches_the_staging_image() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_events_make_the_disk_rescan_to_an_identical_image() {
-    // One page of ring per CPU: the workload's writes overflow it.
+    // One page of ring per CPU, drained every 300 ms: the workload's writes overflow it.
     let Some(disk) = replicate_a_written_file_system(
         (96 << 20, Fs::Ext4, false),
-        |config| config.tracking_ring_pages = 1,
+        |config| {
+            config.tracking_ring_pages = 1;
+            // A consumer that pauses while thousands of writes complete.
+            config.tracking_paused_drain = Some(Duration::from_millis(300));
+        },
         workload,
     )
     .await
