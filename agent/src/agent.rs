@@ -57,6 +57,9 @@ pub struct AgentConfig {
     /// Tests only: the tracking thread sleeps this long between drains instead of
     /// waking when its rings fill (a paused consumer, so that small rings lose events).
     pub tracking_paused_drain: Option<Duration>,
+    /// Tests only: one write sample in this many is ignored, as the kernel sometimes
+    /// drops one without a word, so that the check against the disks' statistics runs.
+    pub tracking_ignore_samples: Option<u64>,
     /// Whether block-tracked points are cut under a file-system freeze (`--freeze`).
     pub freeze: FreezeMode,
     /// Longest a freeze may last (`--freeze-timeout-ms`).
@@ -83,6 +86,7 @@ impl AgentConfig {
             rescan_interval: Duration::from_secs(3600),
             tracking_ring_pages: crate::tracking::RING_PAGES,
             tracking_paused_drain: None,
+            tracking_ignore_samples: None,
             freeze: FreezeMode::Auto,
             freeze_timeout: crate::freeze::DEFAULT_FREEZE_TIMEOUT,
             freeze_interval: crate::freeze::DEFAULT_FREEZE_INTERVAL,
@@ -293,7 +297,11 @@ impl Agent {
             volumes,
             Arc::clone(self.capture.shared()),
             config.rescan_interval,
-            (config.tracking_ring_pages, config.tracking_paused_drain),
+            crate::tracking::RingTuning {
+                pages: config.tracking_ring_pages,
+                paused_drain: config.tracking_paused_drain,
+                ignore_samples: config.tracking_ignore_samples,
+            },
             Arc::clone(&self.stats.tracking),
         )?);
         if tracking.tracked && config.freeze == FreezeMode::Off {

@@ -12,6 +12,14 @@
 //! data. A ring that overflows says how many samples it lost (`PERF_RECORD_LOST`): the
 //! caller must then rescan every tracked disk, because nobody knows which blocks those
 //! samples named.
+//!
+//! The kernel can also drop a sample without counting it: on Linux 6.18 a completion
+//! that runs in a softirq on top of some tasks leaves neither a perf sample nor a BPF
+//! program run (the tracepoint fired; ftrace saw it), and nothing says so. So every drain
+//! also balances the samples against the disk's own statistics ([`Account`]): the kernel
+//! counts a request's sectors in `/sys/dev/block/M:m/stat` just after its trace event,
+//! so once the rings are drained after reading that file, the samples must cover at
+//! least as many written and discarded sectors. Any shortfall is a loss like the others.
 
 use std::collections::HashMap;
 use std::io;
@@ -104,6 +112,19 @@ pub enum TrackError {
     Filter(#[source] io::Error),
     #[error("{path} is not a block device the block layer tracks ({why})")]
     NotTrackable { path: PathBuf, why: String },
+    #[error(
+        "cannot read the I/O statistics of disk {disk} ({path}); they prove that no write went unseen"
+    )]
+    Statistics {
+        disk: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "disk {disk} keeps no I/O statistics (queue/iostats is 0 and cannot be set), so a write its trace events miss could not be noticed: run `echo 1 > /sys/dev/block/{disk}/queue/iostats`"
+    )]
+    NoStatistics { disk: String },
 }
 
 /// Where a tracked volume lies on its disk: the disk's device number (as the kernel
@@ -193,6 +214,133 @@ pub enum Change {
     },
     /// The kernel dropped this many samples: any tracked volume may have changed anywhere.
     Lost(u64),
+    /// A disk's statistics count more written or discarded sectors than the samples
+    /// named: the kernel completed writes without a sample, and nobody knows where.
+    Unseen { disk_dev: u32, sectors: u64 },
+}
+
+/// What a disk's statistics say it completed: sectors written (writes and write-zeroes)
+/// and sectors discarded, as the kernel adds them up per disk (partitions included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Completed {
+    pub written: u64,
+    pub discarded: u64,
+}
+
+impl Completed {
+    /// Parses `/sys/dev/block/M:m/stat`: sectors written are its 7th field, sectors
+    /// discarded its 14th (Documentation/block/stat.rst; kernels before 4.18 have no
+    /// discard fields, and count discards as writes).
+    pub fn parse(text: &str) -> Option<Self> {
+        let fields: Vec<u64> = text
+            .split_whitespace()
+            .map(|f| f.parse().ok())
+            .collect::<Option<_>>()?;
+        Some(Self {
+            written: *fields.get(6)?,
+            discarded: fields.get(13).copied().unwrap_or(0),
+        })
+    }
+}
+
+/// Balances one disk's samples against its statistics. Every request the statistics
+/// count was sampled before it was counted, so samples drained after a reading cover at
+/// least the sectors of that reading; more is fine (requests completing meanwhile).
+#[derive(Debug, Clone)]
+pub struct Account {
+    /// The statistics when tracking started, plus the shortfalls already reported.
+    base: Completed,
+    /// Sectors the samples named since tracking started.
+    sampled: Completed,
+}
+
+impl Account {
+    /// Starts balancing from a reading taken once the events were enabled.
+    pub fn new(start: Completed) -> Self {
+        Self {
+            base: start,
+            sampled: Completed::default(),
+        }
+    }
+
+    /// A sample of `sectors`: a discard, or anything else that changes data.
+    pub fn sampled(&mut self, sectors: u64, discard: bool) {
+        if discard {
+            self.sampled.discarded += sectors;
+        } else {
+            self.sampled.written += sectors;
+        }
+    }
+
+    /// Checks a reading taken *before* the samples counted so far were drained; returns
+    /// the sectors the samples miss, if any. A shortfall is reported once: it becomes part
+    /// of the base. (If requests completed between the reading and the drain, the
+    /// shortfall is underestimated by their sectors, and may be reported again later:
+    /// a second rescan, never a silent loss.)
+    pub fn check(&mut self, reading: Completed) -> Option<u64> {
+        let counted = |now: u64, base: u64| now.saturating_sub(base);
+        let written = counted(reading.written, self.base.written);
+        let discarded = counted(reading.discarded, self.base.discarded);
+        let missing = written.saturating_sub(self.sampled.written)
+            + discarded.saturating_sub(self.sampled.discarded);
+        if missing == 0 {
+            return None;
+        }
+        self.base.written += written.saturating_sub(self.sampled.written);
+        self.base.discarded += discarded.saturating_sub(self.sampled.discarded);
+        Some(missing)
+    }
+}
+
+/// One tracked disk's statistics file, kept open and re-read from its start.
+#[derive(Debug)]
+struct DiskStat {
+    disk_dev: u32,
+    file: std::fs::File,
+    account: Account,
+}
+
+impl DiskStat {
+    fn open(disk_dev: u32) -> Result<Self, TrackError> {
+        let (major, minor) = (disk_dev >> 20, disk_dev & ((1 << 20) - 1));
+        let disk = format!("{major}:{minor}");
+        let sys = PathBuf::from(format!("/sys/dev/block/{disk}"));
+        let iostats = sys.join("queue/iostats");
+        if std::fs::read_to_string(&iostats).is_ok_and(|v| v.trim() == "0") {
+            // Without statistics nothing proves that no write went unseen; they are
+            // cheap, so they are turned on rather than given up.
+            let _ = std::fs::write(&iostats, "1");
+            if std::fs::read_to_string(&iostats).is_ok_and(|v| v.trim() == "0") {
+                return Err(TrackError::NoStatistics { disk });
+            }
+            tracing::info!(disk = %disk, "turned the disk's I/O statistics on (queue/iostats), to check block tracking against them");
+        }
+        let path = sys.join("stat");
+        let statistics = |source| TrackError::Statistics {
+            disk: disk.clone(),
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::File::open(&path).map_err(statistics)?;
+        let mut stat = Self {
+            disk_dev,
+            file,
+            account: Account::new(Completed::default()),
+        };
+        let start = stat.read().map_err(statistics)?;
+        stat.account = Account::new(start);
+        Ok(stat)
+    }
+
+    fn read(&self) -> io::Result<Completed> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 512];
+        let n = self.file.read_at(&mut buf, 0)?;
+        std::str::from_utf8(&buf[..n])
+            .ok()
+            .and_then(Completed::parse)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unexpected format"))
+    }
 }
 
 /// Field offsets in the tracepoint's raw record.
@@ -500,8 +648,16 @@ pub struct Tracker {
     layout: Layout,
     volumes: Vec<Placement>,
     by_disk: HashMap<u32, Vec<usize>>,
+    /// Each tracked disk's statistics, balanced against its samples at every drain.
+    stats: Vec<DiskStat>,
+    /// Test hook: every this many write samples, one is ignored as the kernel sometimes
+    /// drops one, so that the balance against the statistics is exercised.
+    ignore_every: Option<u64>,
+    ignored_count: u64,
     /// Samples the kernel reported lost, all rings together.
     lost: u64,
+    /// Times the statistics showed completions that no sample named.
+    unseen: u64,
     /// Samples taken, all rings together.
     samples: u64,
 }
@@ -563,14 +719,29 @@ impl Tracker {
                 return Err(TrackError::Filter(io::Error::last_os_error()));
             }
         }
+        // Read once the events are on: what they count from here on, samples name.
+        let stats = disks
+            .iter()
+            .map(|&dev| DiskStat::open(dev))
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             rings,
             layout,
             volumes: volumes.to_vec(),
             by_disk,
+            stats,
+            ignore_every: None,
+            ignored_count: 0,
             lost: 0,
+            unseen: 0,
             samples: 0,
         })
+    }
+
+    /// Test hook: ignores one write sample in every `every`, as if the kernel had dropped
+    /// it without counting it (see the module's documentation).
+    pub fn ignore_samples(&mut self, every: Option<u64>) {
+        self.ignore_every = every.filter(|&n| n > 0);
     }
 
     /// Waits up to `timeout` for any ring to hold a quarter of its size (returns early
@@ -595,8 +766,22 @@ impl Tracker {
     /// they name (reads count too: none is asked for, but the filter passes all ops of
     /// the disk, and they are skipped here), and any loss.
     pub fn drain(&mut self, mut change: impl FnMut(Change)) {
+        // The statistics first: every request they count has its sample in a ring now.
+        let readings: Vec<Option<Completed>> = self
+            .stats
+            .iter()
+            .map(|stat| match stat.read() {
+                Ok(reading) => Some(reading),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot read a tracked disk's statistics; this drain is not checked against them");
+                    None
+                }
+            })
+            .collect();
         let layout = self.layout;
         let (volumes, by_disk) = (&self.volumes, &self.by_disk);
+        let stats = &mut self.stats;
+        let (ignore_every, ignored_count) = (self.ignore_every, &mut self.ignored_count);
         let (mut samples, mut lost) = (0u64, 0u64);
         for ring in &mut self.rings {
             let counts_lost = ring.counts_lost;
@@ -610,6 +795,16 @@ impl Tracker {
                     samples += 1;
                     if !event.writes {
                         return;
+                    }
+                    if let Some(every) = ignore_every {
+                        *ignored_count += 1;
+                        if *ignored_count % every == 0 {
+                            return;
+                        }
+                    }
+                    if let Some(stat) = stats.iter_mut().find(|s| s.disk_dev == event.dev) {
+                        stat.account
+                            .sampled((event.end - event.offset) / 512, event.discard);
                     }
                     for &index in by_disk.get(&event.dev).into_iter().flatten() {
                         let volume = volumes[index];
@@ -643,11 +838,21 @@ impl Tracker {
         }
         self.samples += samples;
         self.lost += lost;
+        for (stat, reading) in self.stats.iter_mut().zip(readings) {
+            if let Some(sectors) = reading.and_then(|r| stat.account.check(r)) {
+                self.unseen += 1;
+                change(Change::Unseen {
+                    disk_dev: stat.disk_dev,
+                    sectors,
+                });
+            }
+        }
     }
 
-    /// Samples taken and samples lost so far.
-    pub fn counts(&self) -> (u64, u64) {
-        (self.samples, self.lost)
+    /// Samples taken, samples the kernel reported lost, and times the disks' statistics
+    /// showed completions that no sample named, so far.
+    pub fn counts(&self) -> (u64, u64, u64) {
+        (self.samples, self.lost, self.unseen)
     }
 }
 
@@ -685,16 +890,18 @@ fn poll_readable(fds: &[std::os::fd::RawFd], timeout: std::time::Duration) {
 }
 
 /// A completed request, as a byte range of its disk.
-struct Completed {
+struct Request {
     dev: u32,
     offset: u64,
     end: u64,
     /// Anything but a read or a bare flush: a write, discard, write-zeroes, or an
     /// operation this code does not know (marked dirty rather than missed).
     writes: bool,
+    /// A discard (or secure erase), which the statistics count apart.
+    discard: bool,
 }
 
-fn parse(layout: &Layout, raw: &[u8]) -> Option<Completed> {
+fn parse(layout: &Layout, raw: &[u8]) -> Option<Request> {
     let u32_at = |at: usize| raw.get(at..at + 4)?.try_into().ok().map(u32::from_ne_bytes);
     let u64_at = |at: usize| raw.get(at..at + 8)?.try_into().ok().map(u64::from_ne_bytes);
     let dev = u32_at(layout.dev)?;
@@ -712,13 +919,15 @@ fn parse(layout: &Layout, raw: &[u8]) -> Option<Completed> {
         other => other,
     };
     let writes = sectors > 0 && !matches!(letters.first(), Some(b'R') | Some(b'F') | None);
+    let discard = letters.first() == Some(&b'D');
     let offset = sector.checked_mul(512)?;
     let end = offset.checked_add(u64::from(sectors) * 512)?;
-    Some(Completed {
+    Some(Request {
         dev,
         offset,
         end,
         writes,
+        discard,
     })
 }
 
@@ -735,6 +944,52 @@ mod tests {
         raw[24..28].copy_from_slice(&sectors.to_ne_bytes());
         raw[34..34 + rwbs.len()].copy_from_slice(rwbs.as_bytes());
         raw
+    }
+
+    #[test]
+    fn the_disk_statistics_give_written_and_discarded_sectors() {
+        let stat = " 6705836       21 4088970490   956121  2372670   135133 46948582   314355        0   621256  1312210      271      246  1711108      341    68968    41392\n";
+        assert_eq!(
+            Completed::parse(stat),
+            Some(Completed {
+                written: 46_948_582,
+                discarded: 1_711_108
+            })
+        );
+        // Before Linux 4.18: no discard fields.
+        assert_eq!(
+            Completed::parse("1 2 3 4 5 6 7 8 9 10 11"),
+            Some(Completed {
+                written: 7,
+                discarded: 0
+            })
+        );
+        assert_eq!(Completed::parse("1 2 3"), None);
+        assert_eq!(Completed::parse("1 2 3 4 5 6 x 8 9 10 11"), None);
+    }
+
+    fn at(written: u64, discarded: u64) -> Completed {
+        Completed { written, discarded }
+    }
+
+    #[test]
+    fn an_account_reports_each_shortfall_once_and_tolerates_a_surplus() {
+        let mut account = Account::new(at(1000, 50));
+        assert_eq!(account.check(at(1000, 50)), None);
+        // Samples ahead of the reading: requests that completed after it.
+        account.sampled(8, false);
+        account.sampled(16, true);
+        assert_eq!(account.check(at(1000, 50)), None);
+        assert_eq!(account.check(at(1008, 66)), None, "balanced");
+        // 8 written sectors with no sample, then 8 discarded ones.
+        assert_eq!(account.check(at(1016, 66)), Some(8));
+        assert_eq!(account.check(at(1016, 66)), None, "reported once");
+        account.sampled(8, false);
+        assert_eq!(account.check(at(1024, 66)), None);
+        assert_eq!(account.check(at(1024, 74)), Some(8));
+        assert_eq!(account.check(at(1024, 74)), None);
+        // A reading that went backwards (a counter reset) is no shortfall.
+        assert_eq!(account.check(at(0, 0)), None);
     }
 
     #[test]

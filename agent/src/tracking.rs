@@ -32,6 +32,17 @@ pub const RING_PAGES: usize = 256;
 /// How long the tracking thread sleeps between drains when writes are few.
 const DRAIN_EVERY: Duration = Duration::from_millis(20);
 
+/// How the tracking thread reads its rings; tests change it to force losses.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RingTuning {
+    /// Pages of ring per CPU.
+    pub(crate) pages: usize,
+    /// Sleep this long between drains instead of waking when the rings fill.
+    pub(crate) paused_drain: Option<Duration>,
+    /// Ignore one write sample in this many.
+    pub(crate) ignore_samples: Option<u64>,
+}
+
 /// `--capture`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CaptureMode {
@@ -103,10 +114,14 @@ impl Shared {
                 self.capture.mark_dirty(self.indices[volume], offset, len);
             }
             Change::Lost(n) => lost += n,
+            // Logged by the caller: this may run while file systems are frozen.
+            Change::Unseen { .. } => lost += 1,
         });
-        let (samples, total_lost) = tracker.counts();
+        let (samples, total_lost, unseen) = tracker.counts();
         self.counters.samples.store(samples, Ordering::Relaxed);
-        self.counters.lost.store(total_lost, Ordering::Relaxed);
+        self.counters
+            .lost
+            .store(total_lost + unseen, Ordering::Relaxed);
         self.counters.writes.fetch_add(writes, Ordering::Relaxed);
         if lost > 0 {
             self.losses.send_modify(|n| *n += 1);
@@ -120,7 +135,8 @@ impl Shared {
 pub struct TrackingCounters {
     /// Samples taken from the kernel's rings.
     pub samples: AtomicU64,
-    /// Samples the kernel dropped.
+    /// Samples the kernel dropped, counted by the kernel, plus drains whose samples fell
+    /// short of the disks' statistics.
     pub lost: AtomicU64,
     /// Completed writes, discards and write-zeroes marked dirty.
     pub writes: AtomicU64,
@@ -158,7 +174,7 @@ pub(crate) enum CutError {
         "{0} writes reached the disks while their file systems were frozen: something writes to them outside a file system (a raw device, a file system that cannot be frozen)"
     )]
     WrittenWhileFrozen(u64),
-    #[error("the kernel dropped block-layer events during the freeze")]
+    #[error("block-layer events were lost during the freeze")]
     Lost,
 }
 
@@ -177,7 +193,7 @@ impl Tracking {
         volumes: &[Volume],
         capture: Arc<CaptureShared>,
         rescan_interval: Duration,
-        (ring_pages, paused_drain): (usize, Option<Duration>),
+        tuning: RingTuning,
         counters: Arc<TrackingCounters>,
     ) -> Result<Self, CaptureError> {
         let (losses, _) = watch::channel(0u64);
@@ -215,7 +231,7 @@ impl Tracking {
             CaptureMode::Auto if !devices => return Ok(tracking),
             CaptureMode::Auto => {}
         }
-        match tracking.start_thread(volumes, capture, ring_pages, paused_drain) {
+        match tracking.start_thread(volumes, capture, tuning) {
             Ok(()) => {
                 tracking.tracked = true;
                 for (mode, volume) in tracking.modes.iter_mut().zip(volumes) {
@@ -245,8 +261,7 @@ impl Tracking {
         &mut self,
         volumes: &[Volume],
         capture: Arc<CaptureShared>,
-        ring_pages: usize,
-        paused_drain: Option<Duration>,
+        tuning: RingTuning,
     ) -> Result<(), TrackError> {
         // Volumes that are files are left to the tap (auto); placements keep the
         // volumes' indices for the dirty map.
@@ -263,7 +278,8 @@ impl Tracking {
                 }
             }
         }
-        let tracker = Tracker::start(&placements, ring_pages)?;
+        let mut tracker = Tracker::start(&placements, tuning.pages)?;
+        tracker.ignore_samples(tuning.ignore_samples);
         let waiter = tracker.waiter().map_err(TrackError::Filter)?;
         let shared = Arc::new(Shared {
             tracker: Mutex::new(tracker),
@@ -281,17 +297,23 @@ impl Tracking {
                 .spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
                         // Waiting without the tracker, so that a cut can take it at once.
-                        match paused_drain {
+                        match tuning.paused_drain {
                             Some(pause) => std::thread::sleep(pause),
                             None => waiter.wait(DRAIN_EVERY),
                         }
                         let mut tracker = shared.tracker.lock().unwrap_or_else(|p| p.into_inner());
-                        let before = shared.losses.borrow().to_owned();
+                        let (_, lost_before, unseen_before) = tracker.counts();
                         shared.drain(&mut tracker);
-                        if *shared.losses.borrow() > before {
+                        let (_, lost, unseen) = tracker.counts();
+                        if lost > lost_before {
                             tracing::warn!(
-                                lost = tracker.counts().1,
+                                lost,
                                 "the kernel dropped block-layer events: every tracked disk is rescanned by checksum (tracking_lost)"
+                            );
+                        }
+                        if unseen > unseen_before {
+                            tracing::warn!(
+                                "a tracked disk's I/O statistics count writes that no block-layer event reported (the kernel dropped their events without counting them): every tracked disk is rescanned by checksum (tracking_lost)"
                             );
                         }
                     }

@@ -90,7 +90,8 @@ fn start(placements: &[Placement], pages: usize) -> Option<Tracker> {
     }
 }
 
-/// The byte ranges reported for volume 0, merged.
+/// The byte ranges reported for volume 0, merged, and the losses: samples the kernel
+/// counted as lost plus shortfalls against the disk's statistics.
 fn written(tracker: &mut Tracker) -> (Vec<(u64, u64)>, u64) {
     let (mut ranges, mut lost) = (Vec::new(), 0);
     tracker.drain(|change| match change {
@@ -101,6 +102,7 @@ fn written(tracker: &mut Tracker) -> (Vec<(u64, u64)>, u64) {
         } => ranges.push((offset, offset + len)),
         Change::Written { .. } => {}
         Change::Lost(n) => lost += n,
+        Change::Unseen { .. } => lost += 1,
     });
     ranges.sort_unstable();
     let mut merged: Vec<(u64, u64)> = Vec::new();
@@ -145,12 +147,65 @@ fn writes_and_discards_to_a_loop_device_are_seen_and_reads_are_not() {
         .status()
         .expect("blkdiscard (util-linux) is needed");
     assert!(status.success());
-    let (ranges, _) = written(&mut tracker);
+    let (ranges, lost) = written(&mut tracker);
     assert_eq!(
         ranges,
         vec![(16 << 20, 17 << 20)],
         "the discard is a change"
     );
+    assert_eq!(lost, 0, "the discard's sectors balance the statistics");
+}
+
+/// The kernel may drop a sample without counting it (module documentation); the
+/// tracker's hook ignores samples the same way, and the disk's statistics must show the
+/// shortfall: the sectors the ignored writes covered, once.
+#[test]
+fn a_sample_the_kernel_drops_silently_shows_in_the_disk_statistics() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(device) = attach(&image(dir.path(), 64 << 20), false) else {
+        return;
+    };
+    let placement = Placement::of(Path::new(&device.0)).unwrap();
+    let Some(mut tracker) = start(&[placement], 64) else {
+        return;
+    };
+    // Every write is either seen or its loss reported, and nothing seen is reported
+    // lost (the kernel itself may drop a sample now and then: that must show too).
+    for i in 0..300u64 {
+        write_direct(&device.0, i * 8192, 4096, 3);
+    }
+    let (ranges, lost) = written(&mut tracker);
+    assert_eq!(
+        lost > 0,
+        ranges.len() < 300,
+        "{} of 300 seen, {lost} lost",
+        ranges.len()
+    );
+    // One sample in four ignored: the shortfall is the unseen writes' sectors.
+    tracker.ignore_samples(Some(4));
+    let (mut seen, mut unseen) = (0u64, 0u64);
+    for i in 0..100u64 {
+        write_direct(&device.0, (32 << 20) + i * 8192, 4096, 4);
+    }
+    tracker.drain(|change| match change {
+        Change::Written { .. } => seen += 1,
+        Change::Unseen { sectors, .. } => unseen += sectors,
+        Change::Lost(_) => {}
+    });
+    assert!(
+        seen <= 75,
+        "one sample in four was ignored, {seen} of 100 seen"
+    );
+    assert_eq!(
+        unseen,
+        (100 - seen) * 8,
+        "the shortfall is the unseen writes' sectors"
+    );
+    // Reported once: with nothing ignored any more, the account balances again.
+    tracker.ignore_samples(None);
+    write_direct(&device.0, 40 << 20, 4096, 5);
+    let (ranges, lost) = written(&mut tracker);
+    assert_eq!(lost > 0, ranges.is_empty(), "{ranges:?}, {lost} lost");
 }
 
 #[test]
@@ -264,7 +319,9 @@ fn a_ring_too_small_for_the_writes_reports_their_loss() {
     }
     let (_, lost) = written(&mut tracker);
     assert!(lost > 0, "2000 writes into a one-page ring lost nothing");
-    assert_eq!(tracker.counts().1, lost);
+    let (_, kernel_lost, unseen) = tracker.counts();
+    assert!(kernel_lost > 0, "the kernel counts the samples it lost");
+    assert_eq!(kernel_lost + unseen, lost);
 }
 
 #[test]

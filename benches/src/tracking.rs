@@ -119,7 +119,8 @@ fn track(
             });
         }
         tracker.drain(|_| {});
-        let (samples, lost) = tracker.counts();
+        let (samples, kernel_lost, unseen) = tracker.counts();
+        let lost = kernel_lost + unseen;
         Drained {
             samples,
             lost,

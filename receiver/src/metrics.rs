@@ -444,7 +444,7 @@ impl Collector for StateCollector {
         gauge(
             &mut encoder,
             "blockferry_agent_tracking_lost_events",
-            "Block-layer events the kernel dropped since the agent started; each makes every disk rescan (tracking_lost)",
+            "Losses of block-layer events since the agent started (samples the kernel dropped, and drains whose samples fell short of the disks' I/O statistics); each makes every disk rescan (tracking_lost)",
             tracking().map(|(l, t)| (l, t.lost_events as f64)),
         )?;
         gauge(

@@ -28,8 +28,18 @@ impl Drop for LoopDevice {
 struct Mounted(PathBuf);
 
 impl Drop for Mounted {
+    /// Unmounts, retrying while the file system is busy (a frozen point being cut holds
+    /// it open for a moment); a test that reads the device after this needs it clean.
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        for _ in 0..50 {
+            if run(Command::new("umount").arg(&self.0)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !std::thread::panicking() {
+            panic!("cannot unmount {}", self.0.display());
+        }
     }
 }
 
@@ -245,14 +255,37 @@ fn workload(mount: &Path) {
     assert!(run(&mut Command::new("sync")));
 }
 
+/// How a replication of a written file system ended.
+struct Replicated {
+    disk: blockferry_receiver::status::DiskStatus,
+    /// Losses of block-layer events the agent noticed (the kernel's count of lost
+    /// samples, and shortfalls against the disk's statistics).
+    lost: u64,
+}
+
+impl Replicated {
+    /// Nothing was rescanned unless the agent noticed a loss, and then for it: the
+    /// kernel may drop an event now and then (agent/src/blocktrace.rs), and what matters
+    /// is that no loss goes unnoticed.
+    fn assert_no_rescan_but_for_a_noticed_loss(&self) {
+        let reason = self.disk.last_rescan_reason.as_deref();
+        if self.lost == 0 {
+            assert_eq!(reason, None, "nothing was lost: {:?}", self.disk);
+        } else {
+            eprintln!("the agent noticed {} lost block-layer events", self.lost);
+            assert_eq!(reason, Some("tracking_lost"), "{:?}", self.disk);
+        }
+    }
+}
+
 /// Replicates a [`source`] with block tracking while `workload` writes its mounted file
 /// system; once unmounted and quiet, the staging image must equal the device byte for
-/// byte and hold a clean file system. Returns the disk's status then.
+/// byte and hold a clean file system.
 async fn replicate_a_written_file_system(
     (size, fs, partitioned): (u64, Fs, bool),
     config_change: impl FnOnce(&mut AgentConfig),
     workload: impl FnOnce(&Path) + Send + 'static,
-) -> Option<blockferry_receiver::status::DiskStatus> {
+) -> Option<Replicated> {
     let dir = tempfile::tempdir().unwrap();
     let source = source(dir.path(), size, fs, partitioned)?;
     let data = dir.path().join("receiver");
@@ -293,18 +326,29 @@ async fn replicate_a_written_file_system(
         std::fs::read(&staged).unwrap(),
     );
     assert_eq!(device.len(), copy.len());
-    let differs = device
+    let differs: Vec<usize> = device
         .chunks(4096)
         .zip(copy.chunks(4096))
-        .position(|(a, b)| a != b);
-    assert_eq!(
-        differs, None,
-        "the staging image differs from the device at block {differs:?}"
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(block, _)| block)
+        .collect();
+    assert!(
+        differs.is_empty(),
+        "the staging image differs from the device in {} blocks of 4 KiB, the first at {:?}",
+        differs.len(),
+        &differs[..differs.len().min(16)]
     );
     assert_fs_clean(&staged, source.fs_offset, source.fs, dir.path());
+    let lost = agent
+        .agent
+        .stats()
+        .tracking
+        .lost
+        .load(std::sync::atomic::Ordering::Relaxed);
     agent.stop().await;
     receiver.shutdown().await;
-    Some(disk)
+    Some(Replicated { disk, lost })
 }
 
 /// fio's own verified random writes (crc32c), through the page cache and with O_DIRECT.
@@ -335,7 +379,7 @@ fn fio_verified(mount: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_write_of_a_mounted_file_system_reaches_the_staging_image() {
-    let Some(disk) = replicate_a_written_file_system(
+    let Some(replicated) = replicate_a_written_file_system(
         (96 << 20, Fs::Ext4, false),
         |_| {},
         |mount| {
@@ -347,13 +391,13 @@ async fn every_write_of_a_mounted_file_system_reaches_the_staging_image() {
     else {
         return;
     };
-    assert_eq!(disk.last_rescan_reason, None, "nothing was lost: {disk:?}");
+    replicated.assert_no_rescan_but_for_a_noticed_loss();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_events_make_the_disk_rescan_to_an_identical_image() {
     // One page of ring per CPU, drained every 300 ms: the workload's writes overflow it.
-    let Some(disk) = replicate_a_written_file_system(
+    let Some(Replicated { disk, .. }) = replicate_a_written_file_system(
         (96 << 20, Fs::Ext4, false),
         |config| {
             config.tracking_ring_pages = 1;
@@ -377,7 +421,7 @@ async fn lost_events_make_the_disk_rescan_to_an_identical_image() {
 /// `cp -r` of a tree.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_write_of_a_mounted_xfs_reaches_the_staging_image() {
-    let Some(disk) = replicate_a_written_file_system(
+    let Some(replicated) = replicate_a_written_file_system(
         (320 << 20, Fs::Xfs, false),
         |_| {},
         |mount| {
@@ -392,10 +436,29 @@ async fn every_write_of_a_mounted_xfs_reaches_the_staging_image() {
     else {
         return;
     };
+    replicated.assert_no_rescan_but_for_a_noticed_loss();
+}
+
+/// Writes the kernel completes without an event (the tracker's hook ignores one sample
+/// in 64, as the kernel sometimes drops one silently) show in the disk's statistics: the
+/// disk is rescanned for them (`tracking_lost`) to an identical image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_no_event_reported_are_noticed_and_rescanned() {
+    let Some(replicated) = replicate_a_written_file_system(
+        (96 << 20, Fs::Ext4, false),
+        |config| config.tracking_ignore_samples = Some(64),
+        workload,
+    )
+    .await
+    else {
+        return;
+    };
+    assert!(replicated.lost > 0, "no shortfall was noticed");
     assert_eq!(
-        disk.last_rescan_reason.as_deref(),
-        None,
-        "nothing was lost: {disk:?}"
+        replicated.disk.last_rescan_reason.as_deref(),
+        Some("tracking_lost"),
+        "{:?}",
+        replicated.disk
     );
 }
 
@@ -434,13 +497,12 @@ fn must(cmd: &mut Command, what: &str) {
 /// partition's writes are placed on the disk, and the database's file system replicates
 /// byte-identical and clean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug, issue 15: one CI run found one 4 KiB block of the staging image different from the device after this workload; run with --ignored while it is investigated"]
 async fn a_database_on_a_partition_replicates_under_pgbench() {
     let Some(bin) = postgres_bin() else {
         eprintln!("SKIP: PostgreSQL is not installed (scripts/test installs it)");
         return;
     };
-    let Some(disk) = replicate_a_written_file_system(
+    let Some(replicated) = replicate_a_written_file_system(
         (384 << 20, Fs::Ext4, true),
         |_| {},
         move |mount| {
@@ -500,11 +562,7 @@ async fn a_database_on_a_partition_replicates_under_pgbench() {
     else {
         return;
     };
-    assert_eq!(
-        disk.last_rescan_reason.as_deref(),
-        None,
-        "nothing was lost: {disk:?}"
-    );
+    replicated.assert_no_rescan_but_for_a_noticed_loss();
 }
 
 /// Discards (`blkdiscard`) and write-zeroes (`blkdiscard -z`) of a written raw device
