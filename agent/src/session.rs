@@ -173,6 +173,9 @@ struct StreamSender {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// Bytes of changed runs taken, read and sent together (see `Session::ship_changes`).
+const CHANGE_READ_BATCH: u64 = 1 << 20;
+
 /// Encoded frames queued per stream: with 1 MiB chunks, at most this many MiB per stream.
 const STREAM_QUEUE: usize = 4;
 
@@ -728,44 +731,94 @@ impl Session<'_> {
         }
     }
 
-    /// Sends up to `limit` bytes of captured changes; returns the bytes sent.
+    /// Sends up to `limit` bytes of captured changes; returns the bytes sent. Runs are
+    /// taken in batches of up to [`CHANGE_READ_BATCH`] bytes: the ones not in memory are
+    /// read from the volumes in one blocking call, and each stream gets one message per
+    /// batch, so a burst of small changes costs a few thread hand-offs, not a few per run.
     async fn ship_changes(&mut self, limit: u64) -> Result<u64, SessionError> {
         let capture = Arc::clone(self.capture);
         let mut shipped = 0;
         while shipped < limit {
-            let Some(run) = capture.take_run(CHUNK as u64, self.epoch + 1) else {
-                break;
-            };
-            let data = match run.data {
-                Some(data) => data,
-                None => {
-                    let reader = Arc::clone(&capture);
-                    let (disk, offset, len) = (run.disk, run.offset, run.len);
-                    let mut data =
-                        tokio::task::spawn_blocking(move || reader.read_volume(disk, offset, len))
-                            .await
-                            .map_err(|e| broken(&e.to_string()))?
-                            .map_err(|source| SessionError::Volume {
-                                disk: self.volumes[disk].name.clone(),
-                                source,
-                            })?;
-                    capture.finish_read(&run, &mut data);
-                    data
-                }
-            };
-            // A run may cross block groups; each piece goes on its group's stream.
-            let disk = u16::try_from(run.disk).expect("at most MAX_DISKS volumes");
-            let mut at = 0usize;
-            while at < data.len() {
-                let offset = run.offset + at as u64;
-                let group_end = (offset / CHUNK as u64 + 1) * CHUNK as u64;
-                let piece = ((group_end - offset) as usize).min(data.len() - at);
-                self.ship_piece(disk, offset, &data[at..at + piece], WriteFlags::default())
-                    .await?;
-                at += piece;
+            let mut batch = Vec::new();
+            let mut batch_bytes = 0;
+            while shipped + batch_bytes < limit && batch_bytes < CHANGE_READ_BATCH {
+                let room = (CHUNK as u64).min(CHANGE_READ_BATCH - batch_bytes);
+                let Some(run) = capture.take_run(room, self.epoch + 1) else {
+                    break;
+                };
+                batch_bytes += run.len;
+                batch.push(run);
             }
-            shipped += run.len;
-            self.changes_since_barrier += run.len;
+            if batch.is_empty() {
+                break;
+            }
+            // Cleared from the dirty map when taken, read now: a write after the read
+            // marks its blocks dirty again.
+            let unread: Vec<(usize, u64, u64)> = batch
+                .iter()
+                .filter(|run| run.data.is_none())
+                .map(|run| (run.disk, run.offset, run.len))
+                .collect();
+            let mut reads = if unread.is_empty() {
+                Vec::new()
+            } else {
+                let reader = Arc::clone(&capture);
+                tokio::task::spawn_blocking(move || {
+                    unread
+                        .into_iter()
+                        .map(|(disk, offset, len)| (disk, reader.read_volume(disk, offset, len)))
+                        .collect::<Vec<_>>()
+                })
+                .await
+                .map_err(|e| broken(&e.to_string()))?
+            }
+            .into_iter();
+            let mut out = vec![Vec::new(); self.streams.len()];
+            let (mut payload, mut zero_fill) = (0, 0);
+            for run in &mut batch {
+                let data = match run.data.take() {
+                    Some(data) => data,
+                    None => {
+                        let (disk, read) = reads.next().expect("one read per unread run");
+                        let mut data = read.map_err(|source| SessionError::Volume {
+                            disk: self.volumes[disk].name.clone(),
+                            source,
+                        })?;
+                        capture.finish_read(run, &mut data);
+                        data
+                    }
+                };
+                // A run may cross block groups; each piece goes on its group's stream.
+                let disk = u16::try_from(run.disk).expect("at most MAX_DISKS volumes");
+                let mut at = 0usize;
+                while at < data.len() {
+                    let offset = run.offset + at as u64;
+                    let group_end = (offset / CHUNK as u64 + 1) * CHUNK as u64;
+                    let piece = ((group_end - offset) as usize).min(data.len() - at);
+                    let stream = stream_for(disk, offset, self.streams.len());
+                    let (p, z) = self.encode_piece(
+                        &mut out[stream],
+                        (disk, offset),
+                        &data[at..at + piece],
+                        WriteFlags::default(),
+                    );
+                    (payload, zero_fill) = (payload + p, zero_fill + z);
+                    at += piece;
+                }
+                shipped += run.len;
+                self.changes_since_barrier += run.len;
+            }
+            for (stream, bytes) in out.into_iter().enumerate() {
+                if !bytes.is_empty() {
+                    self.send_bytes(stream, bytes).await?;
+                }
+            }
+            self.stats
+                .payload_bytes
+                .fetch_add(payload, Ordering::Relaxed);
+            self.stats
+                .zero_fill_bytes
+                .fetch_add(zero_fill, Ordering::Relaxed);
         }
         Ok(shipped)
     }
@@ -811,6 +864,27 @@ impl Session<'_> {
         flags: WriteFlags,
     ) -> Result<(), SessionError> {
         let mut out = Vec::with_capacity(data.len() + 256);
+        let (payload, zero_fill) = self.encode_piece(&mut out, (disk, offset), data, flags);
+        let stream = stream_for(disk, offset, self.streams.len());
+        self.send_bytes(stream, out).await?;
+        self.stats
+            .payload_bytes
+            .fetch_add(payload, Ordering::Relaxed);
+        self.stats
+            .zero_fill_bytes
+            .fetch_add(zero_fill, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Appends `data` (within one block group) to `out` as write frames of the open
+    /// epoch, zero runs as zero-fills; returns the payload and zero-filled bytes.
+    fn encode_piece(
+        &self,
+        out: &mut Vec<u8>,
+        (disk, offset): (u16, u64),
+        data: &[u8],
+        flags: WriteFlags,
+    ) -> (u64, u64) {
         let (mut payload, mut zero_fill) = (0u64, 0u64);
         for (at, len, zero) in zero_runs(data) {
             let header = WriteHeader {
@@ -824,26 +898,14 @@ impl Session<'_> {
                 len: u32::try_from(len).expect("pieces are at most MAX_WRITE_DATA"),
                 epoch: self.epoch + 1,
             };
-            encode_write(
-                &mut out,
-                &header,
-                if zero { &[] } else { &data[at..at + len] },
-            );
+            encode_write(out, &header, if zero { &[] } else { &data[at..at + len] });
             if zero {
                 zero_fill += len as u64;
             } else {
                 payload += len as u64;
             }
         }
-        let stream = stream_for(disk, offset, self.streams.len());
-        self.send_bytes(stream, out).await?;
-        self.stats
-            .payload_bytes
-            .fetch_add(payload, Ordering::Relaxed);
-        self.stats
-            .zero_fill_bytes
-            .fetch_add(zero_fill, Ordering::Relaxed);
-        Ok(())
+        (payload, zero_fill)
     }
 
     /// Opens the streams the receiver granted beyond the first.
