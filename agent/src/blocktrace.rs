@@ -232,15 +232,17 @@ impl Completed {
     /// discarded its 14th (Documentation/block/stat.rst; kernels before 4.18 have no
     /// discard fields, and count discards as writes).
     pub fn parse(text: &str) -> Option<Self> {
-        let fields: Vec<u64> = text
-            .split_whitespace()
-            .map(|f| f.parse().ok())
-            .collect::<Option<_>>()?;
+        let fields = stat_fields(text)?;
         Some(Self {
             written: *fields.get(6)?,
             discarded: fields.get(13).copied().unwrap_or(0),
         })
     }
+}
+
+/// The numbers of a block device's `stat` file, in order (Documentation/block/stat.rst).
+pub(crate) fn stat_fields(text: &str) -> Option<Vec<u64>> {
+    text.split_whitespace().map(|f| f.parse().ok()).collect()
 }
 
 /// Balances one disk's samples against its statistics. Every request the statistics
@@ -322,25 +324,28 @@ impl DiskStat {
             source,
         };
         let file = std::fs::File::open(&path).map_err(statistics)?;
-        let mut stat = Self {
+        let start = read_completed(&file).map_err(statistics)?;
+        Ok(Self {
             disk_dev,
             file,
-            account: Account::new(Completed::default()),
-        };
-        let start = stat.read().map_err(statistics)?;
-        stat.account = Account::new(start);
-        Ok(stat)
+            account: Account::new(start),
+        })
     }
 
     fn read(&self) -> io::Result<Completed> {
-        use std::os::unix::fs::FileExt;
-        let mut buf = [0u8; 512];
-        let n = self.file.read_at(&mut buf, 0)?;
-        std::str::from_utf8(&buf[..n])
-            .ok()
-            .and_then(Completed::parse)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unexpected format"))
+        read_completed(&self.file)
     }
+}
+
+/// Reads a `stat` file kept open, from its start (sysfs regenerates it on each read).
+fn read_completed(file: &std::fs::File) -> io::Result<Completed> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 512];
+    let n = file.read_at(&mut buf, 0)?;
+    std::str::from_utf8(&buf[..n])
+        .ok()
+        .and_then(Completed::parse)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unexpected format"))
 }
 
 /// Field offsets in the tracepoint's raw record.

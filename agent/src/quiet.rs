@@ -58,10 +58,7 @@ impl WriteCounters {
             .parse()
             .ok()?;
         let stat = std::fs::read_to_string(sys.join("stat")).ok()?;
-        let fields: Vec<u64> = stat
-            .split_whitespace()
-            .map(|f| f.parse().ok())
-            .collect::<Option<_>>()?;
+        let fields = crate::blocktrace::stat_fields(&stat)?;
         // Documentation/block/stat.rst: write I/Os, write sectors, discard I/Os, discard
         // sectors are fields 5, 7, 12 and 14.
         let field = |n: usize| fields.get(n - 1).copied();

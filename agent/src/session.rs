@@ -813,12 +813,7 @@ impl Session<'_> {
                     self.send_bytes(stream, bytes).await?;
                 }
             }
-            self.stats
-                .payload_bytes
-                .fetch_add(payload, Ordering::Relaxed);
-            self.stats
-                .zero_fill_bytes
-                .fetch_add(zero_fill, Ordering::Relaxed);
+            self.count_sent(payload, zero_fill);
         }
         Ok(shipped)
     }
@@ -867,13 +862,18 @@ impl Session<'_> {
         let (payload, zero_fill) = self.encode_piece(&mut out, (disk, offset), data, flags);
         let stream = stream_for(disk, offset, self.streams.len());
         self.send_bytes(stream, out).await?;
+        self.count_sent(payload, zero_fill);
+        Ok(())
+    }
+
+    /// Counts bytes sent as payload and as zero-fills, for the stats.
+    fn count_sent(&self, payload: u64, zero_fill: u64) {
         self.stats
             .payload_bytes
             .fetch_add(payload, Ordering::Relaxed);
         self.stats
             .zero_fill_bytes
             .fetch_add(zero_fill, Ordering::Relaxed);
-        Ok(())
     }
 
     /// Appends `data` (within one block group) to `out` as write frames of the open

@@ -90,6 +90,16 @@ fn start(placements: &[Placement], pages: usize) -> Option<Tracker> {
     }
 }
 
+/// A tracker on a fresh 64 MiB loop device with rings of `pages` pages; None (and why)
+/// where this machine cannot.
+fn tracked_loop(pages: usize) -> Option<(tempfile::TempDir, LoopDevice, Tracker)> {
+    let dir = tempfile::tempdir().unwrap();
+    let device = attach(&image(dir.path(), 64 << 20), false)?;
+    let placement = Placement::of(Path::new(&device.0)).unwrap();
+    let tracker = start(&[placement], pages)?;
+    Some((dir, device, tracker))
+}
+
 /// The byte ranges reported for volume 0, merged, and the losses: samples the kernel
 /// counted as lost plus shortfalls against the disk's statistics.
 fn written(tracker: &mut Tracker) -> (Vec<(u64, u64)>, u64) {
@@ -161,12 +171,7 @@ fn writes_and_discards_to_a_loop_device_are_seen_and_reads_are_not() {
 /// shortfall: the sectors the ignored writes covered, once.
 #[test]
 fn a_sample_the_kernel_drops_silently_shows_in_the_disk_statistics() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(device) = attach(&image(dir.path(), 64 << 20), false) else {
-        return;
-    };
-    let placement = Placement::of(Path::new(&device.0)).unwrap();
-    let Some(mut tracker) = start(&[placement], 64) else {
+    let Some((_dir, device, mut tracker)) = tracked_loop(64) else {
         return;
     };
     // Every write is either seen or its loss reported, and nothing seen is reported
@@ -298,13 +303,8 @@ fn a_write_to_a_partition_is_seen_at_its_place_in_the_partition() {
 
 #[test]
 fn a_ring_too_small_for_the_writes_reports_their_loss() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(device) = attach(&image(dir.path(), 64 << 20), false) else {
-        return;
-    };
-    let placement = Placement::of(Path::new(&device.0)).unwrap();
     // One page: a few dozen samples.
-    let Some(mut tracker) = start(&[placement], 1) else {
+    let Some((_dir, device, mut tracker)) = tracked_loop(1) else {
         return;
     };
     let file = std::fs::OpenOptions::new()
