@@ -69,14 +69,22 @@ const MIN_BURST_BYTES: f64 = 64.0 * 1024.0;
 #[derive(Debug)]
 pub struct Throttle {
     state: Mutex<Bucket>,
+    /// Wakes the senders waiting off credit when the rate changes, so that a raised
+    /// limit applies to them at once instead of after the wait the old rate set.
+    rate_changed: Notify,
 }
 
+/// The allowance as two running totals, so that a waiting sender holds a place in the
+/// queue (a byte count), not a deadline computed at one rate: `allowed - taken` is the
+/// allowance, negative when frames were let through on credit.
 #[derive(Debug)]
 struct Bucket {
     /// Bytes per second; 0 is unlimited.
     rate: u64,
-    /// Allowance in bytes; negative when frames were let through on credit.
-    tokens: f64,
+    /// Bytes the rate has made available so far (minus what overflowed the burst).
+    allowed: f64,
+    /// Bytes senders have taken so far.
+    taken: f64,
     refilled: Instant,
 }
 
@@ -91,9 +99,11 @@ impl Throttle {
         Self {
             state: Mutex::new(Bucket {
                 rate,
-                tokens: 0.0,
+                allowed: 0.0,
+                taken: 0.0,
                 refilled: Instant::now(),
             }),
+            rate_changed: Notify::new(),
         }
     }
 
@@ -102,38 +112,63 @@ impl Throttle {
         self.lock().rate
     }
 
-    /// Applies a new limit from now on. Credit already taken is paid back at the new rate.
+    /// Applies a new limit from now on, to the senders already waiting too: credit
+    /// already taken is paid back at the new rate.
     pub fn set_rate(&self, rate: u64) {
         let mut bucket = self.lock();
-        if bucket.rate != rate {
-            tracing::info!(
-                bytes_per_second = rate,
-                "bandwidth limit {}",
-                if rate == 0 { "lifted" } else { "set" }
-            );
+        if bucket.rate == rate {
+            return;
         }
+        tracing::info!(
+            bytes_per_second = rate,
+            "bandwidth limit {}",
+            if rate == 0 { "lifted" } else { "set" }
+        );
         bucket.refill(Instant::now());
         bucket.rate = rate;
-        bucket.tokens = bucket.tokens.min(bucket.burst());
+        if rate == 0 {
+            // Unlimited forgives the credit: nobody waits for it any more.
+            bucket.allowed = bucket.taken;
+        }
+        bucket.cap();
+        drop(bucket);
+        self.rate_changed.notify_waiters();
     }
 
-    /// Waits until `bytes` may be sent. A frame larger than the allowance goes through on
-    /// credit, and the senders after it wait the credit off: over any interval the
-    /// average stays at the rate.
+    /// Waits until `bytes` may be sent: until the allowance covers this frame and every
+    /// frame taken before it, so that over any interval the average stays at the rate.
     pub async fn acquire(&self, bytes: usize) {
-        let wait = {
+        let place = {
             let mut bucket = self.lock();
             if bucket.rate == 0 {
                 return;
             }
-            let now = Instant::now();
-            bucket.refill(now);
-            bucket.tokens -= bytes as f64;
-            (bucket.tokens < 0.0)
-                .then(|| Duration::from_secs_f64(-bucket.tokens / bucket.rate as f64))
+            bucket.refill(Instant::now());
+            bucket.taken += bytes as f64;
+            // The sender may go once the allowance has caught up with everything taken
+            // up to and including its own frame.
+            bucket.taken
         };
-        if let Some(wait) = wait {
-            tokio::time::sleep(wait).await;
+        loop {
+            let rate_changed = self.rate_changed.notified();
+            tokio::pin!(rate_changed);
+            rate_changed.as_mut().enable();
+            let wait = {
+                let mut bucket = self.lock();
+                if bucket.rate == 0 {
+                    return;
+                }
+                bucket.refill(Instant::now());
+                let owed = place - bucket.allowed;
+                if owed <= 0.0 {
+                    return;
+                }
+                Duration::from_secs_f64(owed / bucket.rate as f64)
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = &mut rate_changed => {}
+            }
         }
     }
 
@@ -151,8 +186,14 @@ impl Bucket {
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
         self.refilled = now;
         if self.rate > 0 {
-            self.tokens = (self.tokens + elapsed * self.rate as f64).min(self.burst());
+            self.allowed += elapsed * self.rate as f64;
+            self.cap();
         }
+    }
+
+    /// Unused allowance beyond the burst is lost, as in any token bucket.
+    fn cap(&mut self) {
+        self.allowed = self.allowed.min(self.taken + self.burst());
     }
 }
 
@@ -201,6 +242,48 @@ mod tests {
         let start = Instant::now();
         throttle.acquire(1 << 30).await;
         assert_eq!(start.elapsed(), Duration::ZERO, "unlimited must not wait");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_raised_limit_applies_at_once_to_senders_already_waiting() {
+        // Four senders of 1 MiB frames at 1 MB/s: the last of them owes about 4 s.
+        let throttle = std::sync::Arc::new(Throttle::new(1_000_000));
+        let start = Instant::now();
+        let mut senders = Vec::new();
+        for _ in 0..4 {
+            let throttle = std::sync::Arc::clone(&throttle);
+            senders.push(tokio::spawn(async move {
+                throttle.acquire(1 << 20).await;
+                Instant::now()
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        throttle.set_rate(100_000_000);
+        let mut last = start;
+        for sender in senders {
+            last = last.max(sender.await.unwrap());
+        }
+        // 0.1 s at 1 MB/s paid 0.1 MB; the other 4.1 MB at 100 MB/s take 41 ms more.
+        let took = last - start;
+        assert!(
+            took < Duration::from_millis(200),
+            "the waiting senders went after {took:?}, on the old rate's deadline"
+        );
+
+        // Lifting the limit releases a waiter at once too.
+        throttle.set_rate(1_000);
+        throttle.acquire(1 << 20).await;
+        let waiter = {
+            let throttle = std::sync::Arc::clone(&throttle);
+            tokio::spawn(async move { throttle.acquire(1 << 20).await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiter.is_finished(), "1 MiB at 1 kB/s must wait");
+        throttle.set_rate(0);
+        tokio::time::timeout(Duration::from_millis(1), waiter)
+            .await
+            .expect("lifting the limit releases the waiting sender")
+            .unwrap();
     }
 
     #[tokio::test]

@@ -566,6 +566,7 @@ async fn the_bandwidth_limit_holds_over_10_s_windows_and_changes_live() {
     );
     eprintln!("10 s from 2 s after the change to 10 MB/s: {after:.0} B/s");
     let first_seconds = rate(&samples, changed_at, changed_at + Duration::from_secs(2));
+    eprintln!("the first 2 s after the change: {first_seconds:.0} B/s");
     assert!(
         first_seconds > 0.8 * limit,
         "{first_seconds:.0} B/s in the first 2 s after the change"
