@@ -51,9 +51,11 @@ pub struct AgentConfig {
     pub capture: CaptureMode,
     /// Where changes cannot be tracked, every disk is rescanned this often.
     pub rescan_interval: Duration,
-    /// Pages of perf ring per CPU for block tracking (a power of two; tests make it
+    /// Pages of trace buffer per CPU for block tracking (a power of two; tests make it
     /// tiny to force losses).
     pub tracking_ring_pages: usize,
+    /// Where block tracking reads the kernel's events (`--trace-source`).
+    pub trace_source: crate::blocktrace::TraceSource,
     /// Tests only: the tracking thread sleeps this long between drains instead of
     /// waking when its rings fill (a paused consumer, so that small rings lose events).
     pub tracking_paused_drain: Option<Duration>,
@@ -85,6 +87,7 @@ impl AgentConfig {
             capture: CaptureMode::Auto,
             rescan_interval: Duration::from_secs(3600),
             tracking_ring_pages: crate::tracking::RING_PAGES,
+            trace_source: crate::blocktrace::TraceSource::Auto,
             tracking_paused_drain: None,
             tracking_ignore_samples: None,
             freeze: FreezeMode::Auto,
@@ -301,6 +304,7 @@ impl Agent {
                 pages: config.tracking_ring_pages,
                 paused_drain: config.tracking_paused_drain,
                 ignore_samples: config.tracking_ignore_samples,
+                source: config.trace_source,
             },
             Arc::clone(&self.stats.tracking),
         )?);

@@ -1,5 +1,7 @@
 //! Block-layer change tracking without a kernel module: the kernel's
-//! `block:block_rq_complete` tracepoint, read through one perf ring buffer per CPU.
+//! `block:block_rq_complete` tracepoint, read through an ftrace instance of the agent's
+//! own ([`crate::ftrace`]), or through one perf ring buffer per CPU where tracefs
+//! instances cannot be made (`--trace-source`).
 //!
 //! Every request that completes on a replicated disk — a write, a discard, a
 //! write-zeroes, whatever file system, partition or device-mapper target sent it (their
@@ -9,13 +11,14 @@
 //!
 //! A sample is written when its request completes, before the writer hears of it, so a
 //! range is reported after its write completed; what reads it afterwards sees the new
-//! data. A ring that overflows says how many samples it lost (`PERF_RECORD_LOST`): the
-//! caller must then rescan every tracked disk, because nobody knows which blocks those
-//! samples named.
+//! data. A buffer that overflows says how many samples it lost (ftrace's dropped
+//! events, perf's `PERF_RECORD_LOST`): the caller must then rescan every tracked disk,
+//! because nobody knows which blocks those samples named.
 //!
 //! The kernel can also drop a sample without counting it: on Linux 6.18 a completion
 //! that runs in a softirq on top of some tasks leaves neither a perf sample nor a BPF
-//! program run (the tracepoint fired; ftrace saw it), and nothing says so. So every drain
+//! program run (the tracepoint fired; ftrace saw it), and nothing says so. That is why
+//! ftrace is the first choice, and why, whichever source is used, every drain
 //! also balances the samples against the disk's own statistics ([`Account`]): the kernel
 //! counts a request's sectors in `/sys/dev/block/M:m/stat` just after its trace event,
 //! so once the rings are drained after reading that file, the samples must cover at
@@ -110,6 +113,12 @@ pub enum TrackError {
     },
     #[error("the kernel refused the device filter of the perf events")]
     Filter(#[source] io::Error),
+    #[error(
+        "cannot trace through an ftrace instance (needs root and a writable tracefs; --trace-source perf uses perf events instead)"
+    )]
+    Instance(#[from] crate::ftrace::InstanceError),
+    #[error("neither source of block-layer events works here: {ftrace}; and {perf}")]
+    NoSource { ftrace: String, perf: String },
     #[error("{path} is not a block device the block layer tracks ({why})")]
     NotTrackable { path: PathBuf, why: String },
     #[error(
@@ -588,17 +597,16 @@ impl Ring {
     }
 }
 
-fn page_size() -> usize {
+pub(crate) fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
 }
 
-/// The tracepoint directory, mounting tracefs if need be.
-fn tracepoint_dir() -> Result<PathBuf, TrackError> {
+/// Where tracefs is mounted (mounting it if need be), with the tracepoint in it.
+fn tracefs_root() -> Result<PathBuf, TrackError> {
     for root in TRACEFS {
-        let dir = Path::new(root).join(TRACEPOINT);
-        if dir.join("id").exists() {
-            return Ok(dir);
+        if Path::new(root).join(TRACEPOINT).join("id").exists() {
+            return Ok(PathBuf::from(root));
         }
     }
     let root = TRACEFS[0];
@@ -614,9 +622,8 @@ fn tracepoint_dir() -> Result<PathBuf, TrackError> {
             std::ptr::null(),
         )
     };
-    let dir = Path::new(root).join(TRACEPOINT);
-    if rc == 0 && dir.join("id").exists() {
-        return Ok(dir);
+    if rc == 0 && Path::new(root).join(TRACEPOINT).join("id").exists() {
+        return Ok(PathBuf::from(root));
     }
     Err(TrackError::NoTracefs(if rc == 0 {
         format!("{} has no {TRACEPOINT}", root)
@@ -646,10 +653,41 @@ fn online_cpus() -> Vec<usize> {
     cpus
 }
 
+/// Where the tracker reads the tracepoint from (`--trace-source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TraceSource {
+    /// An ftrace instance, else perf events.
+    #[default]
+    Auto,
+    Ftrace,
+    Perf,
+}
+
+impl std::str::FromStr for TraceSource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "ftrace" => Ok(Self::Ftrace),
+            "perf" => Ok(Self::Perf),
+            other => Err(format!(
+                "unknown trace source {other:?}: use auto, ftrace or perf"
+            )),
+        }
+    }
+}
+
+/// The buffers the samples arrive in.
+#[derive(Debug)]
+enum Source {
+    Ftrace(crate::ftrace::Instance),
+    Perf(Vec<Ring>),
+}
+
 /// The completed requests of the tracked volumes.
 #[derive(Debug)]
 pub struct Tracker {
-    rings: Vec<Ring>,
+    source: Source,
     layout: Layout,
     volumes: Vec<Placement>,
     by_disk: HashMap<u32, Vec<usize>>,
@@ -659,19 +697,29 @@ pub struct Tracker {
     /// drops one, so that the balance against the statistics is exercised.
     ignore_every: Option<u64>,
     ignored_count: u64,
-    /// Samples the kernel reported lost, all rings together.
+    /// Samples the kernel reported lost, all buffers together.
     lost: u64,
     /// Times the statistics showed completions that no sample named.
     unseen: u64,
-    /// Samples taken, all rings together.
+    /// Samples taken, all buffers together.
     samples: u64,
 }
 
 impl Tracker {
-    /// Starts tracking `volumes` (each tracked from now on), with rings of `pages`
-    /// pages (a power of two) per CPU.
+    /// Starts tracking `volumes` (each tracked from now on) through the first source
+    /// that works, with buffers of `pages` pages per CPU.
     pub fn start(volumes: &[Placement], pages: usize) -> Result<Self, TrackError> {
-        let dir = tracepoint_dir()?;
+        Self::start_with(volumes, pages, TraceSource::Auto)
+    }
+
+    /// As [`Self::start`], through `source`.
+    pub fn start_with(
+        volumes: &[Placement],
+        pages: usize,
+        source: TraceSource,
+    ) -> Result<Self, TrackError> {
+        let root = tracefs_root()?;
+        let dir = root.join(TRACEPOINT);
         let read = |name: &str| {
             std::fs::read_to_string(dir.join(name)).map_err(|source| TrackError::Format {
                 path: dir.join(name),
@@ -697,40 +745,79 @@ impl Tracker {
         // Only requests that carry data and may change it: the kernel drops reads and
         // flushes before they cost a sample. Kernels that cannot glob get the devices only.
         let filters = [
-            format!("({devices}) && nr_sector > 0 && (rwbs ~ \"*W*\" || rwbs ~ \"*D*\" || rwbs ~ \"*N*\")"),
+            format!(
+                "({devices}) && nr_sector > 0 && (rwbs ~ \"*W*\" || rwbs ~ \"*D*\" || rwbs ~ \"*N*\")"
+            ),
             devices,
-        ]
-        .map(|f| std::ffi::CString::new(f).expect("no NUL in a filter of numbers"));
+        ];
         let pages = pages.next_power_of_two().max(1);
-        let mut rings = Vec::new();
-        for cpu in online_cpus() {
-            let ring = Ring::open(id, cpu, pages)?;
-            // SAFETY: each filter is a NUL-terminated string alive for the call.
-            let set = filters.iter().any(|filter| unsafe {
-                libc::ioctl(
-                    ring.fd.as_raw_fd(),
-                    PERF_EVENT_IOC_SET_FILTER,
-                    filter.as_ptr(),
-                ) == 0
-            });
-            if !set {
-                return Err(TrackError::Filter(io::Error::last_os_error()));
+        let cpus = online_cpus();
+        let ftrace = || -> Result<Source, TrackError> {
+            let id = u16::try_from(id).map_err(|_| TrackError::Field("id"))?;
+            let kib = pages * page_size() / 1024;
+            Ok(Source::Ftrace(crate::ftrace::Instance::create(
+                &root,
+                TRACEPOINT.trim_start_matches("events/"),
+                id,
+                &filters,
+                kib,
+                &cpus,
+            )?))
+        };
+        let perf = || -> Result<Source, TrackError> {
+            let filters = filters
+                .clone()
+                .map(|f| std::ffi::CString::new(f).expect("no NUL in a filter of numbers"));
+            let mut rings = Vec::new();
+            for &cpu in &cpus {
+                let ring = Ring::open(id, cpu, pages)?;
+                // SAFETY: each filter is a NUL-terminated string alive for the call.
+                let set = filters.iter().any(|filter| unsafe {
+                    libc::ioctl(
+                        ring.fd.as_raw_fd(),
+                        PERF_EVENT_IOC_SET_FILTER,
+                        filter.as_ptr(),
+                    ) == 0
+                });
+                if !set {
+                    return Err(TrackError::Filter(io::Error::last_os_error()));
+                }
+                rings.push(ring);
             }
-            rings.push(ring);
-        }
-        for ring in &rings {
-            // SAFETY: enabling an event we own.
-            if unsafe { libc::ioctl(ring.fd.as_raw_fd(), PERF_EVENT_IOC_ENABLE, 0) } != 0 {
-                return Err(TrackError::Filter(io::Error::last_os_error()));
+            for ring in &rings {
+                // SAFETY: enabling an event we own.
+                if unsafe { libc::ioctl(ring.fd.as_raw_fd(), PERF_EVENT_IOC_ENABLE, 0) } != 0 {
+                    return Err(TrackError::Filter(io::Error::last_os_error()));
+                }
             }
-        }
+            Ok(Source::Perf(rings))
+        };
+        let source = match source {
+            TraceSource::Ftrace => ftrace()?,
+            TraceSource::Perf => perf()?,
+            TraceSource::Auto => match ftrace() {
+                Ok(source) => source,
+                Err(ftrace_error) => match perf() {
+                    Ok(source) => {
+                        tracing::info!(error = %blockferry_util::error_chain(&ftrace_error), "block tracking reads perf events: no ftrace instance");
+                        source
+                    }
+                    Err(perf_error) => {
+                        return Err(TrackError::NoSource {
+                            ftrace: blockferry_util::error_chain(&ftrace_error),
+                            perf: blockferry_util::error_chain(&perf_error),
+                        });
+                    }
+                },
+            },
+        };
         // Read once the events are on: what they count from here on, samples name.
         let stats = disks
             .iter()
             .map(|&dev| DiskStat::open(dev))
             .collect::<Result<_, _>>()?;
         Ok(Self {
-            rings,
+            source,
             layout,
             volumes: volumes.to_vec(),
             by_disk,
@@ -743,35 +830,48 @@ impl Tracker {
         })
     }
 
+    /// Which source the samples come from: "ftrace" or "perf".
+    pub fn source(&self) -> &'static str {
+        match self.source {
+            Source::Ftrace(_) => "ftrace",
+            Source::Perf(_) => "perf",
+        }
+    }
+
     /// Test hook: ignores one write sample in every `every`, as if the kernel had dropped
     /// it without counting it (see the module's documentation).
     pub fn ignore_samples(&mut self, every: Option<u64>) {
         self.ignore_every = every.filter(|&n| n > 0);
     }
 
-    /// Waits up to `timeout` for any ring to hold a quarter of its size (returns early
+    /// Waits up to `timeout` for any buffer to hold a quarter of its size (returns early
     /// then); callers drain after it either way.
     pub fn wait(&self, timeout: std::time::Duration) {
-        let fds: Vec<_> = self.rings.iter().map(|r| r.fd.as_raw_fd()).collect();
+        let fds: Vec<_> = match &self.source {
+            Source::Ftrace(instance) => instance.pipes().map(|p| p.as_raw_fd()).collect(),
+            Source::Perf(rings) => rings.iter().map(|r| r.fd.as_raw_fd()).collect(),
+        };
         poll_readable(&fds, timeout);
     }
 
-    /// A waiter of its own on the rings (duplicated descriptors), so that one thread can
-    /// wait while another drains.
+    /// A waiter of its own on the buffers (duplicated descriptors), so that one thread
+    /// can wait while another drains.
     pub fn waiter(&self) -> io::Result<RingWaiter> {
-        let fds = self
-            .rings
-            .iter()
-            .map(|r| r.fd.try_clone())
-            .collect::<io::Result<_>>()?;
+        let fds = match &self.source {
+            Source::Ftrace(instance) => crate::ftrace::duplicate(instance)?,
+            Source::Perf(rings) => rings
+                .iter()
+                .map(|r| r.fd.try_clone())
+                .collect::<io::Result<_>>()?,
+        };
         Ok(RingWaiter { fds })
     }
 
-    /// Takes every sample written so far, on every CPU, and reports the volume ranges
-    /// they name (reads count too: none is asked for, but the filter passes all ops of
-    /// the disk, and they are skipped here), and any loss.
+    /// Takes every sample recorded so far, on every CPU, and reports the volume ranges
+    /// they name (reads are skipped, should a kernel that cannot glob pass them), and
+    /// any loss.
     pub fn drain(&mut self, mut change: impl FnMut(Change)) {
-        // The statistics first: every request they count has its sample in a ring now.
+        // The statistics first: every request they count has its sample in a buffer now.
         let readings: Vec<Option<Completed>> = self
             .stats
             .iter()
@@ -787,59 +887,67 @@ impl Tracker {
         let (volumes, by_disk) = (&self.volumes, &self.by_disk);
         let stats = &mut self.stats;
         let (ignore_every, ignored_count) = (self.ignore_every, &mut self.ignored_count);
-        let (mut samples, mut lost) = (0u64, 0u64);
-        for ring in &mut self.rings {
-            let counts_lost = ring.counts_lost;
-            ring.drain(|kind, body| match kind {
-                PERF_RECORD_SAMPLE => {
-                    // u32 size, then the raw tracepoint record.
-                    let Some(raw) = body.get(4..) else { return };
-                    let Some(event) = parse(&layout, raw) else {
-                        return;
-                    };
-                    samples += 1;
-                    if !event.writes {
-                        return;
-                    }
-                    if let Some(every) = ignore_every {
-                        *ignored_count += 1;
-                        if *ignored_count % every == 0 {
-                            return;
-                        }
-                    }
-                    if let Some(stat) = stats.iter_mut().find(|s| s.disk_dev == event.dev) {
-                        stat.account
-                            .sampled((event.end - event.offset) / 512, event.discard);
-                    }
-                    for &index in by_disk.get(&event.dev).into_iter().flatten() {
-                        let volume = volumes[index];
-                        let start = event.offset.max(volume.start);
-                        let end = event.end.min(volume.start + volume.len);
-                        if start < end {
-                            change(Change::Written {
-                                volume: index,
-                                offset: start - volume.start,
-                                len: end - start,
-                            });
-                        }
-                    }
-                }
-                PERF_RECORD_LOST if !counts_lost => {
-                    // u64 id, u64 lost.
-                    let count = body
-                        .get(8..16)
-                        .and_then(|b| b.try_into().ok())
-                        .map_or(1, u64::from_ne_bytes);
-                    lost += count;
-                    change(Change::Lost(count));
-                }
-                _ => {}
-            });
-            let newly = ring.newly_lost();
-            if newly > 0 {
-                lost += newly;
-                change(Change::Lost(newly));
+        let mut samples = 0u64;
+        let mut sample = |raw: &[u8]| {
+            let Some(event) = parse(&layout, raw) else {
+                return;
+            };
+            samples += 1;
+            if !event.writes {
+                return;
             }
+            if let Some(every) = ignore_every {
+                *ignored_count += 1;
+                if *ignored_count % every == 0 {
+                    return;
+                }
+            }
+            if let Some(stat) = stats.iter_mut().find(|s| s.disk_dev == event.dev) {
+                stat.account
+                    .sampled((event.end - event.offset) / 512, event.discard);
+            }
+            for &index in by_disk.get(&event.dev).into_iter().flatten() {
+                let volume = volumes[index];
+                let start = event.offset.max(volume.start);
+                let end = event.end.min(volume.start + volume.len);
+                if start < end {
+                    change(Change::Written {
+                        volume: index,
+                        offset: start - volume.start,
+                        len: end - start,
+                    });
+                }
+            }
+        };
+        let lost = match &mut self.source {
+            Source::Ftrace(instance) => instance.drain(&mut sample),
+            Source::Perf(rings) => {
+                let mut lost = 0u64;
+                for ring in rings {
+                    let counts_lost = ring.counts_lost;
+                    ring.drain(|kind, body| match kind {
+                        // u32 size, then the raw tracepoint record.
+                        PERF_RECORD_SAMPLE => {
+                            if let Some(raw) = body.get(4..) {
+                                sample(raw);
+                            }
+                        }
+                        PERF_RECORD_LOST if !counts_lost => {
+                            // u64 id, u64 lost.
+                            lost += body
+                                .get(8..16)
+                                .and_then(|b| b.try_into().ok())
+                                .map_or(1, u64::from_ne_bytes);
+                        }
+                        _ => {}
+                    });
+                    lost += ring.newly_lost();
+                }
+                lost
+            }
+        };
+        if lost > 0 {
+            change(Change::Lost(lost));
         }
         self.samples += samples;
         self.lost += lost;
@@ -861,7 +969,7 @@ impl Tracker {
     }
 }
 
-/// Waits on a tracker's rings without holding the tracker.
+/// Waits on a tracker's buffers without holding the tracker.
 #[derive(Debug)]
 pub struct RingWaiter {
     fds: Vec<OwnedFd>,

@@ -9,6 +9,7 @@ pub mod credentials;
 pub mod dirty;
 pub mod enroll;
 pub mod freeze;
+mod ftrace;
 pub mod inventory;
 pub mod nbd;
 mod progress;

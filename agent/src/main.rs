@@ -110,6 +110,10 @@ enum Command {
         /// none (periodic rescans).
         #[arg(long, default_value = "auto")]
         capture: blockferry_agent::tracking::CaptureMode,
+        /// Where block tracking reads the kernel's completed requests: auto (an ftrace
+        /// instance of the agent's own, else perf events), ftrace, or perf.
+        #[arg(long, default_value = "auto")]
+        trace_source: blockferry_agent::blocktrace::TraceSource,
         /// Where changes cannot be tracked (--capture none, or block tracking that cannot
         /// start), rescan every disk by checksum this often (seconds).
         #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(60..=604800))]
@@ -210,6 +214,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             rescan,
             drain_timeout_secs,
             capture,
+            trace_source,
             rescan_interval_secs,
             freeze,
             freeze_timeout_ms,
@@ -249,6 +254,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             config.rescan = rescan;
             config.drain_timeout = std::time::Duration::from_secs(drain_timeout_secs);
             config.capture = capture;
+            config.trace_source = trace_source;
             config.rescan_interval = std::time::Duration::from_secs(rescan_interval_secs);
             config.freeze = freeze;
             config.freeze_timeout = std::time::Duration::from_millis(freeze_timeout_ms);

@@ -27,7 +27,7 @@ use crate::volume::Volume;
 use blockferry_proto::CaptureKind;
 use blockferry_util::DeviceKind;
 
-/// Pages of ring per CPU: 1 MiB, about 15,000 samples between two drains.
+/// Pages of buffer per CPU: 1 MiB, about 15,000 samples between two drains.
 pub const RING_PAGES: usize = 256;
 /// How long the tracking thread sleeps between drains when writes are few.
 const DRAIN_EVERY: Duration = Duration::from_millis(20);
@@ -41,6 +41,8 @@ pub(crate) struct RingTuning {
     pub(crate) paused_drain: Option<Duration>,
     /// Ignore one write sample in this many.
     pub(crate) ignore_samples: Option<u64>,
+    /// Where the samples come from (`--trace-source`).
+    pub(crate) source: crate::blocktrace::TraceSource,
 }
 
 /// `--capture`.
@@ -239,9 +241,6 @@ impl Tracking {
                         *mode = CaptureKind::BLOCK;
                     }
                 }
-                tracing::info!(
-                    "block-layer change tracking started (perf events on block:block_rq_complete)"
-                );
             }
             Err(err) => {
                 tracing::warn!(
@@ -278,7 +277,12 @@ impl Tracking {
                 }
             }
         }
-        let mut tracker = Tracker::start(&placements, tuning.pages)?;
+        let mut tracker = Tracker::start_with(&placements, tuning.pages, tuning.source)?;
+        tracing::info!(
+            source = tracker.source(),
+            disks = placements.len(),
+            "block-layer tracking started"
+        );
         tracker.ignore_samples(tuning.ignore_samples);
         let waiter = tracker.waiter().map_err(TrackError::Filter)?;
         let shared = Arc::new(Shared {

@@ -6,7 +6,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use blockferry_agent::blocktrace::{Change, Placement, Tracker};
+use blockferry_agent::blocktrace::{Change, Placement, TraceSource, Tracker};
 
 struct LoopDevice(String);
 
@@ -80,9 +80,19 @@ fn write_direct(device: &str, offset: u64, len: usize, fill: u8) {
     file.sync_all().unwrap();
 }
 
-fn start(placements: &[Placement], pages: usize) -> Option<Tracker> {
-    match Tracker::start(placements, pages) {
-        Ok(tracker) => Some(tracker),
+/// Both sources of the kernel's events, each test run through each.
+const SOURCES: [TraceSource; 2] = [TraceSource::Ftrace, TraceSource::Perf];
+
+fn start(placements: &[Placement], pages: usize, source: TraceSource) -> Option<Tracker> {
+    match Tracker::start_with(placements, pages, source) {
+        Ok(tracker) => {
+            let expected = match source {
+                TraceSource::Perf => "perf",
+                _ => "ftrace",
+            };
+            assert_eq!(tracker.source(), expected);
+            Some(tracker)
+        }
         Err(err) => {
             eprintln!("SKIP: block tracking cannot start here: {err}");
             None
@@ -92,11 +102,14 @@ fn start(placements: &[Placement], pages: usize) -> Option<Tracker> {
 
 /// A tracker on a fresh 64 MiB loop device with rings of `pages` pages; None (and why)
 /// where this machine cannot.
-fn tracked_loop(pages: usize) -> Option<(tempfile::TempDir, LoopDevice, Tracker)> {
+fn tracked_loop(
+    pages: usize,
+    source: TraceSource,
+) -> Option<(tempfile::TempDir, LoopDevice, Tracker)> {
     let dir = tempfile::tempdir().unwrap();
     let device = attach(&image(dir.path(), 64 << 20), false)?;
     let placement = Placement::of(Path::new(&device.0)).unwrap();
-    let tracker = start(&[placement], pages)?;
+    let tracker = start(&[placement], pages, source)?;
     Some((dir, device, tracker))
 }
 
@@ -127,13 +140,19 @@ fn written(tracker: &mut Tracker) -> (Vec<(u64, u64)>, u64) {
 
 #[test]
 fn writes_and_discards_to_a_loop_device_are_seen_and_reads_are_not() {
+    for source in SOURCES {
+        writes_and_discards_are_seen_and_reads_are_not(source);
+    }
+}
+
+fn writes_and_discards_are_seen_and_reads_are_not(source: TraceSource) {
     let dir = tempfile::tempdir().unwrap();
     let Some(device) = attach(&image(dir.path(), 64 << 20), false) else {
         return;
     };
     let placement = Placement::of(Path::new(&device.0)).unwrap();
     assert_eq!((placement.start, placement.len), (0, 64 << 20));
-    let Some(mut tracker) = start(&[placement], 64) else {
+    let Some(mut tracker) = start(&[placement], 64, source) else {
         return;
     };
     write_direct(&device.0, 1 << 20, 64 << 10, 0xab);
@@ -171,7 +190,13 @@ fn writes_and_discards_to_a_loop_device_are_seen_and_reads_are_not() {
 /// shortfall: the sectors the ignored writes covered, once.
 #[test]
 fn a_sample_the_kernel_drops_silently_shows_in_the_disk_statistics() {
-    let Some((_dir, device, mut tracker)) = tracked_loop(64) else {
+    for source in SOURCES {
+        a_dropped_sample_shows_in_the_disk_statistics(source);
+    }
+}
+
+fn a_dropped_sample_shows_in_the_disk_statistics(source: TraceSource) {
+    let Some((_dir, device, mut tracker)) = tracked_loop(64, source) else {
         return;
     };
     // Every write is either seen or its loss reported, and nothing seen is reported
@@ -275,7 +300,7 @@ fn a_write_to_a_partition_is_seen_at_its_place_in_the_partition() {
     );
     assert_eq!(part.start, 1 << 20);
     // Volume 0 is the partition, volume 1 the whole disk.
-    let Some(mut tracker) = start(&[part, disk], 64) else {
+    let Some(mut tracker) = start(&[part, disk], 64, TraceSource::Auto) else {
         return;
     };
     write_direct(&partition, 4 << 20, 8192, 0x5a);
@@ -303,8 +328,14 @@ fn a_write_to_a_partition_is_seen_at_its_place_in_the_partition() {
 
 #[test]
 fn a_ring_too_small_for_the_writes_reports_their_loss() {
+    for source in SOURCES {
+        a_tiny_buffer_reports_its_loss(source);
+    }
+}
+
+fn a_tiny_buffer_reports_its_loss(source: TraceSource) {
     // One page: a few dozen samples.
-    let Some((_dir, device, mut tracker)) = tracked_loop(1) else {
+    let Some((_dir, device, mut tracker)) = tracked_loop(1, source) else {
         return;
     };
     let file = std::fs::OpenOptions::new()
@@ -318,10 +349,60 @@ fn a_ring_too_small_for_the_writes_reports_their_loss() {
             .unwrap();
     }
     let (_, lost) = written(&mut tracker);
-    assert!(lost > 0, "2000 writes into a one-page ring lost nothing");
+    assert!(
+        lost > 0,
+        "{source:?}: 2000 writes into a one-page buffer lost nothing"
+    );
     let (_, kernel_lost, unseen) = tracker.counts();
-    assert!(kernel_lost > 0, "the kernel counts the samples it lost");
+    assert!(
+        kernel_lost > 0,
+        "{source:?}: the kernel counts the samples it lost"
+    );
     assert_eq!(kernel_lost + unseen, lost);
+}
+
+/// The ftrace instance is the agent's own: it exists while its tracker runs and goes
+/// with it, and one that a killed agent left behind is removed by the next start.
+#[test]
+fn the_trace_instance_lives_as_long_as_its_tracker_and_a_dead_agents_is_removed() {
+    let instances = Path::new("/sys/kernel/tracing/instances");
+    let ours = || -> Vec<String> {
+        let prefix = format!("blockferry-{}-", std::process::id());
+        std::fs::read_dir(instances)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.starts_with(&prefix))
+            .collect()
+    };
+    let before = ours();
+    let Some((_dir, _device, tracker)) = tracked_loop(4, TraceSource::Ftrace) else {
+        return;
+    };
+    let during = ours();
+    assert_eq!(
+        during.len(),
+        before.len() + 1,
+        "one instance while tracking: {during:?} (before: {before:?})"
+    );
+    let new: Vec<_> = during.iter().filter(|n| !before.contains(n)).collect();
+    drop(tracker);
+    assert!(
+        !instances.join(new[0]).exists(),
+        "{} outlived its tracker",
+        new[0]
+    );
+    // An instance named for a process that no longer exists (pid_max is at most 2^22).
+    let abandoned = instances.join("blockferry-4194305-0");
+    std::fs::create_dir(&abandoned).unwrap();
+    let Some((_dir, _device, _tracker)) = tracked_loop(4, TraceSource::Ftrace) else {
+        return;
+    };
+    assert!(
+        !abandoned.exists(),
+        "the instance of an agent that no longer runs was left"
+    );
 }
 
 #[test]

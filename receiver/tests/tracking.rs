@@ -767,66 +767,117 @@ async fn a_restart_with_nothing_written_meanwhile_needs_no_rescan() {
     receiver.shutdown().await;
 }
 
-/// Where the kernel refuses perf events (here strace makes perf_event_open fail with
-/// EACCES, as a seccomp filter or kernel.perf_event_paranoid would), the agent says why
-/// in one line and replicates anyway, with periodic rescans instead of tracking.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn where_tracking_is_refused_the_agent_says_so_and_falls_back_to_rescans() {
+/// Runs the agent once over a fresh loop device with block tracking asked for, through
+/// `wrapper` (a command line that ends with the agent's and its arguments appended), and
+/// returns the one log line that says why tracking cannot start.
+async fn refused_tracking_line(wrapper: Vec<String>, agent_args: &[&str]) -> Option<String> {
     let dir = tempfile::tempdir().unwrap();
-    let Some(device) = raw_device(dir.path(), 8 << 20) else {
-        return;
-    };
+    let device = raw_device(dir.path(), 8 << 20)?;
     let data = dir.path().join("receiver");
     let receiver = start_receiver(&data).await;
     let creds_dir = dir.path().join("creds");
     credentials(&data, SERVER, &creds_dir);
     let agent_bin =
         PathBuf::from(env!("CARGO_BIN_EXE_blockferry-receiver")).with_file_name("blockferry-agent");
-    let out = tokio::task::spawn_blocking({
-        let (addr, device) = (receiver.local_addr().to_string(), device.0.clone());
-        move || {
-            Command::new("strace")
-                .args([
-                    "-f",
-                    "-qq",
-                    "-o",
-                    "/dev/null",
-                    "-e",
-                    "trace=perf_event_open",
-                    "-e",
-                    "inject=perf_event_open:error=EACCES",
-                ])
-                .arg(&agent_bin)
-                .args([
-                    "run",
-                    "--exit-when-synced",
-                    "--progress",
-                    "log",
-                    "--capture",
-                    "block",
-                    "--receiver",
-                    &addr,
-                    "--credentials",
-                ])
-                .arg(&creds_dir)
-                .arg("--disk")
-                .arg(format!("sdx={device}"))
-                .output()
-                .expect("strace is needed (.ci/run installs it)")
-        }
+    let mut args = wrapper;
+    args.push(agent_bin.display().to_string());
+    args.extend(
+        [
+            "run",
+            "--exit-when-synced",
+            "--progress",
+            "log",
+            "--capture",
+            "block",
+            "--receiver",
+            &receiver.local_addr().to_string(),
+            "--credentials",
+            &creds_dir.display().to_string(),
+            "--disk",
+            &format!("sdx={}", device.0),
+        ]
+        .map(String::from),
+    );
+    args.extend(agent_args.iter().map(|a| a.to_string()));
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(&args[0])
+            .args(&args[1..])
+            .output()
+            .unwrap_or_else(|e| panic!("{} is needed (.ci/run installs it): {e}", args[0]))
     })
     .await
     .unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{log}");
     let lines: Vec<&str> = log.lines().filter(|l| l.contains("cannot start")).collect();
     assert_eq!(lines.len(), 1, "one line says why:\n{log}");
-    assert!(
-        lines[0].contains("refused a perf event") && lines[0].contains("rescanned"),
-        "{}",
-        lines[0]
-    );
+    assert!(lines[0].contains("rescanned"), "{}", lines[0]);
     receiver.shutdown().await;
+    Some(lines[0].to_owned())
+}
+
+/// strace makes perf_event_open fail with EACCES, as a seccomp filter or
+/// kernel.perf_event_paranoid would.
+fn perf_refused() -> Vec<String> {
+    [
+        "strace",
+        "-f",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-e",
+        "trace=perf_event_open",
+        "-e",
+        "inject=perf_event_open:error=EACCES",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Where the kernel refuses perf events and the agent is told to use them, it says why
+/// in one line and replicates anyway, with periodic rescans instead of tracking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn where_perf_events_are_refused_the_agent_says_so_and_falls_back_to_rescans() {
+    let Some(line) = refused_tracking_line(perf_refused(), &["--trace-source", "perf"]).await
+    else {
+        return;
+    };
+    assert!(line.contains("refused a perf event"), "{line}");
+}
+
+/// Under `auto`, the agent tries an ftrace instance, then perf events. Here tracefs is
+/// read-only in the agent's mount namespace (as in many containers) and perf events are
+/// refused: one line names both reasons, and the agent falls back to rescans.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn where_both_trace_sources_are_refused_the_agent_names_both_and_falls_back() {
+    let tracefs = "/sys/kernel/tracing";
+    if !Path::new(tracefs).join("events").exists() {
+        let _ = Command::new("mount")
+            .args(["-t", "tracefs", "nodev", tracefs])
+            .status();
+    }
+    let mut wrapper = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        // The agent's own arguments follow as "$@".
+        "mount -o remount,bind,ro /sys/kernel/tracing && exec \"$@\"",
+        "sh",
+    ]
+    .map(String::from)
+    .to_vec();
+    wrapper.extend(perf_refused());
+    let Some(line) = refused_tracking_line(wrapper, &[]).await else {
+        return;
+    };
+    assert!(
+        line.contains("neither source") && line.contains("Read-only file system"),
+        "{line}"
+    );
+    assert!(line.contains("refused a perf event"), "{line}");
 }
 
 /// An agent replicating in the background until stopped.
