@@ -200,8 +200,9 @@ enum Command {
         dir: Option<PathBuf>,
     },
     /// What block-layer tracking costs a writer: fio 4 KiB random writes (O_DIRECT) to a
-    /// loop device untracked, tracked by the agent's tracker (perf rings), and with --bpf
-    /// by a bpftrace program on the same tracepoint; then the tracker's CPU at 10 MiB/s.
+    /// loop device untracked, tracked by the agent's tracker through each source (its
+    /// ftrace instance, perf rings), and with --bpf by a bpftrace program on the same
+    /// tracepoint; then the tracker's CPU at 10 MiB/s through each source.
     /// Needs root, fio (and bpftrace for --bpf).
     Tracking {
         /// Size of the loop device.

@@ -1,7 +1,7 @@
 //! `tracking`: what block-layer change tracking costs a writer. fio writes 4 KiB random
 //! blocks with O_DIRECT to a loop device while nothing tracks it, while the agent's
-//! tracker ([`blockferry_agent::blocktrace`]: perf rings on `block_rq_complete`) drains
-//! it, and, with `--bpf`, while a bpftrace program sets bits in a map on the same
+//! tracker ([`blockferry_agent::blocktrace`] on `block_rq_complete`) drains it through
+//! each of its sources (its own ftrace instance, perf rings), and, with `--bpf`, while a bpftrace program sets bits in a map on the same
 //! tracepoint (the in-kernel alternative, for comparison). Rounds alternate between the
 //! modes so that a shared machine's noise falls on all of them; medians are printed. A
 //! second fio job writes at a fixed 10 MiB/s, to measure the tracker's own CPU at a
@@ -14,11 +14,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use blockferry_agent::blocktrace::{Change, Placement, Tracker};
+use blockferry_agent::blocktrace::{Change, Placement, TraceSource, Tracker};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Off,
+    Ftrace,
     PerfRing,
     Bpf,
 }
@@ -27,6 +28,7 @@ impl Mode {
     fn name(self) -> &'static str {
         match self {
             Self::Off => "off",
+            Self::Ftrace => "ftrace (blockferry)",
             Self::PerfRing => "perf ring (blockferry)",
             Self::Bpf => "bpf map (bpftrace)",
         }
@@ -104,9 +106,11 @@ struct Drained {
 /// Tracks `placement` on a thread of its own until `stop`.
 fn track(
     placement: Placement,
+    source: TraceSource,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<std::thread::JoinHandle<Drained>> {
-    let mut tracker = Tracker::start(&[placement], 256).context("starting the block tracker")?;
+    let mut tracker = Tracker::start_with(&[placement], 256, source)
+        .with_context(|| format!("starting the block tracker ({source:?})"))?;
     Ok(std::thread::spawn(move || {
         let started = thread_cpu();
         let mut bytes = 0;
@@ -140,9 +144,14 @@ fn round(
 ) -> anyhow::Result<(FioResult, Option<Drained>)> {
     match mode {
         Mode::Off => Ok((fio(device, seconds, rate)?, None)),
-        Mode::PerfRing => {
+        Mode::Ftrace | Mode::PerfRing => {
+            let source = if mode == Mode::Ftrace {
+                TraceSource::Ftrace
+            } else {
+                TraceSource::Perf
+            };
             let stop = Arc::new(AtomicBool::new(false));
-            let thread = track(placement, Arc::clone(&stop))?;
+            let thread = track(placement, source, Arc::clone(&stop))?;
             let result = fio(device, seconds, rate);
             stop.store(true, Ordering::Relaxed);
             let drained = thread
@@ -202,7 +211,7 @@ pub fn run(
     }
     let device = LoopDevice(String::from_utf8(out.stdout)?.trim().to_owned());
     let placement = Placement::of(Path::new(&device.0))?;
-    let mut modes = vec![Mode::Off, Mode::PerfRing];
+    let mut modes = vec![Mode::Off, Mode::Ftrace, Mode::PerfRing];
     if bpf {
         modes.push(Mode::Bpf);
     }
@@ -213,7 +222,7 @@ pub fn run(
         base.display()
     );
     let mut results: Vec<Vec<FioResult>> = vec![Vec::new(); modes.len()];
-    let mut drained = Vec::new();
+    let mut drained: Vec<(Mode, Drained)> = Vec::new();
     for r in 0..rounds {
         for (i, &mode) in modes.iter().enumerate() {
             let (result, tracked) = round(mode, &device.0, placement, seconds, None)?;
@@ -225,7 +234,7 @@ pub fn run(
                 result.p99_us
             );
             results[i].push(result);
-            drained.extend(tracked);
+            drained.extend(tracked.map(|t| (mode, t)));
         }
     }
     let off_iops = median(results[0].iter().map(|r| r.iops).collect());
@@ -246,29 +255,36 @@ pub fn run(
             p99 / off_p99.max(1.0)
         );
     }
-    let samples: u64 = drained.iter().map(|d| d.samples).sum();
-    let lost: u64 = drained.iter().map(|d| d.lost).sum();
-    let cpu: f64 = drained.iter().map(|d| d.cpu).sum();
-    println!(
-        "tracker: {samples} samples, {lost} lost, {:.2} µs of CPU per sample",
-        cpu * 1e6 / samples.max(1) as f64
-    );
+    for source in [Mode::Ftrace, Mode::PerfRing] {
+        let runs = drained.iter().filter(|(m, _)| *m == source).map(|(_, d)| d);
+        let (samples, lost, cpu) = runs.fold((0, 0, 0.0), |(s, l, c), d| {
+            (s + d.samples, l + d.lost, c + d.cpu)
+        });
+        println!(
+            "tracker, {}: {samples} samples, {lost} lost, {:.2} µs of CPU per sample",
+            source.name(),
+            cpu * 1e6 / samples.max(1) as f64
+        );
+    }
 
-    // The tracker's own CPU at a steady 10 MiB/s of 4 KiB writes.
-    let (steady, tracked) = round(Mode::PerfRing, &device.0, placement, seconds, Some("10m"))?;
-    let tracked = tracked.unwrap_or_default();
-    let percent = tracked.cpu * 100.0 / seconds as f64;
-    println!(
-        "at {:.1} MiB/s of 4 KiB writes: the tracker used {percent:.2}% of a core ({} samples, {} lost, {} reported); goal <= 5% for the agent process: {}",
-        steady.mib_per_s,
-        tracked.samples,
-        tracked.lost,
-        blockferry_receiver::status::human_bytes(tracked.bytes),
-        if percent <= 5.0 {
-            "met (the tracker alone)"
-        } else {
-            "MISSED"
-        }
-    );
+    // The tracker's own CPU at a steady 10 MiB/s of 4 KiB writes, through each source.
+    for source in [Mode::Ftrace, Mode::PerfRing] {
+        let (steady, tracked) = round(source, &device.0, placement, seconds, Some("10m"))?;
+        let tracked = tracked.unwrap_or_default();
+        let percent = tracked.cpu * 100.0 / seconds as f64;
+        println!(
+            "at {:.1} MiB/s of 4 KiB writes, {}: the tracker used {percent:.2}% of a core ({} samples, {} lost, {} reported); goal <= 5% for the agent process: {}",
+            steady.mib_per_s,
+            source.name(),
+            tracked.samples,
+            tracked.lost,
+            blockferry_receiver::status::human_bytes(tracked.bytes),
+            if percent <= 5.0 {
+                "met (the tracker alone)"
+            } else {
+                "MISSED"
+            }
+        );
+    }
     Ok(())
 }
