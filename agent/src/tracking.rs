@@ -281,7 +281,7 @@ impl Tracking {
         tracing::info!(
             source = tracker.source(),
             disks = placements.len(),
-            "block-layer tracking started"
+            "block-layer change tracking started"
         );
         tracker.ignore_samples(tuning.ignore_samples);
         let waiter = tracker.waiter().map_err(TrackError::Filter)?;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod ebs;
+pub mod guest;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
