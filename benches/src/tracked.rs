@@ -42,7 +42,18 @@ impl Drop for LoopDevice {
 struct Child(std::process::Child);
 
 impl Drop for Child {
+    /// A clean stop first, so that the agent removes its trace instance; killed after
+    /// 10 s if it has not stopped.
     fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
