@@ -46,11 +46,13 @@ pub enum CatalogError {
         "the catalog at {path} is in use by another process (is a receiver running on this data dir?)"
     )]
     Locked { path: PathBuf },
-    #[error("cannot open the catalog at {path}")]
+    #[error(
+        "cannot open the catalog at {path}; the receiver has not changed it. If it is damaged, restore it from a backup, or move it aside to start with an empty catalog (every server then syncs its disks again from scratch, and agents must be enrolled again)"
+    )]
     Open {
         path: PathBuf,
         #[source]
-        source: redb::DatabaseError,
+        source: redb::Error,
     },
     #[error("catalog transaction failed")]
     Storage(#[from] redb::Error),
@@ -585,18 +587,27 @@ impl Catalog {
             redb::DatabaseError::DatabaseAlreadyOpen => CatalogError::Locked { path: path.clone() },
             source => CatalogError::Open {
                 path: path.clone(),
-                source,
+                source: source.into(),
             },
         })?;
-        let txn = db.begin_write()?;
-        txn.open_table(SERVERS)?;
-        txn.open_table(DISKS)?;
-        txn.open_table(REVOKED)?;
-        txn.open_table(TOKENS)?;
-        txn.open_table(SETTINGS)?;
-        txn.open_table(RECOVERY_POINTS)?;
-        txn.open_table(ENROLLED)?;
-        txn.commit()?;
+        // A file that opens may still be damaged inside, or be some other redb database:
+        // its tables say so, and the error names the file as above.
+        let tables = || -> Result<(), redb::Error> {
+            let txn = db.begin_write()?;
+            txn.open_table(SERVERS)?;
+            txn.open_table(DISKS)?;
+            txn.open_table(REVOKED)?;
+            txn.open_table(TOKENS)?;
+            txn.open_table(SETTINGS)?;
+            txn.open_table(RECOVERY_POINTS)?;
+            txn.open_table(ENROLLED)?;
+            txn.commit()?;
+            Ok(())
+        };
+        tables().map_err(|source| CatalogError::Open {
+            path: path.clone(),
+            source,
+        })?;
         Ok(Self { db })
     }
 
@@ -1450,6 +1461,45 @@ pub(crate) fn now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A damaged catalog (its header, its pages, or a file that is no catalog at all)
+    /// stops the start with an error that names the file and says what to do, and the
+    /// file is left exactly as it was, for whoever restores or inspects it.
+    #[test]
+    fn a_damaged_catalog_is_refused_by_name_and_left_as_it_was() {
+        type Damage = fn(&mut Vec<u8>);
+        let damages: [(&str, Damage); 3] = [
+            ("header", |b| b[..64].iter_mut().for_each(|x| *x ^= 0x5a)),
+            ("pages", |b| {
+                for i in (4096..b.len()).step_by(61) {
+                    b[i] ^= 0x5a;
+                }
+            }),
+            ("not a catalog", |b| {
+                b.clear();
+                b.extend_from_slice(b"servers = []\n");
+            }),
+        ];
+        for (what, damage) in damages {
+            let dir = tempfile::tempdir().unwrap();
+            drop(Catalog::open(dir.path()).unwrap());
+            let path = dir.path().join("catalog.redb");
+            let mut bytes = std::fs::read(&path).unwrap();
+            damage(&mut bytes);
+            std::fs::write(&path, &bytes).unwrap();
+            let err = Catalog::open(dir.path()).expect_err(what);
+            let message = err.to_string();
+            assert!(
+                message.contains(&path.display().to_string()) && message.contains("move it aside"),
+                "{what}: {message}"
+            );
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                bytes,
+                "{what}: the receiver changed the damaged catalog"
+            );
+        }
+    }
 
     fn server(agent: &str, live_series: [u8; 16], checkpoint: Option<ChainId>) -> ServerRecord {
         ServerRecord {
