@@ -264,7 +264,8 @@ pub struct DiskRecord {
     #[serde(default)]
     pub resent_bytes: u64,
     /// Why the disk cannot make progress whatever the agent does ("" when it can):
-    /// `staging_full` (cleared by the next write made durable on it) or `staging_missing`
+    /// `staging_full` or `staging_error` (a write or flush failed otherwise; both cleared
+    /// by the next write made durable on it) or `staging_missing`
     /// (cleared once the image the catalog recorded is found again, or by an operator's
     /// `disk adopt` or `disk reset`).
     #[serde(default)]

@@ -74,7 +74,7 @@ pub struct Event {
     pub event: EventKind,
     /// Machine-readable: `first_contact`, `agent_reinstalled`, `disconnected`,
     /// `staging_full`, `staging_missing`, `staging_error`, `no_progress`, `reconnected`,
-    /// `progress`, `staging_space_available`, `staging_found`, `operator_request`.
+    /// `progress`, `staging_space_available`, `staging_writable`, `staging_found`, `operator_request`.
     pub reason: String,
     /// For people.
     pub detail: String,
@@ -452,6 +452,9 @@ fn announce(events: &EventLog, server: &crate::status::ServerStatus, was: Option
                 "staging_full" => {
                     "the staging file system is full; free space on the receiver".to_owned()
                 }
+                "staging_error" => {
+                    "the staging disk failed a write or a flush; check the receiver's disk (dmesg)".to_owned()
+                }
                 "staging_missing" => {
                     "a staging image is missing or not the recorded one; see `status`, then bring it back or run `disk adopt` or `disk reset`".to_owned()
                 }
@@ -466,7 +469,8 @@ fn announce(events: &EventLog, server: &crate::status::ServerStatus, was: Option
             let reason = match old {
                 PAUSED => "operator_request",
                 "disconnected" => "reconnected",
-                "staging_full" | "staging_error" => "staging_space_available",
+                "staging_full" => "staging_space_available",
+                "staging_error" => "staging_writable",
                 "staging_missing" => "staging_found",
                 _ => "progress",
             };

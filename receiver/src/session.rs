@@ -1369,33 +1369,53 @@ async fn make_durable(
 }
 
 /// Records why a disk cannot make progress, and turns the failure into the session's end:
-/// the agent hears it, keeps its changes, and retries.
+/// the agent hears it, keeps its changes, and retries. A full file system is
+/// `staging_full`; any other failed write or flush (an I/O error of the staging disk, a
+/// file system shut down after one) is `staging_error`. Either clears with the next write
+/// made durable on the disk.
 async fn stall(
     catalog: &Arc<Catalog>,
     server_id: &str,
     failure: crate::apply::StagingFailure,
 ) -> SessionError {
-    if !failure.out_of_space {
-        return SessionError::Storage(failure.message);
-    }
-    let reason = "staging_full";
-    let (catalog, server, disk) = (
+    let (reason, message) = if failure.out_of_space {
+        (
+            "staging_full",
+            format!(
+                "the staging file system is full ({}); free space on the receiver",
+                failure.message
+            ),
+        )
+    } else {
+        (
+            "staging_error",
+            format!(
+                "the staging image cannot be written ({}); check the receiver's disk (dmesg). Nothing acknowledged is lost: the agent keeps what is not durable and retries",
+                failure.message
+            ),
+        )
+    };
+    tracing::error!(server = %server_id, disk = %failure.disk, reason, "{message}");
+    let (catalog, server, disk, detail) = (
         Arc::clone(catalog),
         server_id.to_owned(),
         failure.disk.clone(),
+        if failure.out_of_space {
+            String::new()
+        } else {
+            failure.message.clone()
+        },
     );
     let recorded =
-        tokio::task::spawn_blocking(move || catalog.mark_stalled(&server, &disk, reason, "")).await;
+        tokio::task::spawn_blocking(move || catalog.mark_stalled(&server, &disk, reason, &detail))
+            .await;
     if !matches!(recorded, Ok(Ok(()))) {
         tracing::warn!(disk = %failure.disk, "could not record the stall in the catalog");
     }
     SessionError::Stalled {
         disk: failure.disk,
         reason,
-        message: format!(
-            "the staging file system is full ({}); free space on the receiver",
-            failure.message
-        ),
+        message,
     }
 }
 

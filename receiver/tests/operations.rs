@@ -743,6 +743,126 @@ async fn a_full_staging_file_system_stalls_the_disk_loses_nothing_and_resumes() 
     receiver.shutdown().await;
 }
 
+/// A staging disk that fails: XFS on a loop device holds the images, and `xfs_io -x -c
+/// shutdown` makes every later write and flush on it fail with EIO, as XFS does itself
+/// when its disk fails. The disk stalls (`staging_error`, in the status and as an event),
+/// the agent keeps running, and everything acknowledged before is on the image, as a
+/// fresh mount of the same file system shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staging_disk_failing_with_eio_stalls_the_disk_and_keeps_what_was_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let images = data.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    // XFS needs 300 MiB at least; the file is sparse.
+    let backing = dir.path().join("xfs.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(512 << 20)
+        .unwrap();
+    let made = Command::new("mkfs.xfs")
+        .args(["-q", "-f"])
+        .arg(&backing)
+        .status()
+        .expect("mkfs.xfs (xfsprogs) is needed");
+    assert!(made.success());
+    let mounted = Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&backing)
+        .arg(&images)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIPPED: cannot loop-mount XFS here (needs root and loop devices)");
+        return;
+    }
+    let mount = Mount(images.clone());
+    let receiver = Receiver::start(ops_config(&data)).await.unwrap();
+    // Slow enough that the sync is under way when the disk fails: 40 Mbit/s.
+    cli(
+        &data,
+        &[
+            "settings",
+            "set",
+            "--server",
+            "srv",
+            "--bandwidth-mbps",
+            "40",
+        ],
+    );
+    let creds = credentials(&data, "srv", &dir.path().join("creds"));
+    let (source, _) = image(dir.path(), "src.img", 48 << 20, 1.0, 1 << 20, 13);
+    let volumes = vec![volume("d0", &source)];
+    let mut config = agent_config(receiver.local_addr(), creds);
+    config.exit_when_synced = false;
+    let agent = Agent::new(&volumes);
+    let stop = CancellationToken::new();
+    let run = {
+        let (config, volumes, stop) = (config.clone(), volumes.clone(), stop.clone());
+        tokio::spawn(async move { agent.run(&config, &volumes, stop).await })
+    };
+    wait_for("8 MiB durable", Duration::from_secs(60), || {
+        let status = receiver.status().unwrap();
+        let server = status.servers.iter().find(|s| s.server_id == "srv")?;
+        (server.disks[0].sync_watermark >= 8 << 20).then_some(())
+    })
+    .await;
+    let shutdown = Command::new("xfs_io")
+        .args(["-x", "-c", "shutdown"])
+        .arg(&images)
+        .status()
+        .expect("xfs_io (xfsprogs) is needed");
+    assert!(shutdown.success());
+
+    let stalled = wait_for("STALLED staging_error", Duration::from_secs(60), || {
+        let status = receiver.status().unwrap();
+        let server = status.servers.iter().find(|s| s.server_id == "srv")?;
+        let events = receiver.events().unwrap();
+        (server.disks[0].state == "STALLED"
+            && server.disks[0].reason == "staging_error"
+            && server.stalled.as_deref() == Some("staging_error")
+            && event_index(&events, "srv", EventKind::Stalled, "staging_error").is_some())
+        .then(|| server.disks[0].clone())
+    })
+    .await;
+    assert!(
+        !run.is_finished(),
+        "the agent gave up on a failing staging disk"
+    );
+    let watermark = stalled.sync_watermark;
+    assert!(
+        (8 << 20..48 << 20).contains(&watermark),
+        "watermark {watermark}"
+    );
+    stop.cancel();
+    let _ = run.await;
+    receiver.shutdown().await;
+
+    // The file system as the disk holds it, after log recovery: what was acknowledged
+    // is there.
+    drop(mount);
+    let again = data.join("remounted");
+    std::fs::create_dir_all(&again).unwrap();
+    let remounted = Command::new("mount")
+        .args(["-o", "loop,nouuid"])
+        .arg(&backing)
+        .arg(&again)
+        .status()
+        .unwrap();
+    assert!(
+        remounted.success(),
+        "the shut-down XFS does not mount again"
+    );
+    let _again = Mount(again.clone());
+    let staged = std::fs::read(again.join("srv/d0.img")).unwrap();
+    let original = std::fs::read(&source).unwrap();
+    assert!(
+        staged[..watermark as usize] == original[..watermark as usize],
+        "acknowledged data below the watermark {watermark} is not on the staging disk"
+    );
+}
+
 /// The audit's C11: with staging full, every session was let in (Welcome), failed its
 /// first write, and the agent, whose backoff started over after every Welcome,
 /// reconnected twice a second, resending everything unacknowledged: 45 sessions and 755
