@@ -838,6 +838,14 @@ impl Tracker {
         }
     }
 
+    /// The ftrace instance's directory, when the samples come from one.
+    pub fn instance(&self) -> Option<&Path> {
+        match &self.source {
+            Source::Ftrace(instance) => Some(instance.dir()),
+            Source::Perf(_) => None,
+        }
+    }
+
     /// Test hook: ignores one write sample in every `every`, as if the kernel had dropped
     /// it without counting it (see the module's documentation).
     pub fn ignore_samples(&mut self, every: Option<u64>) {

@@ -161,6 +161,11 @@ impl Instance {
         Ok(instance)
     }
 
+    /// The instance's directory in tracefs.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The descriptors to poll for data (readable once a buffer is a quarter full).
     pub(crate) fn pipes(&self) -> impl Iterator<Item = &File> {
         self.cpus.iter().map(|c| &c.pipe)

@@ -365,37 +365,25 @@ fn a_tiny_buffer_reports_its_loss(source: TraceSource) {
 /// with it, and one that a killed agent left behind is removed by the next start.
 #[test]
 fn the_trace_instance_lives_as_long_as_its_tracker_and_a_dead_agents_is_removed() {
-    let instances = Path::new("/sys/kernel/tracing/instances");
-    let ours = || -> Vec<String> {
-        let prefix = format!("blockferry-{}-", std::process::id());
-        std::fs::read_dir(instances)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| n.starts_with(&prefix))
-            .collect()
-    };
-    let before = ours();
     let Some((_dir, _device, tracker)) = tracked_loop(4, TraceSource::Ftrace) else {
         return;
     };
-    let during = ours();
-    assert_eq!(
-        during.len(),
-        before.len() + 1,
-        "one instance while tracking: {during:?} (before: {before:?})"
-    );
-    let new: Vec<_> = during.iter().filter(|n| !before.contains(n)).collect();
-    drop(tracker);
+    let instance = tracker.instance().expect("an ftrace tracker").to_owned();
+    let instances = instance.parent().unwrap().to_owned();
+    assert!(instances.ends_with("tracing/instances"), "{instance:?}");
+    let name = instance.file_name().unwrap().to_string_lossy().into_owned();
     assert!(
-        !instances.join(new[0]).exists(),
-        "{} outlived its tracker",
-        new[0]
+        name.starts_with(&format!("blockferry-{}-", std::process::id())),
+        "{name}"
     );
+    assert!(instance.join("per_cpu").exists(), "{name} is not there");
+    drop(tracker);
+    assert!(!instance.exists(), "{name} outlived its tracker");
     // An instance named for a process that no longer exists (pid_max is at most 2^22).
     let abandoned = instances.join("blockferry-4194305-0");
-    std::fs::create_dir(&abandoned).unwrap();
+    if let Err(err) = std::fs::create_dir(&abandoned) {
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists, "{err}");
+    }
     let Some((_dir, _device, _tracker)) = tracked_loop(4, TraceSource::Ftrace) else {
         return;
     };
