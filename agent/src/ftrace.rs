@@ -254,13 +254,25 @@ fn remove_abandoned(instances: &Path) {
                 let _ = std::fs::write(system.path().join("enable"), "0");
             }
         }
-        match std::fs::remove_dir(entry.path()) {
-            Ok(()) => {
-                tracing::info!(instance = %entry.path().display(), "removed the trace instance of an agent that no longer runs")
+        // Another tracker starting at the same moment may be removing it too, and holds
+        // its files open for a moment (EBUSY): retry briefly; gone is gone.
+        let mut attempt = 0;
+        loop {
+            match std::fs::remove_dir(entry.path()) {
+                Ok(()) => {
+                    tracing::info!(instance = %entry.path().display(), "removed the trace instance of an agent that no longer runs");
+                }
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) if attempt < 20 && err.raw_os_error() == Some(libc::EBUSY) => {
+                    attempt += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    continue;
+                }
+                Err(err) => {
+                    tracing::warn!(instance = %entry.path().display(), error = %err, "cannot remove the trace instance of an agent that no longer runs");
+                }
             }
-            Err(err) => {
-                tracing::warn!(instance = %entry.path().display(), error = %err, "cannot remove the trace instance of an agent that no longer runs")
-            }
+            break;
         }
     }
 }
