@@ -13,7 +13,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{ServerSettings, SettingsChange, TokenRecord};
-use crate::session::SessionContext;
+use crate::context::SessionContext;
 use crate::status::StatusReport;
 use blockferry_util::error_chain;
 

@@ -43,22 +43,15 @@ pub(crate) struct StagingDisk {
     written: Counter,
     /// Whether a write has completed since the last durable epoch took stock.
     wrote: std::sync::atomic::AtomicBool,
-    /// Waiting for a sync slot: this session may change only what is synced already
-    /// (below `synced`), and make no sync or rescan progress.
-    pub(crate) queued: std::sync::atomic::AtomicBool,
-    /// The initial-sync watermark when the session started.
-    pub(crate) synced: u64,
 }
 
 impl StagingDisk {
-    pub(crate) fn new(name: String, store: BlockStore, written: Counter, synced: u64) -> Self {
+    pub(crate) fn new(name: String, store: BlockStore, written: Counter) -> Self {
         Self {
             name,
             store,
-            synced,
             written,
             wrote: std::sync::atomic::AtomicBool::new(false),
-            queued: std::sync::atomic::AtomicBool::new(false),
             in_flight: Mutex::new(BTreeMap::new()),
             range_released: Notify::new(),
             rescanning: std::sync::atomic::AtomicBool::new(false),
@@ -350,7 +343,6 @@ mod tests {
             "d".into(),
             BlockStore::File(store),
             Counter::default(),
-            0,
         ));
         let pipeline = ApplyPipeline::new(
             vec![disk.clone()],

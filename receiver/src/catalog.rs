@@ -575,6 +575,34 @@ impl DurableEvidence {
     }
 }
 
+/// An epoch committed durable by [`Catalog::record_durable`], which only takes it with the
+/// flush proofs of the staging stores: what a session needs to tell its agent `Durable`.
+#[derive(Debug)]
+pub struct DurableRecord {
+    epoch: u64,
+    completed: Vec<String>,
+}
+
+impl DurableRecord {
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Disks whose initial sync or rescan this epoch completed.
+    pub fn completed(&self) -> &[String] {
+        &self.completed
+    }
+
+    /// A record for the session core's unit tests, which have no staging stores.
+    #[cfg(test)]
+    pub(crate) fn for_test(epoch: u64) -> Self {
+        Self {
+            epoch,
+            completed: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Catalog {
     db: Database,
@@ -870,7 +898,7 @@ impl Catalog {
         progress: &[(String, u64)],
         rescans: &[RescanProgress],
         written: &[String],
-    ) -> Result<Vec<String>, CatalogError> {
+    ) -> Result<DurableRecord, CatalogError> {
         let txn = self.db.begin_write()?;
         // Disks whose initial sync or rescan this epoch completed.
         let mut completed = Vec::new();
@@ -946,7 +974,7 @@ impl Catalog {
             }
         }
         txn.commit()?;
-        Ok(completed)
+        Ok(DurableRecord { epoch, completed })
     }
 
     /// Records that a disk cannot make progress for `reason` (e.g. `staging_full`), until

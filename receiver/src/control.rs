@@ -30,8 +30,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{TokenRecord, TokenRefusal, constant_time_eq, now, token_id};
+use crate::context::SessionContext;
 use crate::pki::{AdminIdentity, AgentIdentity, CertificateAuthority, sha256, validate_name};
-use crate::session::SessionContext;
 use crate::status::StatusReport;
 use blockferry_util::error_chain;
 

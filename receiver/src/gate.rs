@@ -6,11 +6,6 @@
 //! consistent point E that the barrier worker then records is crash-consistent across
 //! every disk of the server.
 
-use std::sync::Mutex;
-
-use crate::lock;
-use tokio::sync::Notify;
-
 /// Why a barrier was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum GateError {
@@ -34,15 +29,12 @@ pub(crate) struct Sealed {
     pub(crate) consistent: bool,
 }
 
+/// The barriers of one session's streams, without I/O: the session core owns it, and the
+/// driver makes streams that wait at a barrier wait until [`EpochGate::applied_through`]
+/// reaches their epoch.
 #[derive(Debug)]
 pub(crate) struct EpochGate {
     streams: u8,
-    state: Mutex<State>,
-    applied: Notify,
-}
-
-#[derive(Debug)]
-struct State {
     /// The epoch whose barriers are being collected.
     next: u64,
     /// Bit i: stream i has delivered barrier `next`.
@@ -60,23 +52,20 @@ impl EpochGate {
     pub(crate) fn new(streams: u8, first_epoch: u64) -> Self {
         Self {
             streams,
-            state: Mutex::new(State {
-                next: first_epoch,
-                arrived: 0,
-                through: 0,
-                progress: Vec::new(),
-                rescan_done: Vec::new(),
-                inconsistent: false,
-                applied_through: first_epoch.saturating_sub(1),
-            }),
-            applied: Notify::new(),
+            next: first_epoch,
+            arrived: 0,
+            through: 0,
+            progress: Vec::new(),
+            rescan_done: Vec::new(),
+            inconsistent: false,
+            applied_through: first_epoch.saturating_sub(1),
         }
     }
 
     /// Records barrier `epoch` from `stream`, after writes up to sequence `through` were
     /// submitted. Returns the sealed epoch when this was the last stream to deliver it.
     pub(crate) fn arrive(
-        &self,
+        &mut self,
         stream: u8,
         epoch: u64,
         through: u64,
@@ -84,79 +73,65 @@ impl EpochGate {
         rescan_done: &[u16],
         consistent: bool,
     ) -> Result<Option<Sealed>, GateError> {
-        let mut state = lock(&self.state);
-        if epoch != state.next {
+        if epoch != self.next {
             return Err(GateError::WrongEpoch {
                 stream,
                 got: epoch,
-                expected: state.next,
+                expected: self.next,
             });
         }
         let bit = 1u8 << stream;
-        if state.arrived & bit != 0 {
+        if self.arrived & bit != 0 {
             return Err(GateError::Duplicate { stream, epoch });
         }
-        state.arrived |= bit;
-        state.through = state.through.max(through);
-        state.inconsistent |= !consistent;
+        self.arrived |= bit;
+        self.through = self.through.max(through);
+        self.inconsistent |= !consistent;
         for &(disk, watermark) in progress {
-            match state.progress.iter_mut().find(|(d, _)| *d == disk) {
+            match self.progress.iter_mut().find(|(d, _)| *d == disk) {
                 Some((_, w)) => *w = (*w).max(watermark),
-                None => state.progress.push((disk, watermark)),
+                None => self.progress.push((disk, watermark)),
             }
         }
         for &disk in rescan_done {
-            if !state.rescan_done.contains(&disk) {
-                state.rescan_done.push(disk);
+            if !self.rescan_done.contains(&disk) {
+                self.rescan_done.push(disk);
             }
         }
-        if state.arrived.count_ones() < u32::from(self.streams) {
+        if self.arrived.count_ones() < u32::from(self.streams) {
             return Ok(None);
         }
         let sealed = Sealed {
             epoch,
-            through: state.through,
-            progress: std::mem::take(&mut state.progress),
-            rescan_done: std::mem::take(&mut state.rescan_done),
-            consistent: !std::mem::take(&mut state.inconsistent),
+            through: self.through,
+            progress: std::mem::take(&mut self.progress),
+            rescan_done: std::mem::take(&mut self.rescan_done),
+            consistent: !std::mem::take(&mut self.inconsistent),
         };
-        state.next = epoch + 1;
-        state.arrived = 0;
+        self.next = epoch + 1;
+        self.arrived = 0;
         Ok(Some(sealed))
     }
 
     /// Called once every write of `epoch` has completed: streams waiting at its barrier
     /// may go on.
-    pub(crate) fn mark_applied(&self, epoch: u64) {
-        let mut state = lock(&self.state);
-        state.applied_through = state.applied_through.max(epoch);
-        drop(state);
-        self.applied.notify_waiters();
+    pub(crate) fn mark_applied(&mut self, epoch: u64) {
+        self.applied_through = self.applied_through.max(epoch);
     }
 
-    /// Waits until `epoch` is applied.
-    pub(crate) async fn wait_applied(&self, epoch: u64) {
-        loop {
-            let notified = self.applied.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if lock(&self.state).applied_through >= epoch {
-                return;
-            }
-            notified.await;
-        }
+    /// Every epoch up to this one is applied.
+    pub(crate) fn applied_through(&self) -> u64 {
+        self.applied_through
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
-    use std::time::Duration;
 
     #[test]
     fn an_epoch_seals_when_every_stream_delivered_it() {
-        let gate = EpochGate::new(3, 10);
+        let mut gate = EpochGate::new(3, 10);
         assert_eq!(gate.arrive(0, 10, 5, &[(0, 100)], &[], true), Ok(None));
         assert_eq!(
             gate.arrive(2, 10, 9, &[(0, 300), (1, 7)], &[], true),
@@ -180,7 +155,7 @@ mod tests {
 
     #[test]
     fn out_of_order_and_duplicate_barriers_are_refused() {
-        let gate = EpochGate::new(2, 1);
+        let mut gate = EpochGate::new(2, 1);
         assert!(matches!(
             gate.arrive(0, 2, 0, &[], &[], true),
             Err(GateError::WrongEpoch { expected: 1, .. })
@@ -192,26 +167,20 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
-    async fn streams_wait_at_a_barrier_until_its_epoch_is_applied() {
-        let gate = Arc::new(EpochGate::new(2, 1));
-        gate.arrive(0, 1, 3, &[], &[], true).unwrap();
-        let waiter = tokio::spawn({
-            let gate = Arc::clone(&gate);
-            async move { gate.wait_applied(1).await }
-        });
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(
-            !waiter.is_finished(),
-            "stream 0 must not pass barrier 1 before it is applied"
+    #[test]
+    fn an_epoch_is_applied_only_when_marked_so() {
+        let mut gate = EpochGate::new(2, 7);
+        assert_eq!(
+            gate.applied_through(),
+            6,
+            "the epoch before the first is applied"
         );
-        gate.arrive(1, 1, 4, &[], &[], true).unwrap().unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(!waiter.is_finished(), "sealed is not applied");
-        gate.mark_applied(1);
-        tokio::time::timeout(Duration::from_secs(1), waiter)
-            .await
-            .unwrap()
-            .unwrap();
+        gate.arrive(0, 7, 3, &[], &[], true).unwrap();
+        gate.arrive(1, 7, 4, &[], &[], true).unwrap().unwrap();
+        assert_eq!(gate.applied_through(), 6, "sealed is not applied");
+        gate.mark_applied(7);
+        assert_eq!(gate.applied_through(), 7);
+        gate.mark_applied(5);
+        assert_eq!(gate.applied_through(), 7, "never goes back");
     }
 }

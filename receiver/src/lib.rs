@@ -8,6 +8,7 @@ mod apply;
 pub mod budget;
 pub mod catalog;
 pub mod cli;
+mod context;
 pub mod control;
 pub mod demo;
 pub mod events;

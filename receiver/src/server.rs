@@ -14,13 +14,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin;
 use crate::catalog::{Catalog, CatalogError};
+use crate::context::{SessionContext, SessionSettings};
 use crate::control::{self, ControlContext};
 use crate::events::EventLog;
 use crate::metrics::Metrics;
 use crate::pki::{AgentIdentity, CertificateAuthority, PkiError};
 use crate::registry::SessionRegistry;
 use crate::revocation::Revocations;
-use crate::session::{self, SessionContext, SessionSettings};
+use crate::session;
 use crate::status::StatusReport;
 use crate::tls::{self, RefusalReason, TlsSetupError};
 
