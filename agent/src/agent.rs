@@ -1,9 +1,8 @@
 //! The agent's top level: configuration, the reconnect loop with exponential backoff and
 //! jitter, and the counters a run reports.
 
-use std::collections::VecDeque;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -129,8 +128,6 @@ pub struct AgentStats {
     sizes: Vec<u64>,
     positions: Vec<AtomicU64>,
     durable: Vec<AtomicU64>,
-    /// (epoch, disk, watermark) claimed by barriers not yet durable.
-    pending: Mutex<VecDeque<(u64, usize, u64)>>,
 }
 
 impl AgentStats {
@@ -153,7 +150,6 @@ impl AgentStats {
             sizes: volumes.iter().map(|v| v.size).collect(),
             positions: volumes.iter().map(|_| AtomicU64::new(0)).collect(),
             durable: volumes.iter().map(|_| AtomicU64::new(0)).collect(),
-            pending: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -190,22 +186,13 @@ impl AgentStats {
 
     pub(crate) fn set_durable(&self, disk: usize, at: u64) {
         self.durable[disk].store(at, Ordering::Relaxed);
-        lock(&self.pending).clear();
     }
 
-    pub(crate) fn pending_watermark(&self, epoch: u64, disk: usize, watermark: u64) {
-        lock(&self.pending).push_back((epoch, disk, watermark));
-    }
-
-    pub(crate) fn durable_through(&self, epoch: u64) {
+    /// An epoch became durable, with the initial-sync progress it settled.
+    pub(crate) fn durable_through(&self, watermarks: &[(usize, u64)]) {
         self.durable_acks.fetch_add(1, Ordering::Relaxed);
-        let mut pending = lock(&self.pending);
-        while let Some(&(e, disk, watermark)) = pending.front() {
-            if e > epoch {
-                break;
-            }
+        for &(disk, watermark) in watermarks {
             self.durable[disk].fetch_max(watermark, Ordering::Relaxed);
-            pending.pop_front();
         }
     }
 }
@@ -507,10 +494,6 @@ fn jitter(base: Duration) -> Duration {
     x ^= x >> 33;
     let factor = 0.5 + (x % 1000) as f64 / 1000.0;
     base.mul_f64(factor)
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
 #[cfg(test)]

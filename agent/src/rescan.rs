@@ -14,8 +14,8 @@ use tokio::task::JoinSet;
 
 use crate::agent::AgentStats;
 use crate::capture::CaptureShared;
-use crate::session::stream_for;
 use crate::volume::Volume;
+use blockferry_proto::route::stream_for;
 
 /// Digest block: the dirty map's block, so a single changed 4 KiB block costs 4 KiB.
 pub(crate) const SUM_BLOCK: u32 = 4096;

@@ -12,6 +12,10 @@ use tokio::sync::mpsc;
 
 /// Bytes per read: one full write frame.
 pub const CHUNK: usize = blockferry_proto::limits::MAX_WRITE_DATA as usize;
+
+// Chunks split writes at multiples of CHUNK; a chunk never crosses a block group, so
+// each write has one stream.
+const _: () = assert!(blockferry_proto::route::BLOCK_GROUP.is_multiple_of(CHUNK as u64));
 /// Chunks read ahead of the sender; bounds the reader's memory to this many MiB.
 const READ_AHEAD: usize = 4;
 

@@ -15,6 +15,7 @@ mod codec;
 pub mod control;
 pub mod limits;
 mod message;
+pub mod route;
 pub mod token;
 
 pub use buffer::FrameBuffer;

@@ -1,28 +1,38 @@
 //! One session with the receiver: connect, Hello, Welcome, then the initial sync of every
-//! disk from the watermark the receiver reported, with barriers, until every disk is
-//! durable at the receiver.
+//! disk from the watermark the receiver reported, captured changes and rescans, with
+//! barriers, until the agent stops or the connection breaks.
+//!
+//! The decisions that need no I/O live apart and are tested alone: what a Welcome means
+//! ([`welcome::plan`]), what the receiver's frames mean ([`transport::interpret`]) and
+//! which epochs are durable and what that settles ([`ledger::EpochLedger`]). This module
+//! schedules the work and moves the bytes.
 
-use std::collections::VecDeque;
+mod error;
+mod ledger;
+mod transport;
+mod welcome;
+
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use std::collections::BTreeSet;
-
+use blockferry_proto::route::stream_for;
 use blockferry_proto::{
-    Barrier, Checkpoint, DiskBeat, DiskState, ErrorCode, ErrorFrame, Frame, FrameBuffer, Goodbye,
-    Heartbeat, Hello, JoinStream, ResumeClaim, SumReply, SyncProgress, Welcome, WriteFlags,
-    WriteHeader, encode_write,
+    Barrier, Checkpoint, DiskBeat, DiskState, Frame, Goodbye, Heartbeat, Hello, JoinStream,
+    ResumeClaim, SumReply, SyncProgress, Welcome, WriteFlags, WriteHeader, encode_write,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 
+pub use self::error::SessionError;
+use self::error::broken;
+use self::ledger::{EpochLedger, MAX_UNACKED_BARRIERS};
+use self::transport::{
+    Event, STALL_TIMEOUT, STREAM_QUEUE, StreamSender, connect, deadline_token, read_frames,
+};
 use crate::agent::{AgentConfig, AgentStats};
 use crate::capture::{CaptureShared, GenerationState};
-use crate::credentials::Credentials;
 use crate::freeze::FreezeMode;
 use crate::rescan::{RescanEvent, RescanJob};
 use crate::resources::ProcessSampler;
@@ -30,13 +40,7 @@ use crate::tracking::Tracking;
 use crate::volume::CHUNK;
 use crate::volume::{ChunkReader, Volume, zero_runs};
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
-/// Barriers sent but not yet durable. Bounds what a broken connection makes us resend.
-const MAX_UNACKED_BARRIERS: u64 = 2;
-/// A receiver that neither answers nor accepts data for this long is treated as a broken
-/// connection, and the agent reconnects.
-const STALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Captured changes sent between two initial-sync chunks: changes go first, but the sync
 /// is never starved.
 const CHANGE_BATCH: u64 = 4 << 20;
@@ -48,96 +52,8 @@ const SUM_REPLY_QUEUE: usize = 64;
 /// comes this soon (or at the freeze interval, when shorter).
 const CUT_RETRY: Duration = Duration::from_secs(5);
 
-#[derive(Debug, thiserror::Error)]
-pub enum SessionError {
-    #[error("cannot connect to {addr}")]
-    Connect {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Proxy(crate::proxy::ProxyError),
-    #[error("TLS handshake with {addr} failed")]
-    Handshake {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("connection to the receiver failed")]
-    Connection(#[from] std::io::Error),
-    #[error("the receiver sent something unreadable: {0}")]
-    Protocol(String),
-    #[error("the receiver refused: {code}: {message}")]
-    Refused {
-        code: ErrorCode,
-        message: String,
-        /// The receiver's hint: do not come back sooner.
-        retry_after: Duration,
-    },
-    #[error("cannot read volume {disk}")]
-    Volume {
-        disk: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("timed out waiting for {0}")]
-    Timeout(&'static str),
-    /// The receiver refused this agent's certificate after the handshake (TLS 1.3
-    /// reports a refused client certificate on the first read).
-    #[error(
-        "the receiver refused this agent's certificate ({0}): it is revoked, expired or not issued by the receiver's CA; enroll again"
-    )]
-    CertificateRefused(String),
-    /// The agent was asked to stop; the session ends at the next frame boundary.
-    #[error("the agent is stopping")]
-    Stopping,
-    /// The agent cannot vouch for its changes any more (block-layer events were lost,
-    /// or a periodic rescan is due): the session ends for one that rescans.
-    #[error("changes were lost to tracking; reconnecting to rescan")]
-    Restart,
-}
-
-impl SessionError {
-    /// Whether reconnecting may help. Refusals that would repeat identically (a write out
-    /// of range, a protocol violation, a certificate the receiver rejects) are not.
-    /// How long the receiver asked the agent to stay away, if it did.
-    pub fn retry_after(&self) -> Duration {
-        match self {
-            Self::Refused { retry_after, .. } => *retry_after,
-            _ => Duration::ZERO,
-        }
-    }
-
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            Self::Refused { code, .. } => code.is_retryable(),
-            Self::Protocol(_) | Self::CertificateRefused(_) => false,
-            Self::Proxy(err) => err.is_retryable(),
-            Self::Handshake { source, .. } => !is_certificate_problem(source),
-            _ => true,
-        }
-    }
-}
-
-fn is_certificate_problem(err: &std::io::Error) -> bool {
-    err.get_ref()
-        .and_then(|e| e.downcast_ref::<rustls::Error>())
-        .is_some_and(|e| {
-            matches!(
-                e,
-                rustls::Error::InvalidCertificate(_)
-                    | rustls::Error::NoCertificatesPresented
-                    | rustls::Error::AlertReceived(
-                        rustls::AlertDescription::BadCertificate
-                            | rustls::AlertDescription::UnknownCA
-                            | rustls::AlertDescription::CertificateExpired
-                            | rustls::AlertDescription::CertificateRevoked
-                            | rustls::AlertDescription::CertificateRequired
-                    )
-            )
-        })
-}
+/// Bytes of changed runs taken, read and sent together (see `Session::ship_changes`).
+const CHANGE_READ_BATCH: u64 = 1 << 20;
 
 /// How a session that did not fail ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,73 +70,6 @@ pub enum Outcome {
     Checkpointed(u64),
 }
 
-/// What the receiver's frames mean to the sender.
-#[derive(Debug)]
-enum Event {
-    Welcome(Welcome),
-    Durable(u64),
-    CheckpointSaved(u64),
-    Refused(ErrorFrame),
-    CertificateRefused(String),
-    Goodbye(String),
-    Broken(String),
-}
-
-/// One stream's sending side: encoded frames go to a task that owns the TLS writer, so
-/// that each stream encrypts on its own core.
-struct StreamSender {
-    frames: mpsc::Sender<Vec<u8>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-/// Bytes of changed runs taken, read and sent together (see `Session::ship_changes`).
-const CHANGE_READ_BATCH: u64 = 1 << 20;
-
-/// Encoded frames queued per stream: with 1 MiB chunks, at most this many MiB per stream.
-const STREAM_QUEUE: usize = 4;
-
-impl StreamSender {
-    fn start(
-        mut writer: WriteHalf<TlsStream<TcpStream>>,
-        index: u8,
-        events: mpsc::Sender<Event>,
-        stats: Arc<AgentStats>,
-    ) -> Self {
-        let (frames, mut queue) = mpsc::channel::<Vec<u8>>(STREAM_QUEUE);
-        let task = tokio::spawn(async move {
-            while let Some(bytes) = queue.recv().await {
-                stats.throttle.acquire(bytes.len()).await;
-                let written = tokio::time::timeout(STALL_TIMEOUT, writer.write_all(&bytes)).await;
-                match written {
-                    Ok(Ok(())) => {
-                        stats
-                            .wire_bytes
-                            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    }
-                    Ok(Err(err)) => {
-                        let _ = events
-                            .send(Event::Broken(format!(
-                                "stream {index}: write failed: {err}"
-                            )))
-                            .await;
-                        return;
-                    }
-                    Err(_) => {
-                        let _ = events
-                            .send(Event::Broken(format!(
-                                "stream {index}: the receiver accepted no data for {STALL_TIMEOUT:?}"
-                            )))
-                            .await;
-                        return;
-                    }
-                }
-            }
-            let _ = tokio::time::timeout(Duration::from_secs(5), writer.shutdown()).await;
-        });
-        Self { frames, task }
-    }
-}
-
 pub(crate) struct Session<'a> {
     config: &'a AgentConfig,
     volumes: &'a [Volume],
@@ -228,16 +77,12 @@ pub(crate) struct Session<'a> {
     capture: &'a Arc<CaptureShared>,
     /// Bytes of captured changes sent since the last barrier.
     changes_since_barrier: u64,
-    /// (epoch, capture write sequence) of consistent barriers not yet durable.
-    covers: VecDeque<(u64, u64)>,
     streams: Vec<StreamSender>,
     events: mpsc::Receiver<Event>,
     events_tx: mpsc::Sender<Event>,
     readers: Vec<tokio::task::JoinHandle<()>>,
-    /// The last epoch closed by a barrier; writes carry `epoch + 1`.
-    epoch: u64,
-    durable_epoch: u64,
-    barriers_sent: u64,
+    /// Which epochs are closed and durable, and what each one settles.
+    ledger: EpochLedger,
     bytes_since_barrier: u64,
     heartbeat_every: Duration,
     last_heartbeat: Instant,
@@ -255,8 +100,6 @@ pub(crate) struct Session<'a> {
     /// Disks whose rescan has marked everything, with when it finished; each is claimed
     /// done in the first barrier sent once the disk has nothing left to send.
     rescans_finished: Vec<(usize, Instant)>,
-    /// (epoch, disks) of rescan-done claims not yet durable.
-    rescan_claims: VecDeque<(u64, Vec<usize>)>,
     /// When the generation being shipped was frozen.
     frozen_at: Option<Instant>,
     sum_replies: Option<mpsc::Receiver<SumReply>>,
@@ -324,7 +167,6 @@ pub(crate) async fn run(
         stats,
         capture,
         changes_since_barrier: 0,
-        covers: VecDeque::new(),
         streams: vec![StreamSender::start(
             writer,
             0,
@@ -339,9 +181,7 @@ pub(crate) async fn run(
         ))],
         events,
         events_tx,
-        epoch: 0,
-        durable_epoch: 0,
-        barriers_sent: 0,
+        ledger: EpochLedger::default(),
         bytes_since_barrier: 0,
         heartbeat_every: Duration::from_secs(5),
         last_heartbeat: Instant::now(),
@@ -352,7 +192,6 @@ pub(crate) async fn run(
         sync_done: false,
         rescans_pending: BTreeSet::new(),
         rescans_finished: Vec::new(),
-        rescan_claims: VecDeque::new(),
         frozen_at: None,
         sum_replies: Some(sums),
         rescan_task: None,
@@ -414,45 +253,6 @@ pub(crate) async fn run(
     result
 }
 
-async fn connect(
-    addr: &str,
-    credentials: &Credentials,
-) -> Result<TlsStream<TcpStream>, SessionError> {
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, crate::proxy::connect(addr))
-        .await
-        .map_err(|_| SessionError::Timeout("the TCP connection"))?
-        .map_err(|err| match err {
-            crate::proxy::ConnectError::Direct(source) => SessionError::Connect {
-                addr: addr.to_owned(),
-                source,
-            },
-            crate::proxy::ConnectError::Proxy(err) => SessionError::Proxy(err),
-        })?;
-    let _ = tcp.set_nodelay(true);
-    let connector = tokio_rustls::TlsConnector::from(credentials.client_config());
-    tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        connector.connect(Credentials::server_name(), tcp),
-    )
-    .await
-    .map_err(|_| SessionError::Timeout("the TLS handshake"))?
-    .map_err(|source| SessionError::Handshake {
-        addr: addr.to_owned(),
-        source,
-    })
-}
-
-/// The stream a block group travels on: a fixed function of disk and 1 MiB group, so
-/// every write of a block always takes the same stream (invariant 2).
-pub fn stream_for(disk: u16, offset: u64, streams: usize) -> usize {
-    let group = offset >> 20;
-    let mut x = (u64::from(disk) << 48) ^ group;
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    x ^= x >> 33;
-    (x % streams.max(1) as u64) as usize
-}
-
 impl Session<'_> {
     async fn drive(
         &mut self,
@@ -485,55 +285,51 @@ impl Session<'_> {
             Ok(Some(other)) => return self.ended(other),
             Ok(None) => return Err(broken("the connection closed before Welcome")),
         };
-        self.check_welcome(&welcome)?;
+        let offered: Vec<(&str, u64)> = self
+            .volumes
+            .iter()
+            .map(|v| (v.name.as_str(), v.size))
+            .collect();
+        let plan = welcome::plan(&offered, self.config.streams, &welcome)?;
         self.welcomed = true;
-        self.epoch = welcome.next_epoch.saturating_sub(1);
-        self.durable_epoch = self.epoch;
-        self.heartbeat_every =
-            Duration::from_millis(u64::from(welcome.settings.heartbeat_interval_ms.max(500)));
+        self.ledger = EpochLedger::starting_at(plan.next_epoch);
+        self.heartbeat_every = plan.heartbeat_every;
         self.stats
             .throttle
             .set_rate(welcome.settings.bandwidth_limit);
         self.stats.pause.set(welcome.settings.paused);
-        let barrier_interval = welcome.settings.barrier_interval.max(1 << 20);
+        let barrier_interval = plan.barrier_interval;
         self.barrier_interval = barrier_interval;
-        self.join_streams(&welcome, &sums_tx).await?;
+        self.join_streams(&welcome, plan.streams, &sums_tx).await?;
         self.stats.sessions.fetch_add(1, Ordering::Relaxed);
 
         let capture = Arc::clone(self.capture);
         let mut to_sync = VecDeque::new();
         let mut rescans = Vec::new();
-        let mut queued = 0usize;
-        for (index, (volume, resume)) in self.volumes.iter().zip(&welcome.disks).enumerate() {
-            // Waiting for one of the receiver's sync slots: changes below the watermark
-            // flow as usual; the sync or rescan starts in a later session.
-            let waits = resume.state == DiskState::QUEUED;
-            if waits {
-                queued += 1;
+        let queued = plan.disks.iter().filter(|d| d.queued).count();
+        for (index, (volume, disk)) in self.volumes.iter().zip(&plan.disks).enumerate() {
+            if disk.queued {
                 tracing::info!(disk = %volume.name, "queued at the receiver for an initial sync or rescan slot");
             }
-            if resume.rescan.is_some() && resume.sync_watermark > 0 && !waits {
+            if let Some((end, reason)) = disk.rescan {
                 tracing::info!(
                     disk = %volume.name,
-                    reason = %resume.rescan,
-                    bytes = resume.sync_watermark,
+                    %reason,
+                    bytes = end,
                     "the receiver asks for a rescan"
                 );
-                rescans.push(RescanJob {
-                    disk: index,
-                    end: resume.sync_watermark.min(volume.size),
-                });
+                rescans.push(RescanJob { disk: index, end });
                 self.rescans_pending.insert(index);
             }
-            self.stats.set_durable(index, resume.sync_watermark);
-            self.stats.set_position(index, resume.sync_watermark);
+            self.stats.set_durable(index, disk.watermark);
+            self.stats.set_position(index, disk.watermark);
             // Writes below the sync cursor are changes; at or above it, the sync reads them.
-            capture.set_cursor(index, resume.sync_watermark);
-            if resume.sync_watermark < volume.size {
+            capture.set_cursor(index, disk.watermark);
+            if disk.watermark < volume.size {
                 // Changes above the watermark wait for the sync to send past them.
-                capture.set_sync_sent(index, resume.sync_watermark);
-                if !waits {
-                    to_sync.push_back((index, resume.sync_watermark));
+                capture.set_sync_sent(index, disk.watermark);
+                if disk.sync {
+                    to_sync.push_back((index, disk.watermark));
                 }
             } else {
                 capture.set_sync_sent(index, u64::MAX);
@@ -560,7 +356,7 @@ impl Session<'_> {
         let mut syncing: Option<(usize, ChunkReader)> = None;
         // The epoch of the last initial-sync barrier: the sync is complete once it is
         // durable.
-        let mut last_sync_epoch = self.epoch;
+        let mut last_sync_epoch = self.ledger.sent();
         let stats = self.stats;
         loop {
             // Registered first, so that a write landing (or a resume arriving) during
@@ -624,7 +420,7 @@ impl Session<'_> {
                 match chunk {
                     Some(chunk) => {
                         if self.ship_sync_chunk(disk, chunk, barrier_interval).await? {
-                            last_sync_epoch = self.epoch;
+                            last_sync_epoch = self.ledger.sent();
                         }
                     }
                     None => {
@@ -635,7 +431,7 @@ impl Session<'_> {
                 continue;
             }
 
-            if !self.sync_done && queued == 0 && self.durable_epoch >= last_sync_epoch {
+            if !self.sync_done && queued == 0 && self.ledger.durable() >= last_sync_epoch {
                 self.sync_done = true;
                 // The synced images become a consistent point as soon as nothing captured
                 // meanwhile is left to send, even if nothing changes after. Block-tracked
@@ -674,7 +470,7 @@ impl Session<'_> {
                                 || flush
                                 || self.consistent_due
                                 || !self.rescans_finished.is_empty();
-                            if due && self.epoch - self.durable_epoch < MAX_UNACKED_BARRIERS {
+                            if due && self.ledger.may_close() {
                                 // An empty map is a point only where every write is
                                 // seen as it happens; block tracking learns of writes
                                 // after they completed.
@@ -689,7 +485,7 @@ impl Session<'_> {
                             if self.config.exit_when_synced
                                 && !due
                                 && self.rescans_pending.is_empty()
-                                && self.durable_epoch == self.epoch
+                                && self.ledger.all_durable()
                                 && capture.backlog_bytes() == 0
                             {
                                 self.send(
@@ -703,7 +499,7 @@ impl Session<'_> {
                             }
                         } else if (self.last_consistent.elapsed() >= self.config.epoch_interval
                             || capture.flush_requested())
-                            && self.epoch - self.durable_epoch < MAX_UNACKED_BARRIERS
+                            && self.ledger.may_close()
                         {
                             // Writes keep coming: close the interval by freezing what is
                             // dirty now, and ship that first.
@@ -743,7 +539,7 @@ impl Session<'_> {
             let mut batch_bytes = 0;
             while shipped + batch_bytes < limit && batch_bytes < CHANGE_READ_BATCH {
                 let room = (CHUNK as u64).min(CHANGE_READ_BATCH - batch_bytes);
-                let Some(run) = capture.take_run(room, self.epoch + 1) else {
+                let Some(run) = capture.take_run(room, self.ledger.open_epoch()) else {
                     break;
                 };
                 batch_bytes += run.len;
@@ -896,7 +692,7 @@ impl Session<'_> {
                 },
                 offset: offset + at as u64,
                 len: u32::try_from(len).expect("pieces are at most MAX_WRITE_DATA"),
-                epoch: self.epoch + 1,
+                epoch: self.ledger.open_epoch(),
             };
             encode_write(out, &header, if zero { &[] } else { &data[at..at + len] });
             if zero {
@@ -912,13 +708,9 @@ impl Session<'_> {
     async fn join_streams(
         &mut self,
         welcome: &Welcome,
+        granted: u8,
         sums_tx: &mpsc::Sender<SumReply>,
     ) -> Result<(), SessionError> {
-        let granted = welcome
-            .settings
-            .max_streams
-            .clamp(1, blockferry_proto::limits::MAX_STREAMS)
-            .min(self.config.streams.max(1));
         for index in 1..granted {
             let stream = connect(&self.config.receiver, &self.config.credentials).await?;
             let (reader, writer) = tokio::io::split(stream);
@@ -946,30 +738,6 @@ impl Session<'_> {
         Ok(())
     }
 
-    fn check_welcome(&self, welcome: &Welcome) -> Result<(), SessionError> {
-        if welcome.disks.len() != self.volumes.len() {
-            return Err(SessionError::Protocol(format!(
-                "Welcome lists {} disks, the agent sent {}",
-                welcome.disks.len(),
-                self.volumes.len()
-            )));
-        }
-        for (v, d) in self.volumes.iter().zip(&welcome.disks) {
-            if v.name != d.name || v.size != d.size || d.sync_watermark > d.size {
-                return Err(SessionError::Protocol(format!(
-                    "Welcome describes disk {} ({} bytes, watermark {}) but the agent has {} ({} bytes)",
-                    d.name, d.size, d.sync_watermark, v.name, v.size
-                )));
-            }
-        }
-        if welcome.next_epoch == 0 {
-            return Err(SessionError::Protocol(
-                "Welcome names epoch 0 as the next epoch".into(),
-            ));
-        }
-        Ok(())
-    }
-
     /// Closes an epoch covering capture writes up to `write_seq` (and, for a shipped
     /// generation, everything marked before `frozen_at`), marked crash-consistent when
     /// it is one.
@@ -979,7 +747,8 @@ impl Session<'_> {
         frozen_at: Option<Instant>,
         consistent: bool,
     ) -> Result<(), SessionError> {
-        self.barrier_with(Vec::new(), frozen_at, consistent).await?;
+        self.barrier_with(Vec::new(), frozen_at, consistent, Some(write_seq))
+            .await?;
         let counter = if consistent {
             &self.stats.consistent_points
         } else {
@@ -988,7 +757,6 @@ impl Session<'_> {
         counter.fetch_add(1, Ordering::Relaxed);
         self.changes_since_barrier = 0;
         self.consistent_due = false;
-        self.covers.push_back((self.epoch, write_seq));
         self.last_consistent = Instant::now();
         Ok(())
     }
@@ -1000,7 +768,7 @@ impl Session<'_> {
         if !self.tracking.tracked
             || self.config.freeze != FreezeMode::Auto
             || !self.rescans_pending.is_empty()
-            || self.epoch - self.durable_epoch >= MAX_UNACKED_BARRIERS
+            || !self.ledger.may_close()
         {
             return false;
         }
@@ -1064,7 +832,7 @@ impl Session<'_> {
     /// barriers are unacknowledged, so that a broken connection never loses more than a
     /// few intervals of work.
     async fn barrier(&mut self, sync_progress: Vec<SyncProgress>) -> Result<(), SessionError> {
-        self.barrier_with(sync_progress, None, false).await
+        self.barrier_with(sync_progress, None, false, None).await
     }
 
     async fn barrier_with(
@@ -1072,8 +840,9 @@ impl Session<'_> {
         sync_progress: Vec<SyncProgress>,
         frozen_at: Option<Instant>,
         consistent: bool,
+        covers: Option<u64>,
     ) -> Result<(), SessionError> {
-        while self.epoch - self.durable_epoch >= MAX_UNACKED_BARRIERS {
+        while !self.ledger.may_close() {
             let event = self.next_event().await?;
             self.on_event(event)?;
         }
@@ -1086,29 +855,27 @@ impl Session<'_> {
             });
         self.rescans_finished = waiting;
         let rescan_done: Vec<usize> = claimed.into_iter().map(|(disk, _)| disk).collect();
-        self.epoch += 1;
-        if !rescan_done.is_empty() {
-            self.rescan_claims
-                .push_back((self.epoch, rescan_done.clone()));
-        }
+        let epoch = self.ledger.close(
+            sync_progress
+                .iter()
+                .map(|p| (usize::from(p.disk), p.watermark))
+                .collect(),
+            rescan_done.clone(),
+            covers,
+        );
         let mut rescan_done = Some(
             rescan_done
                 .into_iter()
                 .map(|d| u16::try_from(d).expect("at most MAX_DISKS volumes"))
                 .collect::<Vec<_>>(),
         );
-        self.barriers_sent += 1;
         self.bytes_since_barrier = 0;
-        for p in &sync_progress {
-            self.stats
-                .pending_watermark(self.epoch, usize::from(p.disk), p.watermark);
-        }
         // The progress claim rides on the first stream; the receiver merges the
         // barriers of all streams into one consistent point.
         let mut progress = Some(sync_progress);
         for stream in 0..self.streams.len() {
             let frame = Frame::Barrier(Barrier {
-                epoch: self.epoch,
+                epoch,
                 sync_progress: progress.take().unwrap_or_default(),
                 rescan_done: rescan_done.take().unwrap_or_default(),
                 consistent,
@@ -1238,7 +1005,7 @@ impl Session<'_> {
                 }
                 continue;
             }
-            if self.durable_epoch == self.epoch {
+            if self.ledger.all_durable() {
                 return Ok(());
             }
             let event = self.next_event().await?;
@@ -1322,32 +1089,25 @@ impl Session<'_> {
     fn on_event(&mut self, event: Event) -> Result<(), SessionError> {
         match event {
             Event::Durable(epoch) => {
-                if epoch > self.epoch {
-                    return Err(SessionError::Protocol(format!(
-                        "Durable for epoch {epoch}, but only {} were sent",
-                        self.epoch
-                    )));
-                }
+                let settled = self
+                    .ledger
+                    .durable_through(epoch)
+                    .map_err(|e| SessionError::Protocol(e.to_string()))?;
                 // Every stream hears of each durable epoch; the first word is enough.
-                if epoch > self.durable_epoch {
-                    self.durable_epoch = epoch;
-                    self.stats.durable_through(epoch);
-                    self.capture.durable_through(epoch);
-                    while let Some(&(e, write_seq)) = self.covers.front() {
-                        if e > epoch {
-                            break;
-                        }
-                        self.capture.writes_durable(write_seq);
-                        self.covers.pop_front();
+                let Some(settled) = settled else {
+                    return Ok(());
+                };
+                self.stats.durable_through(&settled.watermarks);
+                self.capture.durable_through(settled.epoch);
+                if let Some(write_seq) = settled.writes_through {
+                    self.capture.writes_durable(write_seq);
+                }
+                if !settled.rescans.is_empty() {
+                    for disk in settled.rescans {
+                        self.rescans_pending.remove(&disk);
+                        tracing::info!(disk = %self.volumes[disk].name, "rescan complete and durable");
                     }
-                    while self.rescan_claims.front().is_some_and(|(e, _)| *e <= epoch) {
-                        let (_, disks) = self.rescan_claims.pop_front().expect("checked");
-                        for disk in disks {
-                            self.rescans_pending.remove(&disk);
-                            tracing::info!(disk = %self.volumes[disk].name, "rescan complete and durable");
-                        }
-                        self.update_synced();
-                    }
+                    self.update_synced();
                 }
                 Ok(())
             }
@@ -1438,112 +1198,5 @@ impl Session<'_> {
         for reader in readers {
             reader.abort();
         }
-    }
-}
-
-/// A token cancelled after `after`.
-fn deadline_token(after: Duration) -> CancellationToken {
-    let token = CancellationToken::new();
-    let guard = token.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(after).await;
-        guard.cancel();
-    });
-    token
-}
-
-fn broken(why: &str) -> SessionError {
-    SessionError::Connection(std::io::Error::new(
-        std::io::ErrorKind::ConnectionAborted,
-        why.to_owned(),
-    ))
-}
-
-async fn read_frames(
-    mut reader: ReadHalf<TlsStream<TcpStream>>,
-    events: mpsc::Sender<Event>,
-    sums: mpsc::Sender<SumReply>,
-    stats: Arc<AgentStats>,
-) {
-    let mut buf = FrameBuffer::new();
-    loop {
-        loop {
-            let event = match buf.next_frame() {
-                Ok(None) => break,
-                Ok(Some(Frame::Welcome(w))) => Event::Welcome(w),
-                Ok(Some(Frame::Durable(d))) => Event::Durable(d.epoch),
-                Ok(Some(Frame::CheckpointSaved(c))) => Event::CheckpointSaved(c.seq),
-                Ok(Some(Frame::SumReply(reply))) => {
-                    // No rescan task (any more): nobody is waiting for it.
-                    let _ = sums.send(reply).await;
-                    continue;
-                }
-                Ok(Some(Frame::Error(e))) => Event::Refused(e),
-                Ok(Some(Frame::Goodbye(g))) => Event::Goodbye(g.message),
-                Ok(Some(Frame::SettingsUpdate(update))) => {
-                    stats.throttle.set_rate(update.bandwidth_limit);
-                    stats.pause.set(update.paused);
-                    continue;
-                }
-                Ok(Some(Frame::Unknown { kind, .. })) => {
-                    tracing::debug!(%kind, "ignoring a frame of unknown kind from the receiver");
-                    continue;
-                }
-                Ok(Some(other)) => Event::Broken(format!(
-                    "unexpected {} frame from the receiver",
-                    other.kind()
-                )),
-                Err(err) => Event::Broken(format!("undecodable frame from the receiver: {err}")),
-            };
-            let last = !matches!(
-                event,
-                Event::Welcome(_) | Event::Durable(_) | Event::CheckpointSaved(_)
-            );
-            if events.send(event).await.is_err() || last {
-                return;
-            }
-        }
-        match reader.read(buf.spare()).await {
-            Ok(0) => {
-                let _ = events
-                    .send(Event::Broken("the receiver closed the connection".into()))
-                    .await;
-                return;
-            }
-            Ok(n) => {
-                stats.received_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                buf.filled(n);
-            }
-            Err(err) => {
-                let event = if is_certificate_problem(&err) {
-                    Event::CertificateRefused(err.to_string())
-                } else {
-                    Event::Broken(format!("read failed: {err}"))
-                };
-                let _ = events.send(event).await;
-                return;
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn block_groups_spread_over_streams_and_stay_put() {
-        let mut counts = [0usize; 4];
-        for group in 0..4000u64 {
-            let s = stream_for(1, group << 20, 4);
-            assert_eq!(
-                s,
-                stream_for(1, (group << 20) + 4096, 4),
-                "same group, same stream"
-            );
-            counts[s] += 1;
-        }
-        assert!(counts.iter().all(|&c| c > 800), "uneven spread: {counts:?}");
-        assert!((0..100).all(|g| stream_for(0, g << 20, 1) == 0));
     }
 }
