@@ -62,6 +62,26 @@ pub(super) fn plan(
         ));
     }
     let settings = &welcome.settings;
+    // Dirty tracking and checksums work on the dirty map's blocks; a receiver that wants
+    // others is one this agent cannot serve.
+    if settings.block_size != crate::rescan::SUM_BLOCK {
+        return Err(SessionError::Protocol(format!(
+            "the receiver asks for {}-byte blocks; this agent tracks and checksums {}-byte blocks",
+            settings.block_size,
+            crate::rescan::SUM_BLOCK
+        )));
+    }
+    // Writes are whole blocks; an alignment of whole blocks (EBS takes 512 KiB) is met
+    // at the receiver, which completes partial ones from its base copy.
+    if settings.alignment == 0
+        || !settings.alignment.is_power_of_two()
+        || !settings.alignment.is_multiple_of(settings.block_size)
+    {
+        return Err(SessionError::Protocol(format!(
+            "the receiver asks for an alignment of {} bytes: not a power of two and a multiple of its {}-byte blocks",
+            settings.alignment, settings.block_size
+        )));
+    }
     let disks = welcome
         .disks
         .iter()
@@ -218,5 +238,28 @@ mod tests {
         let mut zero = welcome(vec![resume("vda", 8192, 0)]);
         zero.next_epoch = 0;
         assert!(plan(&[("vda", 8192)], 1, &zero).is_err());
+    }
+
+    #[test]
+    fn block_size_and_alignment_must_be_ones_this_agent_can_honour() {
+        let ok = welcome(vec![resume("vda", 8192, 0)]);
+        let mut ebs = ok.clone();
+        ebs.settings.alignment = 512 << 10;
+        assert!(
+            plan(&[("vda", 8192)], 1, &ebs).is_ok(),
+            "EBS blocks are whole blocks"
+        );
+        for (block_size, alignment, what) in [
+            (512, 4096, "512-byte blocks"),
+            (4096, 6144, "alignment of 6144"),
+            (4096, 0, "alignment of 0"),
+            (4096, 2048, "alignment of 2048"),
+        ] {
+            let mut odd = ok.clone();
+            odd.settings.block_size = block_size;
+            odd.settings.alignment = alignment;
+            let err = plan(&[("vda", 8192)], 1, &odd).unwrap_err();
+            assert!(err.to_string().contains(what), "{what}: {err}");
+        }
     }
 }
