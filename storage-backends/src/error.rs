@@ -34,6 +34,10 @@ pub enum StoreError {
     UringUnavailable(#[source] io::Error),
     #[error("the io_uring writer thread has stopped; no more I/O can be submitted")]
     EngineStopped,
+    #[error(
+        "the file system of {path} cannot share extents (no reflinks), and a full copy was not allowed"
+    )]
+    NoReflink { path: PathBuf },
 }
 
 impl StoreError {

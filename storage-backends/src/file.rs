@@ -125,6 +125,10 @@ impl FileStore {
         self.handle.kind
     }
 
+    pub(crate) fn file(&self) -> &File {
+        &self.handle.file
+    }
+
     pub fn engine_kind(&self) -> EngineKind {
         self.engine.kind()
     }
@@ -235,7 +239,10 @@ fn birth_ns(file: &File) -> u64 {
         .saturating_add(u64::from(stx.stx_btime.tv_nsec))
 }
 
-fn io_error<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> StoreError + 'a {
+pub(crate) fn io_error<'a>(
+    path: &'a Path,
+    op: &'static str,
+) -> impl FnOnce(io::Error) -> StoreError + 'a {
     move |source| StoreError::Io {
         op,
         path: path.to_owned(),
@@ -243,7 +250,7 @@ fn io_error<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> S
     }
 }
 
-fn sync_parent_dir(path: &Path) -> io::Result<()> {
+pub(crate) fn sync_parent_dir(path: &Path) -> io::Result<()> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

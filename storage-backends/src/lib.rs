@@ -22,6 +22,7 @@ mod engine;
 mod error;
 mod file;
 mod memory;
+mod point;
 mod store;
 mod uring;
 mod zero;
@@ -31,6 +32,7 @@ pub use engine::{Engine, EngineKind, IoEngine};
 pub use error::StoreError;
 pub use file::{FileIdentity, FileStore};
 pub use memory::MemoryStore;
+pub use point::{CopyKind, CopyPolicy, PointCopy};
 pub use store::{BlockStore, Flushed};
 
 // Offsets and lengths move between u64 (the wire, the disk) and usize (buffers) freely:
