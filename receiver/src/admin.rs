@@ -61,6 +61,11 @@ pub enum AdminRequest {
         action: crate::staging::DiskAction,
         delete_image: bool,
     },
+    /// Delete recovery point `epoch` of `server_id` (file backend).
+    DeletePoint {
+        server_id: String,
+        epoch: u64,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -77,6 +82,8 @@ pub enum AdminResponse {
         applied_live: bool,
     },
     Disk(crate::staging::DiskActionDone),
+    /// The point deleted, if there was one.
+    PointDeleted(Option<crate::catalog::RecoveryPointRecord>),
     Done,
     Error(String),
 }
@@ -293,6 +300,18 @@ async fn answer(stream: UnixStream, ctx: &SessionContext) -> io::Result<()> {
                     Ok(Err(err)) => AdminResponse::Error(error_chain(&err)),
                     Err(err) => AdminResponse::Error(err.to_string()),
                 }
+            }
+        }
+        Ok(AdminRequest::DeletePoint { server_id, epoch }) => {
+            let catalog = Arc::clone(&ctx.catalog);
+            match tokio::task::spawn_blocking(move || {
+                crate::points::delete_point(&catalog, &server_id, epoch)
+            })
+            .await
+            {
+                Ok(Ok(point)) => AdminResponse::PointDeleted(point),
+                Ok(Err(why)) => AdminResponse::Error(why),
+                Err(err) => AdminResponse::Error(err.to_string()),
             }
         }
         Err(err) => AdminResponse::Error(format!("bad request: {err}")),

@@ -128,6 +128,9 @@ pub(crate) struct ApplyPipeline {
     completed: Arc<Notify>,
     failure: Arc<Mutex<Option<StagingFailure>>>,
     apply_seconds: Histogram,
+    /// Held shared while a write takes its sequence number, and exclusively while a
+    /// recovery point is copied: no write starts during a copy.
+    hold: tokio::sync::RwLock<()>,
 }
 
 /// The first staging write that failed in a session.
@@ -160,6 +163,7 @@ impl ApplyPipeline {
             })),
             completed: Arc::new(Notify::new()),
             failure: Arc::new(Mutex::new(None)),
+            hold: tokio::sync::RwLock::new(()),
         }
     }
 
@@ -173,6 +177,21 @@ impl ApplyPipeline {
     pub(crate) fn if_quiescent<T>(&self, through: u64, f: impl FnOnce() -> T) -> Option<T> {
         let sequence = lock(&self.sequence);
         (sequence.next.saturating_sub(1) == through).then(f)
+    }
+
+    /// Holds off new writes while the images are exactly what the writes up to `through`
+    /// made: every one of them completed and none after submitted. `None` if that is not
+    /// so. New writes wait (asynchronously) until the guard is dropped.
+    pub(crate) async fn quiesce(
+        &self,
+        through: u64,
+    ) -> Option<tokio::sync::RwLockWriteGuard<'_, ()>> {
+        let held = self.hold.write().await;
+        let sequence = lock(&self.sequence);
+        let quiet =
+            sequence.next.saturating_sub(1) == through && sequence.completed_through() >= through;
+        drop(sequence);
+        quiet.then_some(held)
     }
 
     /// Reserves `bytes` of the session's and the receiver's in-flight budgets for a read
@@ -220,6 +239,7 @@ impl ApplyPipeline {
         let (start, end) = (header.offset, header.end());
         disk.claim(start, end).await;
         let seq = {
+            let _hold = self.hold.read().await;
             let mut sequence = lock(&self.sequence);
             let seq = sequence.next;
             sequence.next += 1;

@@ -30,8 +30,8 @@ const ENROLLED: TableDefinition<&str, &[u8]> = TableDefinition::new("enrolled_se
 /// Per-server replication settings, by server id; [`DEFAULT_SETTINGS`] holds the template
 /// copied to each server at its first session.
 const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("server_settings");
-/// (server id, consistent epoch) → [`RecoveryPointRecord`] (JSON): the EBS backend's
-/// recovery points.
+/// (server id, consistent epoch) → [`RecoveryPointRecord`] (JSON): recovery points, EBS
+/// snapshots or image copies.
 const RECOVERY_POINTS: TableDefinition<(&str, u64), &[u8]> =
     TableDefinition::new("recovery_points");
 /// The stall of a disk whose staging image is not the one the catalog recorded.
@@ -351,7 +351,7 @@ impl DiskRecord {
 
 /// What an operator sets per source server (`settings set`). JSON field names are part
 /// of the status interface.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ServerSettings {
     /// The agent's bandwidth limit, all streams together, in megabits per second
     /// (10^6 bit/s); 0 is unlimited.
@@ -360,13 +360,18 @@ pub struct ServerSettings {
     /// but heartbeats, and keeps tracking changes, until `resume`.
     #[serde(default)]
     pub paused: bool,
+    /// Which recovery points are kept; `None`: the template's, or the built-in default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<crate::retention::RetentionPolicy>,
 }
 
 /// What an operator changes of a server's settings; `None` leaves a setting as it is.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SettingsChange {
     pub bandwidth_mbps: Option<u64>,
     pub paused: Option<bool>,
+    #[serde(default)]
+    pub retention: Option<crate::retention::RetentionPolicy>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -562,6 +567,22 @@ pub struct SnapshotRecord {
     /// Blocks written to this snapshot; 0 when the disk did not change since the previous
     /// point (whose snapshot this point shares).
     pub changed_blocks: u32,
+    /// File backend: the point's image (`snapshot_id` is empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<PathBuf>,
+    /// File backend: how the image was made, `reflink` or `copy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy: Option<String>,
+}
+
+impl SnapshotRecord {
+    /// Where the disk's point is: its snapshot, or its image file.
+    pub fn location(&self) -> String {
+        match &self.image {
+            Some(image) => image.display().to_string(),
+            None => self.snapshot_id.clone(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -1042,6 +1063,7 @@ impl Catalog {
             let settings = ServerSettings {
                 bandwidth_mbps: change.bandwidth_mbps.unwrap_or(current.bandwidth_mbps),
                 paused: change.paused.unwrap_or(current.paused),
+                retention: change.retention.or(current.retention),
             };
             table
                 .insert(key, encode(&settings).as_slice())
@@ -1070,6 +1092,43 @@ impl Catalog {
             }
         }
         Ok((template, servers))
+    }
+
+    /// The retention policy of `server_id`: its own, else the template's, else the
+    /// built-in one.
+    pub fn retention(
+        &self,
+        server_id: &str,
+    ) -> Result<crate::retention::RetentionPolicy, CatalogError> {
+        let (template, servers) = self.all_settings()?;
+        let own = servers
+            .into_iter()
+            .find(|(id, _)| id == server_id)
+            .and_then(|(_, s)| s.retention);
+        Ok(own.or(template.retention).unwrap_or_default())
+    }
+
+    /// Removes recovery point `epoch` of `server_id` from the catalog; returns it, if it
+    /// was there. Its copies (images, snapshots) are the caller's to delete, after.
+    pub fn delete_recovery_point(
+        &self,
+        server_id: &str,
+        epoch: u64,
+    ) -> Result<Option<RecoveryPointRecord>, CatalogError> {
+        let txn = self.db.begin_write()?;
+        let removed = {
+            let mut table = txn.open_table(RECOVERY_POINTS)?;
+            let removed = table.remove((server_id, epoch))?;
+            match removed {
+                Some(raw) => Some(decode::<RecoveryPointRecord>(
+                    &format!("{server_id}@{epoch}"),
+                    raw.value(),
+                )?),
+                None => None,
+            }
+        };
+        txn.commit()?;
+        Ok(removed)
     }
 
     /// Marks the disks of a server whose session ended.

@@ -80,6 +80,17 @@ pub enum Command {
         /// per stream in a session); connections beyond it are told to retry later.
         #[arg(long, default_value_t = crate::budget::DEFAULT_FRAME_BUFFER_MIB, value_parser = clap::value_parser!(u32).range(16..=1048576))]
         frame_buffer_mib: u32,
+        /// File backend: recovery points as copies of the staging images under
+        /// images/SERVER/points/EPOCH/: `auto` cuts them as reflinks where the staging
+        /// file system shares extents (XFS, btrfs) and none elsewhere; `copy` falls back to
+        /// a full copy of every image per point (its space, and a pause of the server's
+        /// replication while it copies); `off` cuts none. (EBS: every point is a snapshot.)
+        #[arg(long, value_enum, default_value_t = crate::points::FilePointMode::Auto)]
+        recovery_points: crate::points::FilePointMode,
+        /// A recovery point is cut at the first consistent point this many seconds after
+        /// the previous one (0: as often as the previous point allows).
+        #[arg(long, default_value_t = 600)]
+        recovery_interval_secs: u64,
         #[command(flatten)]
         ebs: EbsArgs,
         #[command(flatten)]
@@ -126,6 +137,9 @@ pub enum Command {
     /// or forget the disk.
     #[command(subcommand)]
     Disk(DiskCommand),
+    /// A server's recovery points: list them, show one, delete one (file backend).
+    #[command(subcommand)]
+    Points(PointsCommand),
     /// Pause a source server's replication: its agent stops sending data, initial sync
     /// and rescan included, keeps heartbeating, and keeps tracking changes, which it
     /// sends on `resume`. Survives restarts of either side.
@@ -283,6 +297,43 @@ pub enum AgentCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum PointsCommand {
+    /// Every recovery point, oldest first, of every server or of one.
+    List {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Only this source server (as in `status`).
+        #[arg(long)]
+        server: Option<String>,
+        /// Print JSON (as `status --json`'s `recovery_points`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// One recovery point: when it was cut and where each disk's copy is.
+    Show {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        server: String,
+        /// The point's epoch (as `points list` shows).
+        #[arg(long)]
+        epoch: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a recovery point of the file backend (its images and its record); EBS
+    /// points are kept.
+    Delete {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        epoch: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum DiskCommand {
     /// Accept the file now at the disk's image path as its staging image (after a
     /// restore, or a move to another volume); it is rescanned by checksum before it is
@@ -341,8 +392,12 @@ pub enum SettingsCommand {
         default: bool,
         /// The agent's bandwidth limit, all streams together, in megabits per second
         /// (10^6 bit/s); 0 is unlimited.
+        #[arg(long, required_unless_present = "retention")]
+        bandwidth_mbps: Option<u64>,
+        /// Which recovery points are kept: tiers EVERY:FOR, e.g. 10m:1h,1h:24h,1d:7d (the
+        /// default): one point per EVERY for the last FOR; the newest is always kept.
         #[arg(long)]
-        bandwidth_mbps: u64,
+        retention: Option<crate::retention::RetentionPolicy>,
     },
     /// Show the template and every server's settings.
     Show {
@@ -396,6 +451,8 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             backend,
             max_disk_size,
             frame_buffer_mib,
+            recovery_points,
+            recovery_interval_secs,
             ebs,
             aws,
         } => {
@@ -415,8 +472,11 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             config.max_concurrent_syncs = max_concurrent_syncs;
             config.max_disk_size = max_disk_size;
             config.frame_buffer_mib = frame_buffer_mib;
+            let recovery_interval = std::time::Duration::from_secs(recovery_interval_secs);
+            config.recovery_points = recovery_points;
+            config.recovery_interval = recovery_interval;
             if backend == Backend::Ebs {
-                config.ebs = Some(ebs.config(&aws)?);
+                config.ebs = Some(ebs.config(&aws, recovery_interval)?);
             }
             let receiver = Receiver::start(config).await?;
             wait_for_signal().await;
@@ -610,15 +670,28 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             server,
             default: _,
             bandwidth_mbps,
+            retention,
         }) => {
             if let Some(server) = &server {
                 crate::pki::validate_name("server id", server)?;
             }
             let change = SettingsChange {
-                bandwidth_mbps: Some(bandwidth_mbps),
+                bandwidth_mbps,
                 paused: None,
+                retention: retention.clone(),
             };
             let answer = update_settings(&data_dir, server.as_deref(), change).await?;
+            if let Some(retention) = &retention {
+                match &server {
+                    None => {
+                        println!("template retention: {retention} (for servers without their own)")
+                    }
+                    Some(server) => println!("server {server}: recovery points kept: {retention}"),
+                }
+            }
+            let Some(bandwidth_mbps) = bandwidth_mbps else {
+                return Ok(ExitCode::SUCCESS);
+            };
             let limit = if bandwidth_mbps == 0 {
                 "unlimited".to_owned()
             } else {
@@ -662,13 +735,34 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
                         format!("{} Mbit/s", s.bandwidth_mbps)
                     }
                 };
-                println!("{:<24} {:<16} PAUSED", "SERVER", "BANDWIDTH");
-                println!("{:<24} {:<16} -", "(template)", limit(&list.default));
+                let retention = |s: &ServerSettings, otherwise: &str| {
+                    s.retention
+                        .as_ref()
+                        .map_or_else(|| otherwise.to_owned(), ToString::to_string)
+                };
+                println!(
+                    "{:<24} {:<16} {:<7} RETENTION",
+                    "SERVER", "BANDWIDTH", "PAUSED"
+                );
+                println!(
+                    "{:<24} {:<16} {:<7} {}",
+                    "(template)",
+                    limit(&list.default),
+                    "-",
+                    retention(
+                        &list.default,
+                        &format!(
+                            "{} (built in)",
+                            crate::retention::RetentionPolicy::default()
+                        )
+                    )
+                );
                 for (server, settings) in &list.servers {
                     println!(
-                        "{server:<24} {:<16} {}",
+                        "{server:<24} {:<16} {:<7} {}",
                         limit(settings),
-                        if settings.paused { "yes" } else { "no" }
+                        if settings.paused { "yes" } else { "no" },
+                        retention(settings, "(template)")
                     );
                 }
             }
@@ -708,6 +802,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Points(command) => points_command(command).await,
         Command::Disk(command) => {
             use crate::staging::DiskAction;
             let (data_dir, server, disk, action, delete_image) = match command {
@@ -861,11 +956,137 @@ fn humantime(secs: u64) -> String {
     }
 }
 
+async fn points_command(command: PointsCommand) -> anyhow::Result<ExitCode> {
+    use crate::catalog::RecoveryPointRecord;
+    let ago = |ms: u64| crate::catalog::now_ms().saturating_sub(ms) / 1000;
+    let describe = |point: &RecoveryPointRecord| {
+        point
+            .disks
+            .iter()
+            .map(|d| match &d.copy {
+                Some(copy) => format!("{}={} ({copy})", d.disk, d.location()),
+                None => format!("{}={}", d.disk, d.location()),
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    match command {
+        PointsCommand::List {
+            data_dir,
+            server,
+            json,
+        } => {
+            let report = status(&data_dir).await?;
+            let servers: Vec<_> = report
+                .servers
+                .iter()
+                .filter(|s| server.as_deref().is_none_or(|id| s.server_id == id))
+                .collect();
+            if let (Some(id), true) = (&server, servers.is_empty()) {
+                bail!("no source server {id} in the catalog (see `blockferry-receiver status`)");
+            }
+            if json {
+                let points: std::collections::BTreeMap<&str, &Vec<RecoveryPointRecord>> = servers
+                    .iter()
+                    .map(|s| (s.server_id.as_str(), &s.recovery_points))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&points)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{:<24} {:>8} {:>10}  DISKS",
+                "SERVER", "EPOCH", "CUT (s ago)"
+            );
+            for s in servers {
+                for point in &s.recovery_points {
+                    println!(
+                        "{:<24} {:>8} {:>10}  {}",
+                        s.server_id,
+                        point.epoch,
+                        ago(point.cut_at_ms),
+                        describe(point)
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PointsCommand::Show {
+            data_dir,
+            server,
+            epoch,
+            json,
+        } => {
+            let report = status(&data_dir).await?;
+            let point = report
+                .servers
+                .iter()
+                .find(|s| s.server_id == server)
+                .with_context(|| format!("no source server {server} in the catalog"))?
+                .recovery_points
+                .iter()
+                .find(|p| p.epoch == epoch)
+                .with_context(|| {
+                    format!("server {server} has no recovery point {epoch}; `points list` shows its points")
+                })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(point)?);
+            } else {
+                println!(
+                    "server {server}, recovery point {epoch}: cut {}s ago, complete {}s ago",
+                    ago(point.cut_at_ms),
+                    ago(point.completed_at_ms)
+                );
+                for disk in &point.disks {
+                    println!(
+                        "  {}  {} bytes  {}{}",
+                        disk.disk,
+                        disk.size,
+                        disk.location(),
+                        disk.copy
+                            .as_ref()
+                            .map(|c| format!(" ({c})"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PointsCommand::Delete {
+            data_dir,
+            server,
+            epoch,
+        } => {
+            crate::pki::validate_name("server id", &server)?;
+            let request = AdminRequest::DeletePoint {
+                server_id: server.clone(),
+                epoch,
+            };
+            let answer = admin_or_catalog(&data_dir, request, |catalog| {
+                crate::points::delete_point(catalog, &server, epoch)
+                    .map(AdminResponse::PointDeleted)
+                    .map_err(std::io::Error::other)
+            })
+            .await?;
+            match answer {
+                AdminResponse::PointDeleted(Some(_)) => {
+                    println!("deleted recovery point {epoch} of server {server}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                AdminResponse::PointDeleted(None) => bail!(
+                    "server {server} has no recovery point {epoch}; `points list` shows its points"
+                ),
+                other => bail!("unexpected answer from the running receiver: {other:?}"),
+            }
+        }
+    }
+}
+
 /// `pause` (`paused`) or `resume` (not `paused`) a server's replication.
 async fn pause(data_dir: &std::path::Path, server: &str, paused: bool) -> anyhow::Result<ExitCode> {
     let change = SettingsChange {
         bandwidth_mbps: None,
         paused: Some(paused),
+        retention: None,
     };
     let answer = update_settings(data_dir, Some(server), change).await?;
     let live = matches!(
@@ -901,11 +1122,11 @@ async fn update_settings(
 ) -> anyhow::Result<AdminResponse> {
     let request = AdminRequest::UpdateSettings {
         server_id: server_id.map(str::to_owned),
-        change,
+        change: change.clone(),
     };
     admin_or_catalog(data_dir, request, |catalog| {
         catalog
-            .update_settings(server_id, change)
+            .update_settings(server_id, change.clone())
             .map(|settings| AdminResponse::SettingsSet {
                 settings,
                 applied_live: false,
@@ -1032,14 +1253,14 @@ pub struct EbsArgs {
     /// and writes go on (beyond it, writes to blocks not yet uploaded wait).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65536))]
     ebs_preserve_mib: u64,
-    /// A recovery point is cut at the first consistent point this many seconds after the
-    /// previous one (0: as often as the uploads allow).
-    #[arg(long, default_value_t = 600)]
-    recovery_interval_secs: u64,
 }
 
 impl EbsArgs {
-    fn config(&self, aws: &AwsArgs) -> anyhow::Result<crate::snapshots::EbsBackendConfig> {
+    fn config(
+        &self,
+        aws: &AwsArgs,
+        recovery_interval: std::time::Duration,
+    ) -> anyhow::Result<crate::snapshots::EbsBackendConfig> {
         Ok(crate::snapshots::EbsBackendConfig {
             connection: crate::snapshots::EbsConnection::Aws(aws.settings()),
             chain: blockferry_storage::ebs::chain::ChainSettings {
@@ -1053,7 +1274,7 @@ impl EbsArgs {
                 preserve_limit: usize::try_from(self.ebs_preserve_mib << 20)
                     .context("--ebs-preserve-mib is too large")?,
             },
-            recovery_interval: std::time::Duration::from_secs(self.recovery_interval_secs),
+            recovery_interval,
         })
     }
 }

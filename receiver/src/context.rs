@@ -30,6 +30,8 @@ pub(crate) struct SessionContext {
     pub(crate) events: Arc<crate::events::EventLog>,
     /// Staging into EBS snapshot chains (`--backend ebs`); `None` stages into files only.
     pub(crate) ebs: Option<Arc<crate::snapshots::EbsStaging>>,
+    /// Recovery points (EBS snapshots, or copies of the image files); `None`: none.
+    pub(crate) points: Option<Arc<crate::points::RecoveryPoints>>,
     /// Receive buffers and connections waiting for a session.
     pub(crate) budget: Arc<crate::budget::ConnectionBudget>,
     /// Connection slots of every listener.

@@ -119,6 +119,11 @@ impl EpochGate {
         self.applied_through = self.applied_through.max(epoch);
     }
 
+    /// The epoch whose barriers are being collected.
+    pub(crate) fn next(&self) -> u64 {
+        self.next
+    }
+
     /// Every epoch up to this one is applied.
     pub(crate) fn applied_through(&self) -> u64 {
         self.applied_through

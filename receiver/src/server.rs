@@ -75,6 +75,13 @@ pub struct ReceiverConfig {
     /// Stage into EBS snapshot chains (each disk through a local base copy); `None`
     /// stages into image files only.
     pub ebs: Option<crate::snapshots::EbsBackendConfig>,
+    /// File backend: which recovery points are cut (EBS: every point is a snapshot).
+    pub recovery_points: crate::points::FilePointMode,
+    /// File backend: a point is cut at the first consistent point this long after the
+    /// previous one (EBS: `ebs.recovery_interval`).
+    pub recovery_interval: Duration,
+    /// How often the retention policies are enforced (recovery points deleted).
+    pub retention_check: Duration,
     /// The largest disk an agent may replicate; larger ones are refused (LIMIT). The
     /// default, 64 TiB, is the largest EBS volume.
     pub max_disk_size: u64,
@@ -102,6 +109,9 @@ impl ReceiverConfig {
             stall_after: Duration::from_secs(60),
             max_concurrent_syncs: 0,
             ebs: None,
+            recovery_points: crate::points::FilePointMode::Off,
+            recovery_interval: Duration::from_secs(600),
+            retention_check: Duration::from_secs(60),
             max_disk_size: DEFAULT_MAX_DISK_SIZE,
             frame_buffer_mib: crate::budget::DEFAULT_FRAME_BUFFER_MIB,
         }
@@ -234,15 +244,37 @@ impl Receiver {
                 })?,
             );
         let ebs = match &config.ebs {
-            Some(ebs) => Some(Arc::new(
-                crate::snapshots::EbsStaging::connect(ebs, Arc::clone(&catalog)).await,
-            )),
+            Some(ebs) => Some(Arc::new(crate::snapshots::EbsStaging::connect(ebs).await)),
             None => None,
+        };
+        let images_dir = data_dir.join("images");
+        let points = {
+            use crate::points::{FilePointMode, PointTarget, RecoveryPoints};
+            let target = match (&ebs, &config.ebs, config.recovery_points) {
+                (Some(staging), Some(ebs), _) => {
+                    Some((PointTarget::Ebs(Arc::clone(staging)), ebs.recovery_interval))
+                }
+                (_, _, FilePointMode::Off) => None,
+                (_, _, mode) => Some((
+                    PointTarget::Files {
+                        images_dir: images_dir.clone(),
+                        policy: if mode == FilePointMode::Copy {
+                            blockferry_storage::CopyPolicy::ReflinkOrFull
+                        } else {
+                            blockferry_storage::CopyPolicy::ReflinkOnly
+                        },
+                    },
+                    config.recovery_interval,
+                )),
+            };
+            target.map(|(target, interval)| {
+                Arc::new(RecoveryPoints::new(target, Arc::clone(&catalog), interval))
+            })
         };
         let ctx = Arc::new(SessionContext {
             catalog,
             engine,
-            images_dir: data_dir.join("images"),
+            images_dir,
             settings: SessionSettings {
                 max_streams: config.max_streams,
                 barrier_interval: config.barrier_interval,
@@ -257,6 +289,7 @@ impl Receiver {
             metrics: Arc::clone(&metrics),
             events: Arc::clone(&events),
             ebs,
+            points,
             shutdown: shutdown.clone(),
             budget: crate::budget::ConnectionBudget::new(config.frame_buffer_mib),
             admission: Arc::new(crate::admission::Admission::new(fds)),
@@ -327,6 +360,10 @@ impl Receiver {
             events,
             shutdown.clone(),
         ));
+        if let Some(points) = &ctx.points {
+            tasks
+                .spawn(Arc::clone(points).retention_loop(config.retention_check, shutdown.clone()));
+        }
         let admin_listener = admin::bind(&data_dir).map_err(ReceiverError::Admin)?;
         tasks.spawn(admin::serve(
             admin_listener,

@@ -159,7 +159,7 @@ impl StatusReport {
             own_settings
                 .iter()
                 .find(|(id, _)| id == server_id)
-                .map_or(template, |(_, s)| *s)
+                .map_or_else(|| template.clone(), |(_, s)| s.clone())
         };
         let servers = catalog
             .servers()?
@@ -226,7 +226,7 @@ impl StatusReport {
                             snapshot_id: recovery_points.last().and_then(|p| {
                                 p.disks
                                     .iter()
-                                    .find(|s| s.disk == d.name)
+                                    .find(|s| s.disk == d.name && !s.snapshot_id.is_empty())
                                     .map(|s| s.snapshot_id.clone())
                             }),
                             capture: heartbeat.as_ref().zip(position).and_then(|(h, position)| {
@@ -412,7 +412,7 @@ impl StatusReport {
                     latest
                         .disks
                         .iter()
-                        .map(|d| format!("{}={}", d.disk, d.snapshot_id))
+                        .map(|d| format!("{}={}", d.disk, d.location()))
                         .collect::<Vec<_>>()
                         .join(" ")
                 );

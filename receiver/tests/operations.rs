@@ -12,6 +12,7 @@ use blockferry_agent::{Agent, AgentStats};
 use blockferry_proto::{DiskSpec, Frame, Hello};
 use blockferry_receiver::events::{Event, EventKind};
 use blockferry_receiver::{Receiver, ReceiverConfig};
+use common::mount::Mount;
 use common::*;
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
@@ -218,17 +219,6 @@ fn promtool_check_metrics(text: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-async fn wait_for<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn event_index(events: &[Event], server: &str, kind: EventKind, reason: &str) -> Option<usize> {
@@ -644,34 +634,6 @@ async fn a_51st_disk_is_refused_clearly() {
     receiver.shutdown().await;
 }
 
-/// A tmpfs mounted for the test, unmounted when dropped.
-struct Mount(std::path::PathBuf);
-
-impl Mount {
-    fn tmpfs(at: &Path, size: &str) -> Option<Self> {
-        std::fs::create_dir_all(at).unwrap();
-        let status = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(at)
-            .stderr(Stdio::null())
-            .status()
-            .ok()?;
-        status.success().then(|| Self(at.to_owned()))
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_staging_file_system_stalls_the_disk_loses_nothing_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
@@ -756,28 +718,12 @@ async fn a_staging_disk_failing_with_eio_stalls_the_disk_and_keeps_what_was_ackn
     std::fs::create_dir_all(&images).unwrap();
     // XFS needs 300 MiB at least; the file is sparse.
     let backing = dir.path().join("xfs.img");
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(512 << 20)
-        .unwrap();
-    let made = Command::new("mkfs.xfs")
-        .args(["-q", "-f"])
-        .arg(&backing)
-        .status()
-        .expect("mkfs.xfs (xfsprogs) is needed");
-    assert!(made.success());
-    let mounted = Command::new("mount")
-        .args(["-o", "loop"])
-        .arg(&backing)
-        .arg(&images)
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        eprintln!("SKIPPED: cannot loop-mount XFS here (needs root and loop devices)");
+    let Some(mount) = Mount::xfs(&backing, 512 << 20, &images) else {
+        eprintln!(
+            "SKIPPED: cannot make and loop-mount XFS here (needs xfsprogs, root, loop devices)"
+        );
         return;
-    }
-    let mount = Mount(images.clone());
+    };
     let receiver = Receiver::start(ops_config(&data)).await.unwrap();
     // Slow enough that the sync is under way when the disk fails: 40 Mbit/s.
     cli(
@@ -843,18 +789,8 @@ async fn a_staging_disk_failing_with_eio_stalls_the_disk_and_keeps_what_was_ackn
     // is there.
     drop(mount);
     let again = data.join("remounted");
-    std::fs::create_dir_all(&again).unwrap();
-    let remounted = Command::new("mount")
-        .args(["-o", "loop,nouuid"])
-        .arg(&backing)
-        .arg(&again)
-        .status()
-        .unwrap();
-    assert!(
-        remounted.success(),
-        "the shut-down XFS does not mount again"
-    );
-    let _again = Mount(again.clone());
+    let _again =
+        Mount::xfs_again(&backing, &again).expect("the shut-down XFS does not mount again");
     let staged = std::fs::read(again.join("srv/d0.img")).unwrap();
     let original = std::fs::read(&source).unwrap();
     assert!(
@@ -1134,7 +1070,7 @@ async fn a_paused_server_sends_nothing_keeps_tracking_and_resumes_where_it_stopp
     let shown = cli(&data, &["settings", "show"]);
     let line = shown.lines().find(|l| l.starts_with("srv ")).unwrap();
     assert!(
-        line.contains("80 Mbit/s") && line.ends_with("yes"),
+        line.split_whitespace().collect::<Vec<_>>() == ["srv", "80", "Mbit/s", "yes", "(template)"],
         "{shown}"
     );
     assert!(first.stats().pause.is_paused());
@@ -1235,6 +1171,7 @@ fn pausing_an_unknown_server_or_the_template_is_refused() {
             blockferry_receiver::catalog::SettingsChange {
                 bandwidth_mbps: None,
                 paused: Some(true),
+                retention: None,
             },
         )
         .unwrap_err();

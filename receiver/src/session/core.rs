@@ -570,6 +570,11 @@ impl SessionCore {
         self.gate.applied_through()
     }
 
+    /// Whether every stream has delivered the barrier of `epoch`.
+    pub(crate) fn is_sealed(&self, epoch: u64) -> bool {
+        self.gate.next() > epoch
+    }
+
     pub(crate) fn sealed_mark(&self) -> SealedMark {
         self.sealed
     }

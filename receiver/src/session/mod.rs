@@ -153,7 +153,7 @@ pub(crate) struct Session {
     sums: Arc<tokio::sync::Semaphore>,
     meter: crate::metrics::ServerMeter,
     /// Recovery points (EBS backend).
-    recovery: Option<crate::snapshots::RecoveryClock>,
+    recovery: Option<crate::points::RecoveryClock>,
 }
 
 impl Session {
@@ -299,9 +299,9 @@ async fn run_primary(
         Some(previous) if previous != identity.agent_id => Some("agent_reinstalled"),
         Some(_) => None,
     };
-    if let (Some("first_contact"), Some(ebs)) = (started, &ctx.ebs) {
+    if let (Some("first_contact"), Some(points)) = (started, &ctx.points) {
         // A server never seen: no earlier session can have left bytes in its images.
-        ebs.all_durable(&identity.server_id);
+        points.leftovers().all_durable(&identity.server_id);
     }
     if let Some(reason) = started {
         ctx.events.record(
@@ -364,10 +364,10 @@ async fn run_primary(
     }
     let streams = core::granted_streams(hello.streams, ctx.settings.max_streams);
     let (barriers, barrier_queue) = mpsc::channel(BARRIER_QUEUE);
-    let recovery = match &ctx.ebs {
-        Some(ebs) => Some(
-            crate::snapshots::RecoveryClock::new(
-                Arc::clone(ebs),
+    let recovery = match &ctx.points {
+        Some(points) => Some(
+            crate::points::RecoveryClock::new(
+                Arc::clone(points),
                 &identity.server_id,
                 records
                     .iter()
@@ -411,7 +411,7 @@ async fn run_primary(
         stall_after: ctx.settings.stall_after,
         paused: settings.paused,
         now_ms: now_ms(),
-        track_unsealed: ctx.ebs.is_some(),
+        track_unsealed: ctx.points.is_some(),
     });
     let next_epoch = core.next_epoch();
     let session = Arc::new(Session {
@@ -485,8 +485,8 @@ async fn run_primary(
     ctx.metrics.sessions_started.inc();
 
     if session.recovery.is_some() {
-        // An idle server's next point: cut once the running upload is done, at the
-        // epoch the images hold while no newer write has come.
+        // An idle server's next point: cut once the running one is done, at the epoch the
+        // images hold while no newer write has come.
         let session = Arc::clone(&session);
         tokio::spawn(
             async move {
@@ -500,7 +500,9 @@ async fn run_primary(
                     };
                     let mark = lock(&session.core).sealed_mark();
                     if mark.consistent {
-                        recovery.maybe_cut(&session.pipeline, mark.through, mark.epoch);
+                        recovery
+                            .cut_idle(&session.pipeline, mark.through, mark.epoch)
+                            .await;
                     }
                 }
             }
@@ -558,10 +560,10 @@ async fn run_primary(
         .pipeline
         .wait_through(session.pipeline.last_submitted())
         .await;
-    if let Some(ebs) = &ctx.ebs {
+    if let Some(points) = &ctx.points {
         let disks = session.pipeline.disks();
         let unsealed = lock(&session.core).take_unsealed();
-        ebs.left_over(
+        points.leftovers().left_over(
             &identity.server_id,
             unsealed
                 .into_iter()
@@ -673,8 +675,10 @@ async fn stream_frames(
                 let (start, end) = (write.header.offset, write.header.end());
                 let index = write.header.disk;
                 let seq = pipeline.submit(write.header, write.data).await;
-                if let Some(ebs) = &ctx.ebs {
-                    ebs.written(&session.identity.server_id, &disk.name, start, end);
+                if let Some(points) = &ctx.points {
+                    points
+                        .leftovers()
+                        .written(&session.identity.server_id, &disk.name, start, end);
                     lock(&session.core).submitted(Unsealed {
                         seq,
                         disk: index,
@@ -728,7 +732,9 @@ async fn stream_frames(
                     // write of the next one has been submitted: a recovery point can be
                     // cut here even on a server that is never idle.
                     if sealed.consistent {
-                        recovery.maybe_cut(pipeline, sealed.through, sealed.epoch);
+                        recovery
+                            .cut_at_gate(pipeline, sealed.through, sealed.epoch)
+                            .await;
                     }
                 }
                 let applied = lock(&session.core).applied(&sealed);
@@ -743,18 +749,22 @@ async fn stream_frames(
                     None => return Ok(End::SessionEnded),
                 }
             }
-            Step::AwaitApplied(epoch) => {
+            Step::AwaitApplied(epoch) => loop {
                 tokio::select! {
-                    () = session.wait_applied(epoch) => {}
+                    () = session.wait_applied(epoch) => break,
                     () = ctx.shutdown.cancelled() => return Ok(End::Shutdown),
                     () = session.end.cancelled() => return Ok(End::SessionEnded),
                     () = tokio::time::sleep(BARRIER_WAIT) => {
-                        return Err(SessionError::Protocol(format!(
-                            "the other streams did not deliver barrier {epoch} within {BARRIER_WAIT:?}"
-                        )));
+                        // Sealed, the epoch is being applied (a recovery point may be
+                        // copied meanwhile): only missing barriers are the agent's fault.
+                        if !lock(&session.core).is_sealed(epoch) {
+                            return Err(SessionError::Protocol(format!(
+                                "the other streams did not deliver barrier {epoch} within {BARRIER_WAIT:?}"
+                            )));
+                        }
                     }
                 }
-            }
+            },
             Step::Heartbeat { backlog_bytes } => {
                 tracing::debug!(backlog = backlog_bytes, "heartbeat");
                 if let Some(recovery) = &session.recovery {

@@ -4,6 +4,7 @@
 
 pub mod ebs;
 pub mod guest;
+pub mod mount;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -284,6 +285,22 @@ impl Rng {
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
+    }
+}
+
+/// Polls `probe` until it returns a value, failing the test after `limit`: tests wait
+/// on conditions, never on fixed sleeps.
+pub async fn wait_for<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
