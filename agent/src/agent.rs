@@ -342,9 +342,19 @@ impl Agent {
                     self.save_state(config, volumes, identity.series, seq, quiet);
                     break Ok(Outcome::Shutdown);
                 }
-                Ok(outcome @ (Outcome::Synced | Outcome::Shutdown)) => break Ok(outcome),
+                Ok(outcome @ (Outcome::Synced | Outcome::Shutdown | Outcome::Finished(_))) => {
+                    break Ok(outcome);
+                }
                 Ok(Outcome::Closed(why)) => tracing::info!(%why, "session closed; reconnecting"),
                 Err(SessionError::Stopping) => break Ok(Outcome::Shutdown),
+                Err(SessionError::Refused {
+                    code: blockferry_proto::ErrorCode::FINISHED,
+                    message,
+                    ..
+                }) => {
+                    tracing::warn!(%message, "the receiver ended this server's replication for good; stopping");
+                    break Ok(Outcome::Finished(message));
+                }
                 Err(SessionError::Restart) => {
                     // Events were lost, or a periodic rescan is due: the next session
                     // has the receiver rescan every disk, at once.

@@ -144,6 +144,9 @@ fn parse_progress(s: &str) -> Result<ProgressMode, String> {
     }
 }
 
+/// The exit status of an agent whose server was cut over: replication is over for good.
+const EXIT_FINISHED: u8 = 3;
+
 fn main() -> ExitCode {
     limit_allocator_retention();
     let cli = Cli::parse();
@@ -291,6 +294,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(match report.outcome {
                 Outcome::Synced | Outcome::Shutdown | Outcome::Checkpointed(_) => ExitCode::SUCCESS,
                 Outcome::Closed(_) => ExitCode::FAILURE,
+                // Distinct, so that systemd's RestartPreventExitStatus keeps it stopped.
+                Outcome::Finished(_) => ExitCode::from(EXIT_FINISHED),
             })
         }
     }

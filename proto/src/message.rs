@@ -622,6 +622,9 @@ impl ErrorCode {
     /// The receiver is at one of its resource bounds right now (connections, buffer
     /// memory, pending queries); retry later. Unlike [`Self::LIMIT`], waiting helps.
     pub const BUSY: Self = Self(8);
+    /// Replication of this server is over: an operator cut it over to its launched copy.
+    /// The agent stops for good; retrying cannot help.
+    pub const FINISHED: Self = Self(9);
 
     /// Whether an agent should retry the session after this error, rather than give up and
     /// ask an operator.
@@ -642,6 +645,7 @@ impl ErrorCode {
             Self::LIMIT => "limit",
             Self::SHUTTING_DOWN => "shutting_down",
             Self::BUSY => "busy",
+            Self::FINISHED => "finished",
             _ => "unknown",
         }
     }
@@ -658,6 +662,7 @@ impl fmt::Debug for ErrorCode {
             Self::LIMIT => "LIMIT",
             Self::SHUTTING_DOWN => "SHUTTING_DOWN",
             Self::BUSY => "BUSY",
+            Self::FINISHED => "FINISHED",
             Self(code) => return write!(f, "ErrorCode({code})"),
         };
         f.write_str(name)

@@ -66,6 +66,18 @@ pub enum AdminRequest {
         server_id: String,
         epoch: u64,
     },
+    /// Mark `server_id` cut over (`launch --mode cutover`): its live session is ended
+    /// with FINISHED and every later one refused.
+    CutOver {
+        server_id: String,
+    },
+    /// Keep the record of a launch.
+    RecordLaunch {
+        record: crate::catalog::LaunchRecord,
+    },
+    ListLaunches {
+        server_id: Option<String>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -84,6 +96,14 @@ pub enum AdminResponse {
     Disk(crate::staging::DiskActionDone),
     /// The point deleted, if there was one.
     PointDeleted(Option<crate::catalog::RecoveryPointRecord>),
+    /// When the server was cut over, and whether a live session was ended now.
+    CutOver {
+        at_ms: u64,
+        session_ended: bool,
+    },
+    /// The launch's number.
+    Launched(u64),
+    Launches(Vec<crate::catalog::LaunchRecord>),
     Done,
     Error(String),
 }
@@ -313,6 +333,39 @@ async fn answer(stream: UnixStream, ctx: &SessionContext) -> io::Result<()> {
                 Ok(Err(why)) => AdminResponse::Error(why),
                 Err(err) => AdminResponse::Error(err.to_string()),
             }
+        }
+        Ok(AdminRequest::CutOver { server_id }) => {
+            let catalog = Arc::clone(&ctx.catalog);
+            let server = server_id.clone();
+            match tokio::task::spawn_blocking(move || catalog.cut_over(&server)).await {
+                Ok(Ok(mark)) => {
+                    // Committed first: the agent's reconnect is refused from now on.
+                    let session = ctx.registry.session_of(&server_id);
+                    let session_ended = session.is_some();
+                    if let Some(session) = session {
+                        session.finish().await;
+                    }
+                    AdminResponse::CutOver {
+                        at_ms: mark.at_ms,
+                        session_ended,
+                    }
+                }
+                Ok(Err(err)) => AdminResponse::Error(error_chain(&err)),
+                Err(err) => AdminResponse::Error(err.to_string()),
+            }
+        }
+        Ok(AdminRequest::RecordLaunch { record }) => {
+            let catalog = Arc::clone(&ctx.catalog);
+            blocking(move || catalog.record_launch(&record).map(AdminResponse::Launched)).await
+        }
+        Ok(AdminRequest::ListLaunches { server_id }) => {
+            let catalog = Arc::clone(&ctx.catalog);
+            blocking(move || {
+                catalog
+                    .launches(server_id.as_deref())
+                    .map(AdminResponse::Launches)
+            })
+            .await
         }
         Err(err) => AdminResponse::Error(format!("bad request: {err}")),
     };

@@ -140,6 +140,52 @@ pub enum Command {
     /// A server's recovery points: list them, show one, delete one (file backend).
     #[command(subcommand)]
     Points(PointsCommand),
+    /// Make launchable disks from a recovery point (file backend): copies of its images
+    /// in --out with the blockferry agent switched off inside them, to test the point
+    /// or to cut over to it. Runs as root (it mounts the copies).
+    Launch {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The source server id (as in `status`).
+        #[arg(long)]
+        server: String,
+        /// The point's epoch (as `points list` shows); the newest point by default.
+        #[arg(long)]
+        recovery_point: Option<u64>,
+        /// test: the source keeps replicating. cutover: the source's replication ends
+        /// for good first (its agent is told to stop and refused from then on).
+        #[arg(long, value_enum)]
+        mode: crate::catalog::LaunchMode,
+        /// Directory for DISK.img per disk, boot/, launch.json and console.log; created
+        /// if missing, and refused if it holds a DISK.img already.
+        #[arg(long)]
+        out: PathBuf,
+        /// raw: DISK.img, a reflink of the point where the file system allows. qcow2:
+        /// DISK.qcow2, converted from the prepared raw copy.
+        #[arg(long, value_enum, default_value_t = crate::catalog::ImageFormat::Raw)]
+        format: crate::catalog::ImageFormat,
+        /// Boot the launched disks here under qemu (KVM, else TCG with a warning) and
+        /// check their health; exit status 1 when the check fails.
+        #[arg(long)]
+        boot: bool,
+        /// With --boot: a TCP port in the guest that must answer (through a loopback
+        /// port forward); without it the check is a login prompt on the serial console.
+        #[arg(long, requires = "boot")]
+        health_port: Option<u16>,
+        /// With --boot: how long the guest has to pass the health check.
+        #[arg(long, default_value_t = 300, requires = "boot")]
+        boot_timeout_secs: u64,
+    },
+    /// The launches recorded: when, of which point, where, and how the boot check went.
+    Launches {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Only this source server.
+        #[arg(long)]
+        server: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Pause a source server's replication: its agent stops sending data, initial sync
     /// and rescan included, keeps heartbeating, and keeps tracking changes, which it
     /// sends on `resume`. Survives restarts of either side.
@@ -803,6 +849,103 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Points(command) => points_command(command).await,
+        Command::Launch {
+            data_dir,
+            server,
+            recovery_point,
+            mode,
+            out,
+            format,
+            boot,
+            health_port,
+            boot_timeout_secs,
+        } => {
+            let options = crate::launch::LaunchOptions {
+                data_dir,
+                server,
+                epoch: recovery_point,
+                mode,
+                out,
+                format,
+                boot: boot.then(|| crate::launch::BootOptions {
+                    health_port,
+                    timeout: std::time::Duration::from_secs(boot_timeout_secs),
+                }),
+            };
+            let record = crate::launch::launch(&options).await?;
+            println!(
+                "launch {} of server {} ({}): recovery point {} into {}",
+                record.number,
+                record.server_id,
+                record.mode,
+                record.epoch,
+                record.out.display()
+            );
+            for disk in &record.disks {
+                println!(
+                    "  {}: {} ({}, {})",
+                    disk.disk,
+                    disk.image.display(),
+                    disk.format.name(),
+                    disk.copy
+                );
+            }
+            for change in &record.prepared {
+                println!("  prepared: {change}");
+            }
+            match &record.boot {
+                Some(boot) if boot.healthy => {
+                    println!(
+                        "  boot ({}): healthy after {} s: {}",
+                        boot.accelerator, boot.seconds, boot.detail
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some(boot) => {
+                    eprintln!(
+                        "  boot ({}): NOT healthy after {} s: {} (console: {})",
+                        boot.accelerator,
+                        boot.seconds,
+                        boot.detail,
+                        record.out.join("console.log").display()
+                    );
+                    Ok(ExitCode::FAILURE)
+                }
+                None => Ok(ExitCode::SUCCESS),
+            }
+        }
+        Command::Launches {
+            data_dir,
+            server,
+            json,
+        } => {
+            let records = crate::launch::launches(&data_dir, server.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&records)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{:<24} {:>3} {:<8} {:>8}  {:<10} OUT",
+                "SERVER", "N", "MODE", "EPOCH", "BOOT"
+            );
+            for r in &records {
+                let boot = match &r.boot {
+                    Some(b) if b.healthy => format!("healthy/{}", b.accelerator),
+                    Some(b) => format!("FAILED/{}", b.accelerator),
+                    None => "-".into(),
+                };
+                println!(
+                    "{:<24} {:>3} {:<8} {:>8}  {:<10} {}",
+                    r.server_id,
+                    r.number,
+                    r.mode,
+                    r.epoch,
+                    boot,
+                    r.out.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Disk(command) => {
             use crate::staging::DiskAction;
             let (data_dir, server, disk, action, delete_image) = match command {
@@ -896,7 +1039,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 /// Asks the running receiver, or reads the catalog directly when none runs.
-async fn status(data_dir: &std::path::Path) -> anyhow::Result<StatusReport> {
+pub(crate) async fn status(data_dir: &std::path::Path) -> anyhow::Result<StatusReport> {
     if !data_dir.join("catalog.redb").exists() {
         bail!(
             "{} is not a receiver data dir (no catalog.redb)",
@@ -923,7 +1066,7 @@ async fn status(data_dir: &std::path::Path) -> anyhow::Result<StatusReport> {
 
 /// Asks the running receiver, or does `offline` on the catalog when none runs; an
 /// `Error` answer either way becomes the command's error.
-async fn admin_or_catalog<E: std::error::Error + Send + Sync + 'static>(
+pub(crate) async fn admin_or_catalog<E: std::error::Error + Send + Sync + 'static>(
     data_dir: &std::path::Path,
     request: AdminRequest,
     offline: impl FnOnce(&Catalog) -> Result<AdminResponse, E>,

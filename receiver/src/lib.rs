@@ -13,6 +13,7 @@ pub mod control;
 pub mod demo;
 pub mod events;
 mod gate;
+pub mod launch;
 pub mod metrics;
 pub mod pki;
 pub mod points;

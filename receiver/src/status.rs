@@ -80,6 +80,10 @@ pub struct ServerStatus {
     /// succeeds, and when not connected). Its changes go into the next point.
     #[serde(default)]
     pub recovery_point_error: Option<String>,
+    /// Unix ms when the server was cut over to its launched copy (`launch --mode
+    /// cutover`): its replication is over and its agent is refused. Null until then.
+    #[serde(default)]
+    pub cut_over_at_ms: Option<u64>,
     /// The agent's change tracking (null when not connected, or from an agent that does
     /// not report it).
     #[serde(default)]
@@ -166,6 +170,7 @@ impl StatusReport {
             .into_iter()
             .map(|(server, disks)| {
                 let recovery_points = catalog.recovery_points(&server.server_id)?;
+                let cut_over_at_ms = catalog.cut_over_of(&server.server_id)?.map(|c| c.at_ms);
                 let session = live.and_then(|r| r.session_of(&server.server_id));
                 let view = session.as_ref().map(|s| s.live_view());
                 let connected = live.is_some_and(|r| r.is_connected(&server.server_id));
@@ -303,6 +308,7 @@ impl StatusReport {
                     durable_epoch: server.durable_epoch,
                     inventory: server.inventory,
                     recovery_points,
+                    cut_over_at_ms,
                     recovery_point_error: view
                         .as_ref()
                         .and_then(|v| v.recovery_point_error.clone()),
@@ -397,6 +403,13 @@ impl StatusReport {
                     t.freeze_failures,
                     t.last_freeze_ms,
                     t.max_freeze_ms
+                );
+            }
+            if let Some(at) = s.cut_over_at_ms {
+                let _ = writeln!(
+                    out,
+                    "  CUT OVER {}s ago: replication is over, its agent is refused",
+                    crate::catalog::now_ms().saturating_sub(at) / 1000
                 );
             }
             if let Some(error) = &s.recovery_point_error {

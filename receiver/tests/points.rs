@@ -272,6 +272,101 @@ async fn without_reflinks_auto_says_why_and_copy_cuts_full_copies() {
     receiver.shutdown().await;
 }
 
+/// A staging file system that fills up while a point is cut: the cut fails with the
+/// reason in status, its half copy is removed, the points cut before stay whole, and
+/// replication goes on (the live image does not need the space a point did).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_staging_file_system_fails_the_cut_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    // Room for the image and one full copy of it, not two.
+    let Some(_tmpfs) = Mount::tmpfs(&data.join("images"), "20m") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root and mount rights)");
+        return;
+    };
+    let creds = credentials(&data, SERVER, &dir.path().join("creds"));
+    let (a, _) = image(dir.path(), "a.img", 8 * MIB, 1.0, MIB, 5);
+    let volumes = vec![volume("d0", &a)];
+    let receiver = start(&data, FilePointMode::Copy, HOUR).await;
+    let agent = Agent::new(&volumes);
+    let mut config = agent_config(receiver.local_addr(), creds);
+    config.exit_when_synced = false;
+    config.epoch_interval = Duration::from_millis(50);
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let (agent, stop, volumes) = (agent.clone(), stop.clone(), volumes.clone());
+        async move { agent.run(&config, &volumes, stop).await }
+    });
+    wait_synced(agent.stats()).await;
+    wait_for("the first point", Duration::from_secs(60), || {
+        points(&receiver).into_iter().next()
+    })
+    .await;
+    // A point is cut only after something changed: write until a cut fails.
+    let capture = agent.capture().clone();
+    let mut written = 0u64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let why = loop {
+        let status = receiver.status().unwrap();
+        if let Some(why) = status
+            .servers
+            .first()
+            .and_then(|s| s.recovery_point_error.clone())
+        {
+            break why;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no cut failed within 60 s; points: {:?}",
+            points(&receiver)
+        );
+        written += 1;
+        let block = vec![(written % 251) as u8 + 1; 4096];
+        capture
+            .write(0, (written % 2048) * 4096, block)
+            .await
+            .unwrap();
+        capture.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(why.contains("No space left"), "{why}");
+    assert!(why.contains("disk d0"), "the error names the disk: {why}");
+    let kept = points(&receiver);
+    assert!(!kept.is_empty(), "the first point fits and was cut");
+    for point in &kept {
+        let image = point.disks[0].image.as_ref().unwrap();
+        assert_eq!(
+            std::fs::metadata(image).unwrap().len(),
+            8 * MIB,
+            "point {} is whole",
+            point.epoch
+        );
+    }
+
+    // A write after the failure is replicated: the staging image is whole and current.
+    let block = vec![0x5A; 4096];
+    capture.write(0, 4096, block.clone()).await.unwrap();
+    capture.flush().await.unwrap();
+    let staging = staging_image(&data, SERVER, "d0");
+    // The capture writes through to the source, which the staging image comes to match.
+    assert_eq!(std::fs::read(&a).unwrap()[4096..8192], block[..]);
+    wait_for(
+        "the staging image to match the source",
+        Duration::from_secs(30),
+        || (std::fs::read(&a).ok()? == std::fs::read(&staging).ok()?).then_some(()),
+    )
+    .await;
+    let left: Vec<String> = std::fs::read_dir(data.join("images").join(SERVER).join("points"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.ends_with(".partial"))
+        .collect();
+    assert!(left.len() <= 1, "half copies pile up: {left:?}");
+    stop.cancel();
+    let _ = run.await;
+    receiver.shutdown().await;
+}
+
 /// A template retention of one point per minute for the last minute keeps, of points cut
 /// many times a minute, the newest alone: the others go from the catalog and the disk.
 /// `points list`, `show` and `delete` work on a running receiver.

@@ -68,6 +68,9 @@ pub enum Outcome {
     /// The agent is shutting down cleanly and the receiver recorded checkpoint `seq`: the
     /// state record may now be saved under it.
     Checkpointed(u64),
+    /// Replication of this server is over for good (an operator cut it over to its
+    /// launched copy): the receiver's words. The agent must not reconnect.
+    Finished(String),
 }
 
 pub(crate) struct Session<'a> {

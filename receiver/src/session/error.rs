@@ -29,6 +29,9 @@ pub(crate) enum SessionError {
     NotAuthorized(String),
     #[error("limit exceeded: {0}")]
     Limit(String),
+    /// The server was cut over: its replication is over for good.
+    #[error("{0}")]
+    Finished(String),
     /// One of the receiver's resource bounds is reached for now; the agent retries later.
     #[error("receiver busy: {0}")]
     Busy(String),
@@ -76,6 +79,7 @@ impl SessionError {
             Self::Storage(_) | Self::Stalled { .. } => Some(ErrorCode::STORAGE),
             Self::NotAuthorized(_) => Some(ErrorCode::NOT_AUTHORIZED),
             Self::Limit(_) => Some(ErrorCode::LIMIT),
+            Self::Finished(_) => Some(ErrorCode::FINISHED),
             Self::Busy(_) => Some(ErrorCode::BUSY),
             Self::Connection(_) | Self::Idle(_) => None,
         }

@@ -204,6 +204,21 @@ impl Session {
         self.close();
     }
 
+    /// Ends the session for good: the server was cut over to its launched copy. The agent
+    /// hears why, and stops.
+    pub(crate) async fn finish(&self) {
+        tracing::warn!(server = %self.identity.server_id, "server cut over: ending its replication");
+        self.broadcast(Frame::Error(ErrorFrame::new(
+            ErrorCode::FINISHED,
+            format!(
+                "source server {} was cut over to its launched copy: its replication is over; stop and remove its agent",
+                self.identity.server_id
+            ),
+        )))
+        .await;
+        self.close();
+    }
+
     /// The agent this session speaks for.
     pub(crate) fn agent_id(&self) -> &str {
         &self.identity.agent_id
@@ -292,6 +307,7 @@ async fn run_primary(
         e @ crate::catalog::RegisterError::TooManyDisks { .. } => {
             SessionError::Limit(e.to_string())
         }
+        e @ crate::catalog::RegisterError::CutOver { .. } => SessionError::Finished(e.to_string()),
         e => SessionError::Storage(error_chain(&e)),
     })?;
     let started = match previous_agent {

@@ -322,3 +322,122 @@ pub fn read_back(transfer: &Path, name: &str) -> Option<String> {
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// The bootable guest: a Debian system with systemd (not the test init above) and a
+/// blockferry agent installed the way deploy/systemd says, with credentials and state,
+/// as on a replicated source server. It answers on TCP port [`HEALTH_PORT`] once it is
+/// up (a socket unit sending a line), and shows a login prompt on its serial console.
+pub const HEALTH_PORT: u16 = 8080;
+const BOOTABLE_PACKAGES: &str = "linux-image-amd64,systemd-sysv,udev,initramfs-tools,e2fsprogs";
+const AGENT_UNIT: &str = include_str!("../../../deploy/systemd/blockferry-agent.service");
+/// Files written into the bootable guest's root, and symlinks made there.
+const BOOTABLE_FILES: [(&str, &str); 8] = [
+    ("etc/hostname", "blockferry-source\n"),
+    (
+        "etc/systemd/network/10-eth0.network",
+        "[Match]\nName=eth0\n\n[Network]\nDHCP=yes\n",
+    ),
+    (
+        "etc/systemd/system/blockferry-health.socket",
+        "[Unit]\nDescription=blockferry test health port\n\n[Socket]\nListenStream=8080\nAccept=yes\n\n[Install]\nWantedBy=sockets.target\n",
+    ),
+    (
+        "etc/systemd/system/blockferry-health@.service",
+        "[Unit]\nDescription=blockferry test health answer\n\n[Service]\nExecStart=/bin/echo blockferry-health-ok\nStandardOutput=socket\n",
+    ),
+    (
+        "etc/default/blockferry-agent",
+        "RECEIVER=10.0.2.2:1500\nDISKS=--disk /dev/vda\n",
+    ),
+    (
+        "etc/blockferry-agent/agent.key",
+        "not a real key: the test checks it is gone\n",
+    ),
+    ("etc/blockferry-agent/agent.crt", "not a real certificate\n"),
+    (
+        "var/lib/blockferry-agent/state",
+        "a dirty-map state record\n",
+    ),
+];
+const BOOTABLE_LINKS: [(&str, &str); 4] = [
+    (
+        "etc/systemd/system/multi-user.target.wants/blockferry-agent.service",
+        "/etc/systemd/system/blockferry-agent.service",
+    ),
+    (
+        "etc/systemd/system/multi-user.target.wants/systemd-networkd.service",
+        "/lib/systemd/system/systemd-networkd.service",
+    ),
+    (
+        "etc/systemd/system/sockets.target.wants/systemd-networkd.socket",
+        "/lib/systemd/system/systemd-networkd.socket",
+    ),
+    (
+        "etc/systemd/system/sockets.target.wants/blockferry-health.socket",
+        "/etc/systemd/system/blockferry-health.socket",
+    ),
+];
+
+fn bootable_recipe() -> String {
+    format!(
+        "{SUITE} {MIRROR} minbase {BOOTABLE_PACKAGES}\n{AGENT_UNIT}\n{BOOTABLE_FILES:?}\n{BOOTABLE_LINKS:?}"
+    )
+}
+
+/// The bootable guest's disk (ext4, no partition table, 1.5 GiB), built first if this
+/// recipe has none in the cache yet. Treat it as read-only: it is shared between runs.
+pub fn bootable_disk() -> Result<PathBuf, String> {
+    let cache = PathBuf::from("/var/cache/blockferry-tests");
+    let dir = cache.join(format!("bootable-{:016x}", fnv(&bootable_recipe())));
+    let disk = dir.join("disk.img");
+    if disk.exists() {
+        return Ok(disk);
+    }
+    std::fs::create_dir_all(&cache).map_err(|e| format!("{}: {e}", cache.display()))?;
+    let started = Instant::now();
+    eprintln!(
+        "building the bootable test guest into {} (once per recipe)",
+        dir.display()
+    );
+    let work = tempfile::tempdir_in(&cache).map_err(|e| e.to_string())?;
+    let root = work.path().join("root");
+    run(Command::new("mmdebstrap")
+        .args([
+            "--variant=minbase",
+            &format!("--include={BOOTABLE_PACKAGES}"),
+            SUITE,
+        ])
+        .arg(&root)
+        .arg(MIRROR))?;
+    let unit = root.join("etc/systemd/system/blockferry-agent.service");
+    let mut files: Vec<(PathBuf, &str)> = vec![(unit, AGENT_UNIT)];
+    files.extend(BOOTABLE_FILES.iter().map(|(p, c)| (root.join(p), *c)));
+    for (path, contents) in files {
+        std::fs::create_dir_all(path.parent().unwrap()).map_err(|e| e.to_string())?;
+        std::fs::write(&path, contents).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    for (link, target) in BOOTABLE_LINKS {
+        let link = root.join(link);
+        std::fs::create_dir_all(link.parent().unwrap()).map_err(|e| e.to_string())?;
+        std::os::unix::fs::symlink(target, &link)
+            .map_err(|e| format!("{}: {e}", link.display()))?;
+    }
+    // Root may log in on the console without a password (a test machine).
+    run(Command::new("chroot")
+        .arg(&root)
+        .args(["passwd", "-d", "root"]))?;
+    let built = work.path().join("built");
+    std::fs::create_dir(&built).map_err(|e| e.to_string())?;
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "bfsource", "-d"])
+        .arg(&root)
+        .arg(built.join("disk.img"))
+        .arg("1536M"))?;
+    match std::fs::rename(&built, &dir) {
+        Ok(()) => {}
+        Err(_) if disk.exists() => {}
+        Err(e) => return Err(format!("{}: {e}", dir.display())),
+    }
+    eprintln!("built the bootable guest in {:.0?}", started.elapsed());
+    Ok(disk)
+}

@@ -17,6 +17,11 @@ use serde::{Deserialize, Serialize};
 use crate::pki::AgentIdentity;
 
 /// server id → [`ServerRecord`] as JSON.
+mod launches;
+pub use launches::{
+    BootRecord, CutOverRecord, ImageFormat, LaunchMode, LaunchRecord, LaunchedDisk,
+};
+
 const SERVERS: TableDefinition<&str, &[u8]> = TableDefinition::new("servers");
 /// (server id, disk name) → [`DiskRecord`] as JSON.
 const DISKS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("disks");
@@ -56,6 +61,8 @@ pub enum CatalogError {
     },
     #[error("catalog transaction failed")]
     Storage(#[from] redb::Error),
+    #[error("no source server {0} in the catalog (see `blockferry-receiver status`)")]
+    UnknownServer(String),
     #[error("catalog record for {key} is corrupt")]
     Corrupt {
         key: String,
@@ -145,6 +152,10 @@ pub enum RegisterError {
         known: usize,
         added: usize,
     },
+    #[error(
+        "source server {server} was cut over to its launched copy (at Unix ms {at_ms}): its replication is over; stop and remove its agent"
+    )]
+    CutOver { server: String, at_ms: u64 },
     #[error(transparent)]
     Catalog(#[from] CatalogError),
 }
@@ -651,6 +662,8 @@ impl Catalog {
             txn.open_table(SETTINGS)?;
             txn.open_table(RECOVERY_POINTS)?;
             txn.open_table(ENROLLED)?;
+            txn.open_table(launches::LAUNCHES)?;
+            txn.open_table(launches::CUT_OVER)?;
             txn.commit()?;
             Ok(())
         };
@@ -677,6 +690,16 @@ impl Catalog {
         images_dir: &Path,
     ) -> Result<Registered, RegisterError> {
         let txn = self.db.begin_write()?;
+        {
+            let server = identity.server_id.as_str();
+            if let Some(raw) = txn.open_table(launches::CUT_OVER)?.get(server)? {
+                let mark: CutOverRecord = decode(server, raw.value())?;
+                return Err(RegisterError::CutOver {
+                    server: server.to_owned(),
+                    at_ms: mark.at_ms,
+                });
+            }
+        }
         {
             let disks = txn.open_table(DISKS)?;
             let server = identity.server_id.as_str();
@@ -1679,5 +1702,35 @@ mod tests {
             RescanReason::from_name("tracking_lost"),
             Some(RescanReason::TRACKING_LOST)
         );
+    }
+
+    /// A server cut over stays cut over, and its agent's sessions are refused with why.
+    #[test]
+    fn a_server_cut_over_is_refused_at_registration() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(dir.path()).unwrap();
+        let identity = AgentIdentity {
+            agent_id: "a1".into(),
+            server_id: "srv".into(),
+        };
+        let hello = hello([1; 16], ResumeClaim::NoRecord);
+        catalog
+            .register_session(&identity, &hello, dir.path())
+            .unwrap();
+        let mark = catalog.cut_over("srv").unwrap();
+        assert_eq!(
+            catalog.cut_over("srv").unwrap(),
+            mark,
+            "the first mark stays"
+        );
+        assert_eq!(catalog.cut_over_of("srv").unwrap(), Some(mark.clone()));
+        let refused = catalog
+            .register_session(&identity, &hello, dir.path())
+            .unwrap_err();
+        assert!(
+            matches!(&refused, RegisterError::CutOver { server, at_ms } if server == "srv" && *at_ms == mark.at_ms),
+            "{refused}"
+        );
+        assert!(refused.to_string().contains("cut over"), "{refused}");
     }
 }
