@@ -91,6 +91,10 @@ pub enum Command {
         /// the previous one (0: as often as the previous point allows).
         #[arg(long, default_value_t = 600)]
         recovery_interval_secs: u64,
+        /// How often the retention policies are enforced: points they drop are deleted
+        /// (file backend) or their snapshots deleted in EC2 (EBS backend).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+        retention_check_secs: u64,
         #[command(flatten)]
         ebs: EbsArgs,
         #[command(flatten)]
@@ -498,6 +502,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             max_disk_size,
             frame_buffer_mib,
             recovery_points,
+            retention_check_secs,
             recovery_interval_secs,
             ebs,
             aws,
@@ -521,6 +526,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let recovery_interval = std::time::Duration::from_secs(recovery_interval_secs);
             config.recovery_points = recovery_points;
             config.recovery_interval = recovery_interval;
+            config.retention_check = std::time::Duration::from_secs(retention_check_secs);
             if backend == Backend::Ebs {
                 config.ebs = Some(ebs.config(&aws, recovery_interval)?);
             }
@@ -1358,6 +1364,10 @@ pub struct AwsArgs {
     /// and AWS_ENDPOINT_URL are read too).
     #[arg(long)]
     ebs_endpoint_url: Option<String>,
+    /// EC2 endpoint override (DeleteSnapshot, for retention), e.g. a VPC endpoint of EC2
+    /// or a local emulator (AWS_ENDPOINT_URL_EC2 and AWS_ENDPOINT_URL are read too).
+    #[arg(long)]
+    ec2_endpoint_url: Option<String>,
     /// Seconds one EBS request attempt may take before it is retried.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
     ebs_attempt_timeout_secs: u64,
@@ -1368,6 +1378,7 @@ impl AwsArgs {
         blockferry_storage::ebs::aws::AwsSettings {
             region: self.ebs_region.clone(),
             endpoint_url: self.ebs_endpoint_url.clone(),
+            ec2_endpoint_url: self.ec2_endpoint_url.clone(),
             attempt_timeout: Some(std::time::Duration::from_secs(
                 self.ebs_attempt_timeout_secs,
             )),

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use blockferry_storage::ebs::EbsClient;
 use blockferry_storage::{BlockStore, CopyPolicy, StoreError};
 
 use crate::apply::ApplyPipeline;
@@ -76,16 +77,13 @@ impl RecoveryPoints {
     }
 
     /// Deletes the points of `server_id` that its retention policy no longer keeps at
-    /// `now_ms`; returns the epochs deleted. File backend only: EBS points (snapshots)
-    /// are all kept.
+    /// `now_ms`; returns the epochs deleted. An EBS point's snapshots that no kept point
+    /// names are queued in the catalog, and deleted by [`Self::delete_retired`].
     pub(crate) fn enforce_retention(
         &self,
         server_id: &str,
         now_ms: u64,
     ) -> Result<Vec<u64>, String> {
-        if !matches!(self.target, PointTarget::Files { .. }) {
-            return Ok(Vec::new());
-        }
         let chain = |e: crate::catalog::CatalogError| blockferry_util::error_chain(&e);
         let policy = self.catalog.retention(server_id).map_err(chain)?;
         let points = self.catalog.recovery_points(server_id).map_err(chain)?;
@@ -131,9 +129,48 @@ impl RecoveryPoints {
                 }
             })
             .await;
+            if let PointTarget::Ebs(ebs) = &self.target {
+                self.delete_retired(ebs).await;
+            }
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    /// Deletes in EC2 the snapshots retired with their points; what fails stays queued
+    /// for the next round.
+    async fn delete_retired(&self, ebs: &EbsStaging) {
+        let catalog = Arc::clone(&self.catalog);
+        let queued = match tokio::task::spawn_blocking(move || catalog.retired_snapshots()).await {
+            Ok(Ok(queued)) => queued,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %blockferry_util::error_chain(&e), "cannot read the EBS snapshots to delete");
+                return;
+            }
+            Err(_) => return,
+        };
+        for (snapshot, server) in queued {
+            match ebs.client().delete_snapshot(&snapshot).await {
+                Ok(()) => {
+                    let catalog = Arc::clone(&self.catalog);
+                    let id = snapshot.clone();
+                    match tokio::task::spawn_blocking(move || catalog.forget_retired_snapshot(&id))
+                        .await
+                    {
+                        Ok(Ok(())) => {
+                            tracing::info!(%server, %snapshot, "EBS snapshot past its retention deleted")
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(%server, %snapshot, error = %blockferry_util::error_chain(&e), "EBS snapshot deleted but still queued; deleting it again is harmless")
+                        }
+                        Err(_) => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%server, %snapshot, error = %e, "cannot delete an EBS snapshot past its retention; it stays queued for the next check");
+                }
             }
         }
     }
@@ -193,8 +230,8 @@ impl Leftovers {
 }
 
 /// Deletes recovery point `epoch` of `server_id`: from the catalog first (so that no one
-/// launches it any more), then its images. `None` if there was no such point. An EBS point
-/// is refused: its snapshots are kept.
+/// launches it any more), then its images; an EBS point's snapshots that no other point
+/// names are queued for deletion in EC2. `None` if there was no such point.
 pub fn delete_point(
     catalog: &Catalog,
     server_id: &str,
@@ -206,9 +243,12 @@ pub fn delete_point(
         return Ok(None);
     };
     if point.disks.iter().any(|d| !d.snapshot_id.is_empty()) {
-        return Err(format!(
-            "recovery point {epoch} of server {server_id} is made of EBS snapshots, which blockferry keeps: delete them in EC2 if you must"
-        ));
+        // EBS: the snapshots no other point names are queued; the running receiver's
+        // retention loop deletes them in EC2.
+        return catalog
+            .retire_recovery_point(server_id, epoch)
+            .map(|retired| retired.map(|(point, _)| point))
+            .map_err(chain);
     }
     let removed = catalog
         .delete_recovery_point(server_id, epoch)

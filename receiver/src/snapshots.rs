@@ -53,6 +53,10 @@ pub(crate) struct EbsStaging {
 }
 
 impl EbsStaging {
+    pub(crate) fn client(&self) -> &Arc<AnyEbs> {
+        &self.client
+    }
+
     pub(crate) async fn connect(config: &EbsBackendConfig) -> Self {
         let client = match &config.connection {
             EbsConnection::Aws(settings) => AnyEbs::Aws(AwsEbs::connect(settings).await),

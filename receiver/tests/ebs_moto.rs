@@ -2,7 +2,9 @@
 //! 127.0.0.1): first the client alone (a snapshot's blocks go up and the restore returns
 //! identical bytes), then the whole path — an agent replicates into a receiver run with
 //! `--backend ebs`, its first recovery point becomes a snapshot in moto, and the
-//! `restore` command returns the disk byte for byte. moto models neither parents nor
+//! `restore` command returns the disk byte for byte; last, retention deletes the snapshots
+//! of the points it drops through EC2's DeleteSnapshot (aws-sdk-ec2) and keeps the others.
+//! moto models neither parents nor
 //! checksums nor throttling; the strict fake covers those (tests/ebs.rs).
 //!
 //! One test in this binary: it sets the environment (credentials for the emulator, no
@@ -108,6 +110,7 @@ fn the_sdk_client_and_the_receiver_replicate_into_moto_and_restore_byte_for_byte
                 region: Some("us-east-1".into()),
                 endpoint_url: Some(format!("http://127.0.0.1:{port}")),
                 attempt_timeout: Some(Duration::from_secs(10)),
+                ec2_endpoint_url: None,
             })
             .await,
         );
@@ -160,6 +163,7 @@ fn the_sdk_client_and_the_receiver_replicate_into_moto_and_restore_byte_for_byte
         assert!(restored == image, "the restored image differs");
     });
     runtime.block_on(receiver_into_moto(port));
+    runtime.block_on(retention_deletes_snapshots_in_moto(port));
 }
 
 async fn receiver_into_moto(moto_port: u16) {
@@ -248,6 +252,164 @@ async fn receiver_into_moto(moto_port: u16) {
     // An existing file is not overwritten unless asked.
     let (ok, out) = receiver_cli(&["restore", "--disk", "d0", "--out", out_arg]);
     assert!(!ok && out.contains("--overwrite"), "{out}");
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+}
+
+/// The snapshot ids moto's EC2 knows.
+async fn snapshots_in_moto(endpoint: &str) -> std::collections::BTreeSet<String> {
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .load()
+        .await;
+    let ec2 = aws_sdk_ec2::Client::new(&config);
+    let out = ec2
+        .describe_snapshots()
+        .owner_ids("self")
+        .send()
+        .await
+        .expect("DescribeSnapshots against moto");
+    out.snapshots()
+        .iter()
+        .filter_map(|s| s.snapshot_id().map(str::to_owned))
+        .collect()
+}
+
+/// A template retention of one point per minute for the last minute: of the points cut
+/// many times a minute, the dropped ones leave the catalog and their snapshots leave
+/// EC2; every snapshot a kept point names stays.
+async fn retention_deletes_snapshots_in_moto(moto_port: u16) {
+    use common::*;
+    use std::collections::BTreeSet;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let endpoint = format!("http://127.0.0.1:{moto_port}");
+    let before = snapshots_in_moto(&endpoint).await;
+    let creds = credentials(&data, "srv", &dir.path().join("creds"));
+    let port = free_port();
+    let mut receiver = spawn_receiver(
+        &data,
+        port,
+        &[
+            "--control",
+            "off",
+            "--metrics",
+            "off",
+            "--backend",
+            "ebs",
+            "--ebs-region",
+            "us-east-1",
+            "--ebs-endpoint-url",
+            &endpoint,
+            "--ec2-endpoint-url",
+            &endpoint,
+            "--recovery-interval-secs",
+            "0",
+            "--retention-check-secs",
+            "1",
+        ],
+    );
+    let set = Command::new(env!("CARGO_BIN_EXE_blockferry-receiver"))
+        .args([
+            "settings",
+            "set",
+            "--default",
+            "--retention",
+            "1m:1m",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let (source, _) = image(dir.path(), "d0.img", 4 * BLOCK_SIZE as u64, 0.5, 1 << 20, 3);
+    let volumes = vec![volume("d0", &source)];
+    let agent = blockferry_agent::Agent::new(&volumes);
+    let mut config = agent_config(format!("127.0.0.1:{port}"), creds);
+    config.exit_when_synced = false;
+    config.epoch_interval = Duration::from_millis(100);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn({
+        let (agent, stop, volumes) = (agent.clone(), stop.clone(), volumes.clone());
+        async move { agent.run(&config, &volumes, stop).await }
+    });
+    wait_synced(agent.stats()).await;
+
+    let status = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_blockferry-receiver"))
+            .args(["status", "--json", "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let named = |status: &serde_json::Value| -> BTreeSet<String> {
+        status["servers"][0]["recovery_points"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|p| p["disks"].as_array().cloned().unwrap_or_default())
+            .filter_map(|d| d["snapshot_id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    // Every write makes the next point a new snapshot; retention drops all but the newest.
+    let capture = agent.capture().clone();
+    let mut seen = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut k = 0u64;
+    let (kept, dropped) = loop {
+        k += 1;
+        capture
+            .write(0, (k % 4) * BLOCK_SIZE as u64, vec![k as u8; 4096])
+            .await
+            .unwrap();
+        capture.flush().await.unwrap();
+        let now = status();
+        let kept = named(&now);
+        seen.extend(kept.iter().cloned());
+        let dropped: BTreeSet<String> = seen.difference(&kept).cloned().collect();
+        if dropped.len() >= 3 {
+            let in_moto = snapshots_in_moto(&endpoint).await;
+            let deleted = dropped.iter().all(|id| !in_moto.contains(id));
+            if deleted && kept.iter().all(|id| in_moto.contains(id)) {
+                break (kept, dropped);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "retention did not delete dropped snapshots in moto: seen {seen:?}, kept {kept:?}, in moto {:?}",
+            snapshots_in_moto(&endpoint).await
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(!kept.is_empty(), "the newest point is always kept");
+    assert!(
+        kept.len() <= 3,
+        "1m:1m keeps at most a few points: {kept:?}"
+    );
+    // Snapshots of other tests' receivers are not touched.
+    let in_moto = snapshots_in_moto(&endpoint).await;
+    assert!(
+        before.is_subset(&in_moto),
+        "a snapshot no point of this receiver named was deleted"
+    );
+    eprintln!(
+        "retention deleted {} snapshots in moto, kept {}",
+        dropped.len(),
+        kept.len()
+    );
+    stop.cancel();
+    let _ = run.await;
     let _ = receiver.kill();
     let _ = receiver.wait();
 }

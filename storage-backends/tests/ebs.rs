@@ -411,3 +411,55 @@ async fn changed_blocks_between_points_are_listed() {
     let changed: Vec<u32> = page.blocks.iter().map(|(i, _)| *i).collect();
     assert_eq!(changed, vec![2, 6]);
 }
+
+/// As on the service, deleting a snapshot leaves its children whole: a chain's middle
+/// and first snapshots deleted, the newest restores byte for byte. A pending snapshot is
+/// not deleted, and deleting one already gone is not an error.
+#[tokio::test]
+async fn deleting_a_parent_leaves_its_children_restorable() {
+    let fake = Arc::new(FakeEbs::new());
+    let mut image = vec![0u8; DISK as usize];
+    let mut parent: Option<String> = None;
+    let mut chain = Vec::new();
+    for round in 0..3u32 {
+        let token = format!("t{round}");
+        let mut snapshot = PendingSnapshot::start(
+            Arc::clone(&fake),
+            request(parent.as_deref(), &token),
+            config(2),
+        )
+        .await
+        .unwrap();
+        let indexes: Vec<u32> = if round == 0 {
+            (0..17).collect()
+        } else {
+            vec![round, round + 5]
+        };
+        for index in indexes {
+            let data = block(u64::from(round * 100 + index));
+            apply(&mut image, index, &data);
+            snapshot.put(index, data).await.unwrap();
+        }
+        let done = snapshot.complete().await.unwrap();
+        parent = Some(done.id.clone());
+        chain.push(done.id);
+    }
+    let pending = PendingSnapshot::start(
+        Arc::clone(&fake),
+        request(parent.as_deref(), "t9"),
+        config(2),
+    )
+    .await
+    .unwrap();
+    let err = fake.delete_snapshot(pending.id()).await.unwrap_err();
+    assert!(err.to_string().contains("pending"), "{err}");
+
+    fake.delete_snapshot(&chain[1]).await.unwrap();
+    fake.delete_snapshot(&chain[0]).await.unwrap();
+    assert!(!fake.exists(&chain[0]) && !fake.exists(&chain[1]));
+    assert!(
+        restored(&fake, &chain[2]).await == image,
+        "the newest point after its parents went"
+    );
+    fake.delete_snapshot(&chain[0]).await.unwrap();
+}

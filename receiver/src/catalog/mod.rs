@@ -18,6 +18,7 @@ use crate::pki::AgentIdentity;
 
 /// server id → [`ServerRecord`] as JSON.
 mod launches;
+mod retired;
 pub use launches::{
     BootRecord, CutOverRecord, ImageFormat, LaunchMode, LaunchRecord, LaunchedDisk,
 };
@@ -664,6 +665,7 @@ impl Catalog {
             txn.open_table(ENROLLED)?;
             txn.open_table(launches::LAUNCHES)?;
             txn.open_table(launches::CUT_OVER)?;
+            txn.open_table(retired::RETIRED_SNAPSHOTS)?;
             txn.commit()?;
             Ok(())
         };

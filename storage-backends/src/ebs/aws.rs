@@ -28,11 +28,16 @@ pub struct AwsSettings {
     pub endpoint_url: Option<String>,
     /// Longest single attempt of an operation (a 512 KiB PUT included).
     pub attempt_timeout: Option<Duration>,
+    /// EC2's endpoint (DeleteSnapshot), when not the regional one; None: from
+    /// `AWS_ENDPOINT_URL_EC2` / `AWS_ENDPOINT_URL` if set. Never `endpoint_url`: a VPC
+    /// endpoint of EBS does not serve EC2.
+    pub ec2_endpoint_url: Option<String>,
 }
 
 #[derive(Debug, Clone)]
 pub struct AwsEbs {
     client: aws_sdk_ebs::Client,
+    ec2: aws_sdk_ec2::Client,
 }
 
 impl AwsEbs {
@@ -50,12 +55,18 @@ impl AwsEbs {
         if let Some(region) = &settings.region {
             loader = loader.region(aws_config::Region::new(region.clone()));
         }
-        if let Some(url) = &settings.endpoint_url {
-            loader = loader.endpoint_url(url.clone());
-        }
         let config = loader.load().await;
+        let mut ebs = aws_sdk_ebs::config::Builder::from(&config);
+        if let Some(url) = &settings.endpoint_url {
+            ebs = ebs.endpoint_url(url.clone());
+        }
+        let mut ec2 = aws_sdk_ec2::config::Builder::from(&config);
+        if let Some(url) = &settings.ec2_endpoint_url {
+            ec2 = ec2.endpoint_url(url.clone());
+        }
         Self {
-            client: aws_sdk_ebs::Client::new(&config),
+            client: aws_sdk_ebs::Client::from_conf(ebs.build()),
+            ec2: aws_sdk_ec2::Client::from_conf(ec2.build()),
         }
     }
 }
@@ -80,7 +91,11 @@ where
                 | "ExpiredTokenException"
                 | "InvalidClientTokenId" => EbsError::AccessDenied(why),
                 "ResourceNotFoundException" => EbsError::NotFound(why),
+                // EC2's names for the same.
+                "UnauthorizedOperation" | "AuthFailure" => EbsError::AccessDenied(why),
+                "InvalidSnapshot.NotFound" => EbsError::NotFound(why),
                 "ThrottlingException"
+                | "RequestLimitExceeded"
                 | "RequestThrottledException"
                 | "InternalServerException"
                 | "ServiceUnavailableException" => EbsError::Retryable(why),
@@ -254,5 +269,22 @@ impl EbsClient for AwsEbs {
             blocks,
             next_token: output.next_token().map(str::to_owned),
         })
+    }
+
+    async fn delete_snapshot(&self, snapshot: &str) -> Result<(), EbsError> {
+        match self
+            .ec2
+            .delete_snapshot()
+            .snapshot_id(snapshot)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(err) => match classify("DeleteSnapshot", err) {
+                // Deleted already (by an earlier attempt whose answer was lost).
+                EbsError::NotFound(_) => Ok(()),
+                err => Err(err),
+            },
+        }
     }
 }

@@ -136,6 +136,11 @@ impl FakeEbs {
             .and_then(|s| s.parent.clone())
     }
 
+    /// Whether the snapshot exists (not deleted).
+    pub fn exists(&self, snapshot: &str) -> bool {
+        self.lock().snapshots.contains_key(snapshot)
+    }
+
     /// Blocks written to this snapshot itself (not inherited).
     pub fn own_blocks(&self, snapshot: &str) -> Vec<BlockIndex> {
         self.lock()
@@ -469,6 +474,31 @@ impl EbsClient for FakeEbs {
             .map(|(&index, (owner, _))| (index, format!("{owner}/{index}")))
             .collect();
         Ok(page_of(page))
+    }
+
+    async fn delete_snapshot(&self, snapshot: &str) -> Result<(), EbsError> {
+        self.enter("DeleteSnapshot")?;
+        let mut state = self.lock();
+        let Some(deleted) = state.snapshots.remove(snapshot) else {
+            return Ok(());
+        };
+        if deleted.status == Status::Pending {
+            let why = format!("IncorrectState: snapshot {snapshot} is pending");
+            state.snapshots.insert(snapshot.to_owned(), deleted);
+            return Err(EbsError::Rejected(why));
+        }
+        // The service keeps what the children inherit: fold it into them.
+        for child in state
+            .snapshots
+            .values_mut()
+            .filter(|s| s.parent.as_deref() == Some(snapshot))
+        {
+            for (&index, block) in &deleted.blocks {
+                child.blocks.entry(index).or_insert_with(|| block.clone());
+            }
+            child.parent = deleted.parent.clone();
+        }
+        Ok(())
     }
 }
 

@@ -4,8 +4,8 @@
 //! parent, and may leave all-zero blocks out), and each later one is a child of the one
 //! before, holding the blocks written during one recovery interval. The building blocks:
 //!
-//! - [`EbsClient`]: the six operations of the EBS direct API this backend uses, as one
-//!   interface with two implementations — the real service through `aws-sdk-ebs`, and
+//! - [`EbsClient`]: the six operations of the EBS direct API this backend uses, and EC2's
+//!   DeleteSnapshot (retention), as one interface with two implementations — the real service through `aws-sdk-ebs`, and
 //!   [`fake::FakeEbs`], a strict in-memory fake that rejects what EBS rejects and injects
 //!   the faults EBS produces, for tests and benchmarks.
 //! - [`upload::PendingSnapshot`]: one snapshot being written — bounded concurrency, never
@@ -123,7 +123,8 @@ impl fmt::Display for EbsError {
                 f,
                 "EBS refused access: {why}; check the receiver's IAM role or credentials \
                  (it needs ebs:StartSnapshot, ebs:PutSnapshotBlock, ebs:CompleteSnapshot, \
-                 ebs:ListSnapshotBlocks, ebs:GetSnapshotBlock)"
+                 ebs:ListSnapshotBlocks, ebs:GetSnapshotBlock, and ec2:DeleteSnapshot for \
+                 retention)"
             ),
             Self::Rejected(why) => write!(f, "EBS rejected the request: {why}"),
         }
@@ -181,6 +182,11 @@ pub trait EbsClient: Send + Sync + 'static {
         second: &str,
         next_token: Option<String>,
     ) -> impl Future<Output = Result<BlockPage, EbsError>> + Send;
+
+    /// Deletes a completed snapshot (EC2's DeleteSnapshot, not an EBS direct API). As on
+    /// the service, its children stay whole: the blocks they inherit from it are kept for
+    /// them. A snapshot already gone is not an error.
+    fn delete_snapshot(&self, snapshot: &str) -> impl Future<Output = Result<(), EbsError>> + Send;
 }
 
 /// How calls are retried: exponential backoff with full jitter, a bounded number of
@@ -346,6 +352,13 @@ impl EbsClient for AnyEbs {
         match self {
             Self::Aws(c) => c.list_changed_blocks(first, second, next_token).await,
             Self::Fake(c) => c.list_changed_blocks(first, second, next_token).await,
+        }
+    }
+
+    async fn delete_snapshot(&self, snapshot: &str) -> Result<(), EbsError> {
+        match self {
+            Self::Aws(c) => c.delete_snapshot(snapshot).await,
+            Self::Fake(c) => c.delete_snapshot(snapshot).await,
         }
     }
 }
