@@ -99,7 +99,13 @@ pub async fn launch(options: &LaunchOptions) -> anyhow::Result<LaunchRecord> {
     let engine = Engine::start(IoEngine::Sync, 1).context("starting the I/O engine")?;
     let mut stores = Vec::new();
     for disk in &point.disks {
-        let image = disk.image.clone().expect("pick_point refuses EBS points");
+        let Some(image) = disk.image.clone() else {
+            bail!(
+                "disk {} of recovery point {} of server {server} has no image",
+                disk.disk,
+                point.epoch
+            );
+        };
         let file = FileStore::open_file(&image).map_err(|e| {
             anyhow::anyhow!(
                 "recovery point {} of server {server} cannot be read (deleted meanwhile?): {e}",
@@ -120,12 +126,22 @@ pub async fn launch(options: &LaunchOptions) -> anyhow::Result<LaunchRecord> {
     }
     let out = options.out.clone();
     let copied = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<LaunchedDisk>> {
-        let mut disks = Vec::new();
+        let mut disks: Vec<LaunchedDisk> = Vec::new();
         for (disk, store) in &stores {
             let image = out.join(format!("{disk}.img"));
-            let copy = store
-                .copy_point(&image, CopyPolicy::ReflinkOrFull)
-                .with_context(|| format!("copying disk {disk} into {}", image.display()))?;
+            let copy = match store.copy_point(&image, CopyPolicy::ReflinkOrFull) {
+                Ok(copy) => copy,
+                Err(err) => {
+                    // Unprepared copies must not be left to boot (see below).
+                    for made in &disks {
+                        let _ = std::fs::remove_file(&made.image);
+                    }
+                    return Err(anyhow::Error::new(err).context(format!(
+                        "copying disk {disk} into {}; nothing was launched",
+                        image.display()
+                    )));
+                }
+            };
             disks.push(LaunchedDisk {
                 disk: disk.clone(),
                 image,
@@ -156,6 +172,12 @@ pub async fn launch(options: &LaunchOptions) -> anyhow::Result<LaunchRecord> {
             )));
         }
     };
+    if options.boot.is_some() && prepared.boot.is_none() {
+        bail!(
+            "the launched root file system of server {server} has no kernel in /boot (vmlinuz-*): it cannot be booted here; the prepared images are in {} (launch again without --boot, into another --out, to record a launch)",
+            options.out.display()
+        );
+    }
     let mut copied = copied;
     if options.format == ImageFormat::Qcow2 {
         let raw = copied.clone();
@@ -189,10 +211,7 @@ pub async fn launch(options: &LaunchOptions) -> anyhow::Result<LaunchRecord> {
     };
     if let Some(boot_options) = &options.boot {
         let Some(files) = prepared.boot else {
-            bail!(
-                "the launched root file system of server {server} has no kernel in /boot (vmlinuz-*): it cannot be booted here; the images in {} are prepared",
-                options.out.display()
-            );
+            bail!("checked above: the launched root has a kernel");
         };
         let disks: Vec<(PathBuf, ImageFormat)> = record
             .disks
