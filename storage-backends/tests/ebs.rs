@@ -361,6 +361,9 @@ async fn a_restore_refuses_a_block_whose_checksum_does_not_match() {
         ) -> Result<blockferry_storage::ebs::BlockPage, EbsError> {
             self.0.list_changed_blocks(f, s, t).await
         }
+        async fn delete_snapshot(&self, s: &str) -> Result<(), EbsError> {
+            self.0.delete_snapshot(s).await
+        }
     }
     let client = Arc::new(Corrupting(FakeEbs::new()));
     let mut snapshot = PendingSnapshot::start(Arc::clone(&client), request(None, "x"), config(2))
