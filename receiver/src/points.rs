@@ -243,6 +243,13 @@ pub fn delete_point(
         return Ok(None);
     };
     if point.disks.iter().any(|d| !d.snapshot_id.is_empty()) {
+        // The next EBS point is uploaded as children of the newest one's snapshots:
+        // deleting them would break every later point. (Retention always keeps it.)
+        if points.last().is_some_and(|newest| newest.epoch == epoch) {
+            return Err(format!(
+                "recovery point {epoch} is the newest of server {server_id}: the next EBS point is built on its snapshots, so it is kept; delete it once a newer point exists"
+            ));
+        }
         // EBS: the snapshots no other point names are queued; the running receiver's
         // retention loop deletes them in EC2.
         return catalog
@@ -656,6 +663,48 @@ impl RangeSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ebs_point(epoch: u64, snapshot: &str) -> RecoveryPointRecord {
+        RecoveryPointRecord {
+            epoch,
+            cut_at_ms: epoch,
+            completed_at_ms: epoch,
+            disks: vec![SnapshotRecord {
+                disk: "d0".into(),
+                size: 1 << 30,
+                snapshot_id: snapshot.into(),
+                parent: None,
+                changed_blocks: 1,
+                image: None,
+                copy: None,
+            }],
+        }
+    }
+
+    /// `points delete` of an EBS point queues its snapshots for deletion, but never the
+    /// newest point's: the next point is uploaded as children of them.
+    #[test]
+    fn the_newest_ebs_point_is_not_deleted_and_an_older_one_is_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(dir.path()).unwrap();
+        catalog
+            .record_recovery_point("s", &ebs_point(1, "snap-1"))
+            .unwrap();
+        catalog
+            .record_recovery_point("s", &ebs_point(2, "snap-2"))
+            .unwrap();
+        let why = delete_point(&catalog, "s", 2).unwrap_err();
+        assert!(why.contains("newest"), "{why}");
+        assert_eq!(catalog.recovery_points("s").unwrap().len(), 2);
+        assert!(catalog.retired_snapshots().unwrap().is_empty());
+        let gone = delete_point(&catalog, "s", 1).unwrap().unwrap();
+        assert_eq!(gone.epoch, 1);
+        assert_eq!(
+            catalog.retired_snapshots().unwrap(),
+            vec![("snap-1".to_owned(), "s".to_owned())]
+        );
+        assert!(delete_point(&catalog, "s", 1).unwrap().is_none());
+    }
 
     #[test]
     fn ranges_merge_and_split() {
