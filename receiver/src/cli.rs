@@ -179,6 +179,9 @@ pub enum Command {
         /// With --boot: how long the guest has to pass the health check.
         #[arg(long, default_value_t = 300, requires = "boot")]
         boot_timeout_secs: u64,
+        /// For a point of the EBS backend, whose snapshots are downloaded.
+        #[command(flatten)]
+        aws: AwsArgs,
     },
     /// The launches recorded: when, of which point, where, and how the boot check went.
     Launches {
@@ -865,6 +868,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             boot,
             health_port,
             boot_timeout_secs,
+            aws,
         } => {
             let options = crate::launch::LaunchOptions {
                 data_dir,
@@ -877,6 +881,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     health_port,
                     timeout: std::time::Duration::from_secs(boot_timeout_secs),
                 }),
+                aws: aws.settings(),
             };
             let record = crate::launch::launch(&options).await?;
             println!(

@@ -3,7 +3,8 @@
 //! identical bytes), then the whole path — an agent replicates into a receiver run with
 //! `--backend ebs`, its first recovery point becomes a snapshot in moto, and the
 //! `restore` command returns the disk byte for byte; last, retention deletes the snapshots
-//! of the points it drops through EC2's DeleteSnapshot (aws-sdk-ec2) and keeps the others.
+//! of the points it drops through EC2's DeleteSnapshot (aws-sdk-ec2) and keeps the others;
+//! and `launch` downloads an EBS point into disks with the agent switched off.
 //! moto models neither parents nor
 //! checksums nor throttling; the strict fake covers those (tests/ebs.rs).
 //!
@@ -164,6 +165,7 @@ fn the_sdk_client_and_the_receiver_replicate_into_moto_and_restore_byte_for_byte
     });
     runtime.block_on(receiver_into_moto(port));
     runtime.block_on(retention_deletes_snapshots_in_moto(port));
+    runtime.block_on(an_ebs_point_launches_prepared(port));
 }
 
 async fn receiver_into_moto(moto_port: u16) {
@@ -310,23 +312,26 @@ async fn retention_deletes_snapshots_in_moto(moto_port: u16) {
             "1",
         ],
     );
-    let set = Command::new(env!("CARGO_BIN_EXE_blockferry-receiver"))
-        .args([
-            "settings",
-            "set",
-            "--default",
-            "--retention",
-            "1m:1m",
-            "--data-dir",
-        ])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        set.status.success(),
-        "{}",
-        String::from_utf8_lossy(&set.stderr)
-    );
+    // The receiver listens on its port before its admin socket answers: until then the
+    // command finds the catalog locked.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let set = Command::new(env!("CARGO_BIN_EXE_blockferry-receiver"))
+            .args(["settings", "set", "--default", "--retention", "1m:1m"])
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap();
+        if set.status.success() {
+            break;
+        }
+        let err = String::from_utf8_lossy(&set.stderr).into_owned();
+        assert!(
+            err.contains("in use by another process") && Instant::now() < deadline,
+            "settings set: {err}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (source, _) = image(dir.path(), "d0.img", 4 * BLOCK_SIZE as u64, 0.5, 1 << 20, 3);
     let volumes = vec![volume("d0", &source)];
     let agent = blockferry_agent::Agent::new(&volumes);
@@ -410,6 +415,115 @@ async fn retention_deletes_snapshots_in_moto(moto_port: u16) {
     );
     stop.cancel();
     let _ = run.await;
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+}
+
+/// `launch` of an EBS point: its snapshots downloaded into OUT, the agent switched off in
+/// the copy; the snapshot in EBS still holds the agent (it is never changed).
+async fn an_ebs_point_launches_prepared(moto_port: u16) {
+    use common::*;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("receiver");
+    let endpoint = format!("http://127.0.0.1:{moto_port}");
+    let creds = credentials(&data, SERVER, &dir.path().join("creds"));
+    let port = free_port();
+    let mut receiver = spawn_receiver(
+        &data,
+        port,
+        &[
+            "--control",
+            "off",
+            "--metrics",
+            "off",
+            "--backend",
+            "ebs",
+            "--ebs-region",
+            "us-east-1",
+            "--ebs-endpoint-url",
+            &endpoint,
+            "--recovery-interval-secs",
+            "0",
+        ],
+    );
+    let source = common::guest::small_root_disk(dir.path());
+    let volumes = vec![volume("root", &source)];
+    let config = agent_config(format!("127.0.0.1:{port}"), creds);
+    sync(&config, &volumes, Duration::from_secs(60)).await;
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_blockferry-receiver"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // The first point: a snapshot without parent (moto does not model parents).
+    let epoch = loop {
+        let (ok, out, err) = cli(&["points", "list", "--json", "--server", SERVER]);
+        assert!(ok, "{err}");
+        let points: serde_json::Value = serde_json::from_str(&out).unwrap();
+        if let Some(epoch) = points[SERVER][0]["epoch"].as_u64() {
+            break epoch;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery point in moto: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let out = dir.path().join("launch");
+    let epoch_arg = epoch.to_string();
+    let (ok, stdout, stderr) = cli(&[
+        "launch",
+        "--server",
+        SERVER,
+        "--mode",
+        "test",
+        "--recovery-point",
+        &epoch_arg,
+        "--out",
+        out.to_str().unwrap(),
+        "--ebs-region",
+        "us-east-1",
+        "--ebs-endpoint-url",
+        &endpoint,
+    ]);
+    assert!(ok, "launch of an EBS point:\n{stdout}\n{stderr}");
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("launch.json")).unwrap()).unwrap();
+    assert_eq!(record["disks"][0]["copy"], "download", "{record}");
+    let launched = out.join("root.img");
+    for gone in ["/etc/blockferry-agent", "/var/lib/blockferry-agent"] {
+        assert!(
+            common::guest::stat_in(&launched, gone).is_none(),
+            "{gone} is still in the launched copy"
+        );
+    }
+    // The point itself still holds the agent: restored, it is the source.
+    let restored = dir.path().join("restored.img");
+    let (ok, _, err) = cli(&[
+        "restore",
+        "--disk",
+        "root",
+        "--recovery-point",
+        &epoch_arg,
+        "--out",
+        restored.to_str().unwrap(),
+        "--ebs-region",
+        "us-east-1",
+        "--ebs-endpoint-url",
+        &endpoint,
+    ]);
+    assert!(ok, "restore: {err}");
+    assert_identical(&source, &restored);
+    assert!(common::guest::stat_in(&restored, "/etc/blockferry-agent").is_some());
     let _ = receiver.kill();
     let _ = receiver.wait();
 }

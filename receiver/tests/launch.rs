@@ -65,19 +65,6 @@ fn points(receiver: &Receiver) -> Vec<RecoveryPointRecord> {
         .unwrap_or_default()
 }
 
-/// What debugfs says of `path` inside the ext4 `image` (no mount needed); `None` when
-/// the path is not there.
-fn stat_in(image: &Path, path: &str) -> Option<String> {
-    let out = Command::new("debugfs")
-        .args(["-R", &format!("stat {path}")])
-        .arg(image)
-        .output()
-        .expect("debugfs runs (scripts/test installs e2fsprogs)");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let err = String::from_utf8_lossy(&out.stderr);
-    (!err.contains("File not found") && text.contains("Inode:")).then_some(text)
-}
-
 /// Where the agent lives on a source server: each must be gone from a launched copy.
 const AGENT_TRACES: [&str; 4] = [
     "/etc/systemd/system/multi-user.target.wants/blockferry-agent.service",
@@ -89,12 +76,12 @@ const AGENT_TRACES: [&str; 4] = [
 fn assert_agent_switched_off(image: &Path) {
     for trace in AGENT_TRACES {
         assert!(
-            stat_in(image, trace).is_none(),
+            common::guest::stat_in(image, trace).is_none(),
             "{trace} is still in the launched image {}",
             image.display()
         );
     }
-    let unit = stat_in(image, "/etc/systemd/system/blockferry-agent.service")
+    let unit = common::guest::stat_in(image, "/etc/systemd/system/blockferry-agent.service")
         .expect("the agent's unit is masked, not absent");
     assert!(
         unit.contains("/dev/null"),
@@ -105,7 +92,7 @@ fn assert_agent_switched_off(image: &Path) {
 fn assert_agent_present(image: &Path) {
     for trace in AGENT_TRACES {
         assert!(
-            stat_in(image, trace).is_some(),
+            common::guest::stat_in(image, trace).is_some(),
             "{trace} is missing from {}: the check of the launched copy proves nothing",
             image.display()
         );
@@ -128,39 +115,6 @@ fn staging(dir: &Path, size: u64) -> Option<Staging> {
         data: root.join("receiver"),
         launches: root.join("launches"),
     })
-}
-
-/// A small ext4 source disk with a root file system's markers and an installed agent,
-/// but no kernel: enough for a launch without `--boot`.
-fn small_root_disk(dir: &Path) -> PathBuf {
-    let tree = dir.join("small-root");
-    for (path, contents) in [
-        ("etc/os-release", "ID=debian\n"),
-        ("etc/systemd/system/blockferry-agent.service", "[Unit]\n"),
-        ("etc/blockferry-agent/agent.key", "key\n"),
-        ("var/lib/blockferry-agent/state", "state\n"),
-    ] {
-        let path = tree.join(path);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, contents).unwrap();
-    }
-    let wants = tree.join("etc/systemd/system/multi-user.target.wants");
-    std::fs::create_dir_all(&wants).unwrap();
-    std::os::unix::fs::symlink(
-        "/etc/systemd/system/blockferry-agent.service",
-        wants.join("blockferry-agent.service"),
-    )
-    .unwrap();
-    let image = dir.join("small-root.img");
-    let made = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&tree)
-        .arg(&image)
-        .arg("16M")
-        .status()
-        .unwrap();
-    assert!(made.success(), "mkfs.ext4 -d");
-    image
 }
 
 /// An agent replicating `volumes` in the background until stopped or refused.
@@ -353,7 +307,7 @@ async fn cutover_ends_the_servers_replication_for_good() {
         );
         return;
     };
-    let source = small_root_disk(dir.path());
+    let source = common::guest::small_root_disk(dir.path());
     let receiver = start(&staging.data, FilePointMode::Auto).await;
     let agent = replicate(&receiver, &staging.data, dir.path(), &source).await;
     wait_for("a recovery point", Duration::from_secs(60), || {

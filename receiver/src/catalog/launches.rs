@@ -55,7 +55,8 @@ pub struct LaunchRecord {
 pub struct LaunchedDisk {
     pub disk: String,
     pub image: PathBuf,
-    /// `reflink` or `copy`: how the point's image was copied.
+    /// How the disk came from the point: `reflink` or `copy` (a file point's image), or
+    /// `download` (an EBS point's snapshot).
     pub copy: String,
     /// The image's format (`--format`).
     #[serde(default)]

@@ -3,7 +3,8 @@
 //! good and its agent is told to stop).
 //!
 //! The point's images are copied (reflinked where the file system allows) into the
-//! output directory, never used in place, so the point stays as it was; inside the
+//! output directory, or an EBS point's snapshots downloaded there, never used in place,
+//! so the point stays as it was; inside the
 //! copies the agent is switched off ([`prepare`]); `--boot` starts them here under qemu
 //! and checks their health ([`boot`]). Every launch is recorded in the catalog and in
 //! `OUT/launch.json`.
@@ -34,6 +35,8 @@ pub struct LaunchOptions {
     pub out: PathBuf,
     pub format: ImageFormat,
     pub boot: Option<BootOptions>,
+    /// How EBS is reached, for a point made of EBS snapshots.
+    pub aws: blockferry_storage::ebs::aws::AwsSettings,
 }
 
 /// The point `epoch` (or the newest) of `server`, with an error that says what to do
@@ -60,12 +63,11 @@ pub(crate) fn pick_point(
             ),
         }
     };
-    if let Some(disk) = point.disks.iter().find(|d| d.image.is_none()) {
+    let on_ebs = point.disks.iter().filter(|d| d.image.is_none()).count();
+    if on_ebs != 0 && on_ebs != point.disks.len() {
         bail!(
-            "recovery point {} of server {server} is made of EBS snapshots ({} is {}): launching EBS points is not supported yet; `restore` downloads one disk of it into an image",
-            point.epoch,
-            disk.disk,
-            disk.snapshot_id
+            "recovery point {} of server {server} mixes EBS snapshots and image files; launch cannot make one launch of it",
+            point.epoch
         );
     }
     Ok(point.clone())
@@ -96,6 +98,59 @@ pub async fn launch(options: &LaunchOptions) -> anyhow::Result<LaunchRecord> {
             }
         }
     }
+    let copied = if point.disks.iter().all(|d| d.image.is_none()) {
+        download(options, &point).await?
+    } else {
+        copy_files(options, &point).await?
+    };
+    finish(options, point, copied, started_at_ms).await
+}
+
+/// An EBS point: every disk's snapshot downloaded into `OUT/DISK.img`, each block's
+/// checksum verified; the snapshots stay as they are.
+async fn download(
+    options: &LaunchOptions,
+    point: &RecoveryPointRecord,
+) -> anyhow::Result<Vec<LaunchedDisk>> {
+    let server = options.server.as_str();
+    let client = crate::snapshots::aws_client(&options.aws).await;
+    let mut disks: Vec<LaunchedDisk> = Vec::new();
+    for disk in &point.disks {
+        let image = options.out.join(format!("{}.img", disk.disk));
+        let restored = blockferry_storage::ebs::restore::restore(
+            std::sync::Arc::clone(&client),
+            &disk.snapshot_id,
+            disk.size,
+            &image,
+            blockferry_storage::ebs::RetryPolicy::default(),
+        )
+        .await;
+        if let Err(err) = restored {
+            let _ = std::fs::remove_file(&image);
+            for made in &disks {
+                let _ = std::fs::remove_file(&made.image);
+            }
+            return Err(anyhow::Error::new(err).context(format!(
+                "downloading disk {} of recovery point {} of server {server} from snapshot {}; nothing was launched",
+                disk.disk, point.epoch, disk.snapshot_id
+            )));
+        }
+        disks.push(LaunchedDisk {
+            disk: disk.disk.clone(),
+            image,
+            copy: "download".to_owned(),
+            format: ImageFormat::Raw,
+        });
+    }
+    Ok(disks)
+}
+
+/// A file point: every disk's image copied into `OUT/DISK.img`.
+async fn copy_files(
+    options: &LaunchOptions,
+    point: &RecoveryPointRecord,
+) -> anyhow::Result<Vec<LaunchedDisk>> {
+    let server = options.server.as_str();
     let engine = Engine::start(IoEngine::Sync, 1).context("starting the I/O engine")?;
     let mut stores = Vec::new();
     for disk in &point.disks {
@@ -152,6 +207,17 @@ pub async fn launch(options: &LaunchOptions) -> anyhow::Result<LaunchRecord> {
         Ok(disks)
     })
     .await??;
+    Ok(copied)
+}
+
+/// Prepares the copies, converts them, cuts over, boots and records.
+async fn finish(
+    options: &LaunchOptions,
+    point: RecoveryPointRecord,
+    copied: Vec<LaunchedDisk>,
+    started_at_ms: u64,
+) -> anyhow::Result<LaunchRecord> {
+    let server = options.server.as_str();
     let images: Vec<(String, PathBuf)> = copied
         .iter()
         .map(|d| (d.disk.clone(), d.image.clone()))

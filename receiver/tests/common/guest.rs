@@ -441,3 +441,49 @@ pub fn bootable_disk() -> Result<PathBuf, String> {
     eprintln!("built the bootable guest in {:.0?}", started.elapsed());
     Ok(disk)
 }
+
+/// What debugfs says of `path` inside the ext4 `image` (no mount needed); `None` when
+/// the path is not there.
+pub fn stat_in(image: &Path, path: &str) -> Option<String> {
+    let out = Command::new("debugfs")
+        .args(["-R", &format!("stat {path}")])
+        .arg(image)
+        .output()
+        .expect("debugfs runs (scripts/test installs e2fsprogs)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr);
+    (!err.contains("File not found") && text.contains("Inode:")).then_some(text)
+}
+
+/// A small ext4 source disk with a root file system's markers and an installed agent,
+/// but no kernel: enough for a launch without `--boot`.
+pub fn small_root_disk(dir: &Path) -> PathBuf {
+    let tree = dir.join("small-root");
+    for (path, contents) in [
+        ("etc/os-release", "ID=debian\n"),
+        ("etc/systemd/system/blockferry-agent.service", "[Unit]\n"),
+        ("etc/blockferry-agent/agent.key", "key\n"),
+        ("var/lib/blockferry-agent/state", "state\n"),
+    ] {
+        let path = tree.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, contents).unwrap();
+    }
+    let wants = tree.join("etc/systemd/system/multi-user.target.wants");
+    std::fs::create_dir_all(&wants).unwrap();
+    std::os::unix::fs::symlink(
+        "/etc/systemd/system/blockferry-agent.service",
+        wants.join("blockferry-agent.service"),
+    )
+    .unwrap();
+    let image = dir.join("small-root.img");
+    let made = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(&image)
+        .arg("16M")
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfs.ext4 -d");
+    image
+}
