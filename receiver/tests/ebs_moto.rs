@@ -168,6 +168,29 @@ fn the_sdk_client_and_the_receiver_replicate_into_moto_and_restore_byte_for_byte
     runtime.block_on(an_ebs_point_launches_prepared(port));
 }
 
+/// A receiver process staging into moto, with `extra` flags.
+fn spawn_on_moto(
+    data: &std::path::Path,
+    port: u16,
+    endpoint: &str,
+    extra: &[&str],
+) -> common::ReceiverProcess {
+    let mut args = vec![
+        "--control",
+        "off",
+        "--metrics",
+        "off",
+        "--backend",
+        "ebs",
+        "--ebs-region",
+        "us-east-1",
+        "--ebs-endpoint-url",
+        endpoint,
+    ];
+    args.extend_from_slice(extra);
+    common::spawn_receiver(data, port, &args)
+}
+
 async fn receiver_into_moto(moto_port: u16) {
     use common::*;
     let dir = tempfile::tempdir().unwrap();
@@ -175,25 +198,11 @@ async fn receiver_into_moto(moto_port: u16) {
     let endpoint = format!("http://127.0.0.1:{moto_port}");
     let creds = credentials(&data, "srv", &dir.path().join("creds"));
     let port = free_port();
-    let mut receiver = spawn_receiver(
+    let mut receiver = spawn_on_moto(
         &data,
         port,
-        &[
-            "--control",
-            "off",
-            "--metrics",
-            "off",
-            "--backend",
-            "ebs",
-            "--ebs-region",
-            "us-east-1",
-            "--ebs-endpoint-url",
-            &endpoint,
-            "--ebs-tag",
-            "team=dr",
-            "--recovery-interval-secs",
-            "0",
-        ],
+        &endpoint,
+        &["--ebs-tag", "team=dr", "--recovery-interval-secs", "0"],
     );
     let (source, _) = image(
         dir.path(),
@@ -290,20 +299,11 @@ async fn retention_deletes_snapshots_in_moto(moto_port: u16) {
     let before = snapshots_in_moto(&endpoint).await;
     let creds = credentials(&data, "srv", &dir.path().join("creds"));
     let port = free_port();
-    let mut receiver = spawn_receiver(
+    let mut receiver = spawn_on_moto(
         &data,
         port,
+        &endpoint,
         &[
-            "--control",
-            "off",
-            "--metrics",
-            "off",
-            "--backend",
-            "ebs",
-            "--ebs-region",
-            "us-east-1",
-            "--ebs-endpoint-url",
-            &endpoint,
             "--ec2-endpoint-url",
             &endpoint,
             "--recovery-interval-secs",
@@ -428,24 +428,7 @@ async fn an_ebs_point_launches_prepared(moto_port: u16) {
     let endpoint = format!("http://127.0.0.1:{moto_port}");
     let creds = credentials(&data, SERVER, &dir.path().join("creds"));
     let port = free_port();
-    let mut receiver = spawn_receiver(
-        &data,
-        port,
-        &[
-            "--control",
-            "off",
-            "--metrics",
-            "off",
-            "--backend",
-            "ebs",
-            "--ebs-region",
-            "us-east-1",
-            "--ebs-endpoint-url",
-            &endpoint,
-            "--recovery-interval-secs",
-            "0",
-        ],
-    );
+    let mut receiver = spawn_on_moto(&data, port, &endpoint, &["--recovery-interval-secs", "0"]);
     let source = common::guest::small_root_disk(dir.path());
     let volumes = vec![volume("root", &source)];
     let config = agent_config(format!("127.0.0.1:{port}"), creds);

@@ -317,7 +317,30 @@ pub async fn wait_synced(stats: &blockferry_agent::AgentStats) {
 
 /// Starts the receiver binary on `127.0.0.1:port` (so that it can be SIGKILLed and
 /// restarted at the same address) and waits until it listens.
-pub fn spawn_receiver(data: &Path, port: u16, extra_args: &[&str]) -> std::process::Child {
+/// A receiver process, killed when dropped: a test that fails leaves none behind.
+pub struct ReceiverProcess(pub std::process::Child);
+
+impl std::ops::Deref for ReceiverProcess {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ReceiverProcess {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for ReceiverProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn spawn_receiver(data: &Path, port: u16, extra_args: &[&str]) -> ReceiverProcess {
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_blockferry-receiver"))
         .args(["run", "--listen"])
         .arg(format!("127.0.0.1:{port}"))
@@ -336,7 +359,7 @@ pub fn spawn_receiver(data: &Path, port: u16, extra_args: &[&str]) -> std::proce
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    child
+    ReceiverProcess(child)
 }
 
 /// A port nobody listens on right now.
