@@ -2,7 +2,8 @@
 //! short `loadgen` run is, as a smoke test). `compare` (compare.rs) runs the standard
 //! comparison with socat, cp and an rsync daemon; `loadgen` (loadgen.rs, plot.rs) many
 //! simulated agents; `continuous` (continuous.rs) lag and footprint at fixed write
-//! rates; `rescan` (rescan.rs) a rescan against a local rsync. BENCHMARKS.md holds the
+//! rates; `rescan` (rescan.rs) a rescan against a local rsync; `points` (points.rs) the
+//! cost of a recovery point against a full copy. BENCHMARKS.md holds the
 //! figures.
 //!
 //! `initial-sync` replicates a random (incompressible, all non-zero) image over loopback
@@ -29,6 +30,7 @@ mod continuous;
 mod ebs_upload;
 mod loadgen;
 mod plot;
+mod points;
 mod rescan;
 mod tracked;
 mod tracking;
@@ -165,6 +167,20 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         sample_ms: u64,
     },
+    /// Cutting a file-backend recovery point (the receiver's copy: a reflink, or the full
+    /// copy fallback) vs. cp --reflink=never + fsync of the same image: time and space,
+    /// on --dir's file system and (as root, with mkfs.xfs) a loop-mounted XFS.
+    Points {
+        /// Image size, e.g. 256M, 2G.
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        size: u64,
+        /// Runs of each side (alternating); medians are reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Directory on the file system to measure (default: a temp dir under /var/tmp).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Rescan by checksum after scattered untracked changes vs. rsync --inplace
     /// --no-whole-file on the same data, and vs. reading both images (the lower bound).
     Rescan {
@@ -299,6 +315,7 @@ fn main() -> anyhow::Result<()> {
             changed_percent,
             dir,
         } => runtime.block_on(compare::run(size, runs.max(1), changed_percent, dir)),
+        Command::Points { size, runs, dir } => points::run_bench(size, runs.max(1), dir),
         Command::Rescan {
             size,
             runs,

@@ -189,3 +189,29 @@ fn tracked_prints_the_agents_cpu_and_lag() {
         &["lag p99", "agent peak RSS", "agent process CPU at 10 MiB/s"],
     );
 }
+
+#[test]
+fn points_prints_cut_and_full_copy_time_and_space() {
+    let dir = scratch();
+    let out = bench(&[
+        "points",
+        "--size",
+        "32M",
+        "--runs",
+        "1",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_prints(
+        &out,
+        &[
+            "point cut (copy)",
+            "full copy (cp --reflink=never + fsync)",
+            "time ratio cut/full",
+            "space ratio cut/full",
+        ],
+    );
+    if is_root() && out.contains("loop-mounted XFS") {
+        assert_prints(&out, &["point cut (reflink)", "a kept point after 1%"]);
+    }
+}

@@ -124,6 +124,59 @@ impl FileStore {
     }
 }
 
+/// `struct fsxattr` of `<linux/fs.h>`.
+#[repr(C)]
+#[derive(Default)]
+struct FsXattr {
+    xflags: u32,
+    extsize: u32,
+    nextents: u32,
+    projid: u32,
+    cowextsize: u32,
+    pad: [u8; 8],
+}
+
+const _: () = assert!(std::mem::size_of::<FsXattr>() == 28);
+/// `_IOR('X', 31, struct fsxattr)` and `_IOW('X', 32, struct fsxattr)`.
+const FS_IOC_FSGETXATTR: libc::c_ulong = 0x801c_581f;
+const FS_IOC_FSSETXATTR: libc::c_ulong = 0x401c_5820;
+const FS_XFLAG_COWEXTSIZE: u32 = 0x0001_0000;
+
+/// Sets a staging image's copy-on-write extent size hint to one file system block, on
+/// XFS; returns whether it did. XFS's default hint makes a write into an extent shared
+/// with a point allocate 32 blocks: a 4 KiB write then holds 128 KiB, and a point after
+/// scattered 4 KiB writes to 1% of the image costs about a quarter of a full copy instead
+/// of 1% (`blockferry-bench points`). Elsewhere nothing changes: btrfs copies on write per
+/// block already, and other file systems have no reflinks.
+pub fn small_cow_extents(file: &File) -> io::Result<bool> {
+    // SAFETY: fstatfs fills the struct given; the descriptor is open.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // f_type and the magic have a different type on each architecture.
+    #[allow(clippy::unnecessary_cast)]
+    if fs.f_type as i64 != libc::XFS_SUPER_MAGIC as i64 {
+        return Ok(false);
+    }
+    let block = u32::try_from(fs.f_bsize).unwrap_or(4096);
+    let mut attr = FsXattr::default();
+    // SAFETY: the ioctl fills an fsxattr of the size its number encodes.
+    if unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FSGETXATTR as _, &mut attr) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if attr.xflags & FS_XFLAG_COWEXTSIZE != 0 && attr.cowextsize == block {
+        return Ok(true);
+    }
+    attr.xflags |= FS_XFLAG_COWEXTSIZE;
+    attr.cowextsize = block;
+    // SAFETY: as above; the kernel reads the fsxattr.
+    if unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FSSETXATTR as _, &attr) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(true)
+}
+
 /// The errors by which a file system (or a pair of files) says it cannot share extents.
 fn no_reflink(err: &io::Error) -> bool {
     matches!(
