@@ -144,9 +144,10 @@ pub enum Command {
     /// A server's recovery points: list them, show one, delete one (file backend).
     #[command(subcommand)]
     Points(PointsCommand),
-    /// Make launchable disks from a recovery point (file backend): copies of its images
-    /// in --out with the blockferry agent switched off inside them, to test the point
-    /// or to cut over to it. Runs as root (it mounts the copies).
+    /// Make launchable disks from a recovery point: copies of its images (or downloads
+    /// of its EBS snapshots) in --out with the blockferry agent switched off inside them,
+    /// to test the point or to cut over to it; with --ec2, EBS volumes or an AMI made of
+    /// them too. Runs as root (it mounts the copies).
     Launch {
         #[arg(long)]
         data_dir: PathBuf,
@@ -179,7 +180,34 @@ pub enum Command {
         /// With --boot: how long the guest has to pass the health check.
         #[arg(long, default_value_t = 300, requires = "boot")]
         boot_timeout_secs: u64,
-        /// For a point of the EBS backend, whose snapshots are downloaded.
+        /// Also make the launch in EC2: `volumes` (one EBS volume per disk) or `ami` (a
+        /// machine image, root disk first). The prepared copies are written into new
+        /// snapshots first: an EBS point's as children of its snapshots holding only what
+        /// preparing changed, a file point's whole.
+        #[arg(long, value_enum)]
+        ec2: Option<crate::launch::Ec2Kind>,
+        /// With --ec2 volumes: the availability zone of the volumes (that of the instance
+        /// they are for).
+        #[arg(long, requires = "ec2", required_if_eq("ec2", "volumes"))]
+        availability_zone: Option<String>,
+        /// With --ec2: the EBS volume type of the volumes or the image's devices.
+        #[arg(long, default_value = "gp3", requires = "ec2")]
+        volume_type: String,
+        /// With --ec2 ami: the image's architecture.
+        #[arg(long, default_value = "x86_64", value_parser = ["x86_64", "arm64"])]
+        architecture: String,
+        /// With --ec2 ami: uefi, legacy-bios or uefi-preferred (the source's firmware);
+        /// the instance type's default when absent.
+        #[arg(long, value_parser = ["uefi", "legacy-bios", "uefi-preferred"], requires = "ec2")]
+        boot_mode: Option<String>,
+        /// With --ec2 ami: the image's name (unique in the region);
+        /// blockferry-SERVER-rpEPOCH-MILLIS by default.
+        #[arg(long, requires = "ec2")]
+        image_name: Option<String>,
+        /// With --ec2: how long each snapshot, volume or image may take to be ready.
+        #[arg(long, default_value_t = 600, requires = "ec2")]
+        ec2_wait_secs: u64,
+        /// For a point of the EBS backend (its snapshots are downloaded), and for --ec2.
         #[command(flatten)]
         aws: AwsArgs,
     },
@@ -868,8 +896,24 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             boot,
             health_port,
             boot_timeout_secs,
+            ec2,
+            availability_zone,
+            volume_type,
+            architecture,
+            boot_mode,
+            image_name,
+            ec2_wait_secs,
             aws,
         } => {
+            let ec2 = ec2.map(|kind| crate::launch::Ec2Options {
+                kind,
+                availability_zone,
+                volume_type,
+                architecture,
+                boot_mode,
+                image_name,
+                wait: std::time::Duration::from_secs(ec2_wait_secs),
+            });
             let options = crate::launch::LaunchOptions {
                 data_dir,
                 server,
@@ -882,6 +926,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     timeout: std::time::Duration::from_secs(boot_timeout_secs),
                 }),
                 aws: aws.settings(),
+                ec2,
             };
             let record = crate::launch::launch(&options).await?;
             println!(
@@ -900,6 +945,22 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     disk.format.name(),
                     disk.copy
                 );
+                if let Some(snapshot) = &disk.snapshot_id {
+                    println!(
+                        "    in EC2: snapshot {snapshot}{}{}",
+                        disk.volume_id
+                            .as_deref()
+                            .map(|v| format!(", volume {v}"))
+                            .unwrap_or_default(),
+                        disk.device
+                            .as_deref()
+                            .map(|d| format!(", device {d}"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            if let Some(image) = &record.image_id {
+                println!("  in EC2: machine image {image}");
             }
             for change in &record.prepared {
                 println!("  prepared: {change}");

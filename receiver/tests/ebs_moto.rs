@@ -4,7 +4,9 @@
 //! `--backend ebs`, its first recovery point becomes a snapshot in moto, and the
 //! `restore` command returns the disk byte for byte; last, retention deletes the snapshots
 //! of the points it drops through EC2's DeleteSnapshot (aws-sdk-ec2) and keeps the others;
-//! and `launch` downloads an EBS point into disks with the agent switched off.
+//! and `launch` downloads an EBS point into disks with the agent switched off, and makes
+//! EBS volumes and an AMI of them (CreateVolume, RegisterImage) whose snapshot holds what
+//! preparing changed, and deletes what it made when EC2 refuses a step.
 //! moto models neither parents nor
 //! checksums nor throttling; the strict fake covers those (tests/ebs.rs).
 //!
@@ -507,6 +509,152 @@ async fn an_ebs_point_launches_prepared(moto_port: u16) {
     assert!(ok, "restore: {err}");
     assert_identical(&source, &restored);
     assert!(common::guest::stat_in(&restored, "/etc/blockferry-agent").is_some());
+
+    // Into EC2 as volumes: the prepared copy goes up as a child of the point's snapshot
+    // holding only the blocks preparing changed (moto does not model parents, so the
+    // child holds just those: laid over the point, they give the prepared copy).
+    let launch_into = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "launch",
+            "--server",
+            SERVER,
+            "--mode",
+            "test",
+            "--recovery-point",
+            &epoch_arg,
+            "--out",
+            out.to_str().unwrap(),
+            "--ebs-region",
+            "us-east-1",
+            "--ebs-endpoint-url",
+            &endpoint,
+            "--ec2-endpoint-url",
+            &endpoint,
+        ];
+        args.extend_from_slice(extra);
+        let (ok, stdout, stderr) = cli(&args);
+        (out, ok, stdout, stderr)
+    };
+    let (out, ok, stdout, stderr) = launch_into(
+        "launch-volumes",
+        &["--ec2", "volumes", "--availability-zone", "us-east-1a"],
+    );
+    assert!(ok, "launch --ec2 volumes:\n{stdout}\n{stderr}");
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("launch.json")).unwrap()).unwrap();
+    let snapshot = record["disks"][0]["snapshot_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let volume = record["disks"][0]["volume_id"].as_str().unwrap().to_owned();
+    assert!(stdout.contains(&volume), "{stdout}");
+    let ec2 = ec2_client(&endpoint).await;
+    let described = ec2
+        .describe_volumes()
+        .volume_ids(&volume)
+        .send()
+        .await
+        .unwrap();
+    let described = &described.volumes()[0];
+    assert_eq!(described.snapshot_id(), Some(snapshot.as_str()));
+    assert_eq!(described.availability_zone(), Some("us-east-1a"));
+    assert!(
+        described
+            .tags()
+            .iter()
+            .any(|t| t.key() == Some("blockferry:server") && t.value() == Some(SERVER)),
+        "{described:?}"
+    );
+    let client = Arc::new(
+        AwsEbs::connect(&AwsSettings {
+            region: Some("us-east-1".into()),
+            endpoint_url: Some(endpoint.clone()),
+            ..AwsSettings::default()
+        })
+        .await,
+    );
+    let mut expected = std::fs::read(&restored).unwrap();
+    let own = {
+        use blockferry_storage::ebs::EbsClient;
+        let page = client.list_snapshot_blocks(&snapshot, None).await.unwrap();
+        assert!(page.next_token.is_none());
+        for (index, token) in &page.blocks {
+            let (data, _) = client
+                .get_snapshot_block(&snapshot, *index, token)
+                .await
+                .unwrap();
+            let at = *index as usize * BLOCK_SIZE;
+            let len = (expected.len() - at).min(BLOCK_SIZE);
+            expected[at..at + len].copy_from_slice(&data[..len]);
+        }
+        page.blocks.len()
+    };
+    let disk_blocks = expected.len().div_ceil(BLOCK_SIZE);
+    assert!(
+        own > 0 && own < disk_blocks / 2,
+        "the launch snapshot holds {own} of {disk_blocks} blocks: only what preparing changed belongs there"
+    );
+    assert!(
+        expected == std::fs::read(out.join("root.img")).unwrap(),
+        "the point's snapshot with the launch snapshot's blocks is not the prepared copy"
+    );
+
+    // As a machine image, root device first.
+    let (out, ok, stdout, stderr) = launch_into(
+        "launch-ami",
+        &["--ec2", "ami", "--image-name", "blockferry-moto-test"],
+    );
+    assert!(ok, "launch --ec2 ami:\n{stdout}\n{stderr}");
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("launch.json")).unwrap()).unwrap();
+    let image = record["image_id"].as_str().unwrap().to_owned();
+    assert_eq!(record["disks"][0]["device"], "/dev/xvda", "{record}");
+    let described = ec2
+        .describe_images()
+        .image_ids(&image)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(described.images()[0].name(), Some("blockferry-moto-test"));
+    let (ok, listed, _) = cli(&["launches", "--json", "--server", SERVER]);
+    assert!(ok);
+    assert!(
+        listed.contains(&image) && listed.contains(&volume),
+        "{listed}"
+    );
+
+    // A volume EC2 refuses (io2 needs its IOPS): the launch fails, recorded nowhere,
+    // and the snapshot it wrote is deleted again.
+    let before = snapshots_in_moto(&endpoint).await;
+    let (_, ok, stdout, stderr) = launch_into(
+        "launch-refused",
+        &[
+            "--ec2",
+            "volumes",
+            "--availability-zone",
+            "us-east-1a",
+            "--volume-type",
+            "io2",
+        ],
+    );
+    assert!(!ok, "an io2 volume without IOPS was made:\n{stdout}");
+    assert!(
+        stderr.contains("CreateVolume") && stderr.contains("deleted again"),
+        "{stderr}"
+    );
+    assert_eq!(snapshots_in_moto(&endpoint).await, before);
+    let (_, again, _) = cli(&["launches", "--json", "--server", SERVER]);
+    assert_eq!(again, listed, "a failed launch was recorded");
     let _ = receiver.kill();
     let _ = receiver.wait();
+}
+
+async fn ec2_client(endpoint: &str) -> aws_sdk_ec2::Client {
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .load()
+        .await;
+    aws_sdk_ec2::Client::new(&config)
 }

@@ -466,3 +466,67 @@ async fn deleting_a_parent_leaves_its_children_restorable() {
     );
     fake.delete_snapshot(&chain[0]).await.unwrap();
 }
+
+/// A launched copy goes to EBS as a snapshot: without a parent its non-zero blocks, as
+/// a child of the point's snapshot only the blocks that differ; both restore to the
+/// image byte for byte.
+#[tokio::test]
+async fn an_image_uploads_whole_without_parent_and_as_its_changes_with_one() {
+    use blockferry_storage::ebs::image::{ImageUploadError, block_digests, upload_image};
+    let fake = Arc::new(FakeEbs::new());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    let mut image = vec![0u8; DISK as usize];
+    for index in [0u32, 3, 4, 16] {
+        apply(&mut image, index, &block(u64::from(index) + 1));
+    }
+    std::fs::write(&path, &image).unwrap();
+
+    let whole = upload_image(
+        Arc::clone(&fake),
+        &path,
+        None,
+        request(None, "launch-1"),
+        config(4),
+    )
+    .await
+    .unwrap();
+    assert_eq!(whole.changed_blocks, 4, "zero blocks are left out");
+    assert_eq!(restored(&fake, &whole.id).await, image);
+
+    // Preparing changed block 3, zeroed block 4, and wrote into the partial last block.
+    let parent_digests = block_digests(&path).unwrap();
+    apply(&mut image, 3, &block(99));
+    apply(&mut image, 4, &vec![0u8; BLOCK_SIZE]);
+    apply(&mut image, 16, &block(98));
+    std::fs::write(&path, &image).unwrap();
+    let child = upload_image(
+        Arc::clone(&fake),
+        &path,
+        Some(parent_digests.clone()),
+        request(Some(&whole.id), "launch-2"),
+        config(4),
+    )
+    .await
+    .unwrap();
+    assert_eq!(child.changed_blocks, 3);
+    assert_eq!(fake.own_blocks(&child.id), vec![3, 4, 16]);
+    assert_eq!(fake.parent(&child.id).as_deref(), Some(whole.id.as_str()));
+    assert_eq!(restored(&fake, &child.id).await, image);
+
+    // Digests of another disk are refused before anything is started.
+    let other = dir.path().join("other.img");
+    std::fs::write(&other, vec![1u8; BLOCK_SIZE]).unwrap();
+    let starts = fake.calls("StartSnapshot");
+    let err = upload_image(
+        Arc::clone(&fake),
+        &other,
+        Some(parent_digests),
+        request(Some(&whole.id), "launch-3"),
+        config(4),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, ImageUploadError::Mismatch { .. }), "{err}");
+    assert_eq!(fake.calls("StartSnapshot"), starts);
+}

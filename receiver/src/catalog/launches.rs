@@ -49,6 +49,9 @@ pub struct LaunchRecord {
     /// The boot check's verdict, when the launch was booted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot: Option<BootRecord>,
+    /// The machine image registered (`--ec2 ami`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +64,15 @@ pub struct LaunchedDisk {
     /// The image's format (`--format`).
     #[serde(default)]
     pub format: ImageFormat,
+    /// With `--ec2`: the snapshot the prepared copy was written into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_id: Option<String>,
+    /// With `--ec2 volumes`: the volume made of that snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_id: Option<String>,
+    /// With `--ec2 ami`: the disk's device in the image (the root is `/dev/xvda`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 /// How a launched disk is written: raw (the point's bytes, a reflink where it can be) or
@@ -202,6 +214,7 @@ mod tests {
             disks: vec![],
             prepared: vec![],
             boot: None,
+            image_id: None,
         }
     }
 

@@ -10,6 +10,7 @@
 //! `OUT/launch.json`.
 
 mod boot;
+mod ec2;
 mod prepare;
 
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use anyhow::{Context, bail};
 use blockferry_storage::{CopyPolicy, Engine, FileStore, IoEngine};
 
 pub use boot::BootOptions;
+pub use ec2::{Ec2Kind, Ec2Options};
 
 use crate::catalog::{
     ImageFormat, LaunchMode, LaunchRecord, LaunchedDisk, RecoveryPointRecord, now_ms,
@@ -35,8 +37,10 @@ pub struct LaunchOptions {
     pub out: PathBuf,
     pub format: ImageFormat,
     pub boot: Option<BootOptions>,
-    /// How EBS is reached, for a point made of EBS snapshots.
+    /// How EBS and EC2 are reached, for a point made of EBS snapshots or `--ec2`.
     pub aws: blockferry_storage::ebs::aws::AwsSettings,
+    /// Make the launch into EBS volumes or an AMI too.
+    pub ec2: Option<Ec2Options>,
 }
 
 /// The point `epoch` (or the newest) of `server`, with an error that says what to do
@@ -98,12 +102,48 @@ pub async fn launch(options: &LaunchOptions) -> anyhow::Result<LaunchRecord> {
             }
         }
     }
-    let copied = if point.disks.iter().all(|d| d.image.is_none()) {
+    if let Some(ec2) = &options.ec2
+        && ec2.kind == Ec2Kind::Volumes
+        && ec2.availability_zone.is_none()
+    {
+        bail!(
+            "--ec2 volumes needs --availability-zone (the zone of the instance the volumes are for); nothing was launched"
+        );
+    }
+    let on_ebs = point.disks.iter().all(|d| d.image.is_none());
+    let copied = if on_ebs {
         download(options, &point).await?
     } else {
         copy_files(options, &point).await?
     };
-    finish(options, point, copied, started_at_ms).await
+    // Into EC2, an EBS point's copies go up as children of its snapshots holding what
+    // preparing changes: these digests say what that is.
+    let parents = if options.ec2.is_some() && on_ebs {
+        let images: Vec<PathBuf> = copied.iter().map(|d| d.image.clone()).collect();
+        let digests = tokio::task::spawn_blocking(move || {
+            images
+                .iter()
+                .map(|image| blockferry_storage::ebs::image::block_digests(image).map(Some))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await?;
+        match digests {
+            Ok(digests) => digests,
+            Err(err) => {
+                remove_copies(&copied);
+                return Err(anyhow::Error::new(err).context("reading the downloaded copies"));
+            }
+        }
+    } else {
+        vec![None; copied.len()]
+    };
+    finish(options, point, copied, parents, started_at_ms).await
+}
+
+fn remove_copies(disks: &[LaunchedDisk]) {
+    for disk in disks {
+        let _ = std::fs::remove_file(&disk.image);
+    }
 }
 
 /// An EBS point: every disk's snapshot downloaded into `OUT/DISK.img`, each block's
@@ -140,6 +180,9 @@ async fn download(
             image,
             copy: "download".to_owned(),
             format: ImageFormat::Raw,
+            snapshot_id: None,
+            volume_id: None,
+            device: None,
         });
     }
     Ok(disks)
@@ -202,6 +245,9 @@ async fn copy_files(
                 image,
                 copy: copy.kind.name().to_owned(),
                 format: ImageFormat::Raw,
+                snapshot_id: None,
+                volume_id: None,
+                device: None,
             });
         }
         Ok(disks)
@@ -215,6 +261,7 @@ async fn finish(
     options: &LaunchOptions,
     point: RecoveryPointRecord,
     copied: Vec<LaunchedDisk>,
+    parents: Vec<Option<Vec<[u8; 32]>>>,
     started_at_ms: u64,
 ) -> anyhow::Result<LaunchRecord> {
     let server = options.server.as_str();
@@ -229,9 +276,7 @@ async fn finish(
         Err(err) => {
             // A copy whose agent is still on would replicate back over its source with
             // the source's own certificate: it must not be left to boot.
-            for disk in &copied {
-                let _ = std::fs::remove_file(&disk.image);
-            }
+            remove_copies(&copied);
             return Err(anyhow::Error::new(err).context(format!(
                 "preparing recovery point {} of server {server}; the copies were deleted",
                 point.epoch
@@ -245,6 +290,26 @@ async fn finish(
         );
     }
     let mut copied = copied;
+    // Before the conversion (it reads the raw copies), the boot (it writes to them) and
+    // the cutover (a launch that failed leaves the source replicating).
+    let mut image_id = None;
+    if let Some(ec2) = &options.ec2 {
+        let root_disk = prepared
+            .root_disk
+            .clone()
+            .context("prepare found the root file system")?;
+        let made = ec2::into_ec2(
+            options,
+            ec2,
+            &point,
+            &mut copied,
+            parents,
+            &root_disk,
+            started_at_ms,
+        )
+        .await?;
+        image_id = made.image_id;
+    }
     if options.format == ImageFormat::Qcow2 {
         let raw = copied.clone();
         copied = tokio::task::spawn_blocking(move || to_qcow2(raw)).await??;
@@ -274,6 +339,7 @@ async fn finish(
         disks: copied,
         prepared: prepared.changes,
         boot: None,
+        image_id,
     };
     if let Some(boot_options) = &options.boot {
         let Some(files) = prepared.boot else {

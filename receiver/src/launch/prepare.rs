@@ -26,6 +26,8 @@ pub(crate) struct Prepared {
     /// One line per change made inside an image, or per thing left alone and why.
     pub changes: Vec<String>,
     pub boot: Option<BootFiles>,
+    /// The disk holding the root file system (the first found).
+    pub root_disk: Option<String>,
 }
 
 /// Taken from the launched root file system, copied to `OUT/boot/`.
@@ -224,6 +226,7 @@ pub(crate) fn prepare(images: &[(String, PathBuf)], out: &Path) -> Result<Prepar
             let root = attached.mount(&fs_type, &at)?.to_owned();
             if root.join("etc/os-release").exists() || root.join("usr/lib/os-release").exists() {
                 root_uuid.get_or_insert_with(|| uuid.clone());
+                prepared.root_disk.get_or_insert_with(|| disk.clone());
                 switch_agent_off(&root, &region.name, &mut prepared.changes)?;
                 if prepared.boot.is_none() {
                     prepared.boot =

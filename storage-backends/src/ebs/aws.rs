@@ -15,6 +15,7 @@ use aws_sdk_ebs::primitives::ByteStream;
 use aws_sdk_ebs::types::{ChecksumAggregationMethod, ChecksumAlgorithm, Tag};
 use bytes::Bytes;
 
+use super::ec2::{CreateVolume, Ec2Images, RegisterImage};
 use super::{BlockIndex, BlockPage, EbsClient, EbsError, StartSnapshot};
 
 /// Where and how to reach the service. Credentials come from the standard provider chain
@@ -93,7 +94,9 @@ where
                 "ResourceNotFoundException" => EbsError::NotFound(why),
                 // EC2's names for the same.
                 "UnauthorizedOperation" | "AuthFailure" => EbsError::AccessDenied(why),
-                "InvalidSnapshot.NotFound" => EbsError::NotFound(why),
+                "InvalidSnapshot.NotFound" | "InvalidVolume.NotFound" | "InvalidAMIID.NotFound" => {
+                    EbsError::NotFound(why)
+                }
                 "ThrottlingException"
                 | "RequestLimitExceeded"
                 | "RequestThrottledException"
@@ -282,6 +285,132 @@ impl EbsClient for AwsEbs {
             Ok(_) => Ok(()),
             Err(err) => match classify("DeleteSnapshot", err) {
                 // Deleted already (by an earlier attempt whose answer was lost).
+                EbsError::NotFound(_) => Ok(()),
+                err => Err(err),
+            },
+        }
+    }
+}
+
+fn ec2_tags(
+    resource: aws_sdk_ec2::types::ResourceType,
+    tags: &[(String, String)],
+) -> aws_sdk_ec2::types::TagSpecification {
+    aws_sdk_ec2::types::TagSpecification::builder()
+        .resource_type(resource)
+        .set_tags(Some(
+            tags.iter()
+                .map(|(key, value)| {
+                    aws_sdk_ec2::types::Tag::builder()
+                        .key(key)
+                        .value(value)
+                        .build()
+                })
+                .collect(),
+        ))
+        .build()
+}
+
+impl Ec2Images for AwsEbs {
+    async fn create_volume(&self, request: CreateVolume) -> Result<String, EbsError> {
+        use aws_sdk_ec2::types::{ResourceType, VolumeType};
+        let output = self
+            .ec2
+            .create_volume()
+            .snapshot_id(&request.snapshot)
+            .availability_zone(&request.availability_zone)
+            .volume_type(VolumeType::from(request.volume_type.as_str()))
+            .tag_specifications(ec2_tags(ResourceType::Volume, &request.tags))
+            .send()
+            .await
+            .map_err(|e| classify("CreateVolume", e))?;
+        output
+            .volume_id
+            .ok_or_else(|| EbsError::Rejected("CreateVolume returned no volume id".into()))
+    }
+
+    async fn volume_state(&self, volume: &str) -> Result<String, EbsError> {
+        let output = self
+            .ec2
+            .describe_volumes()
+            .volume_ids(volume)
+            .send()
+            .await
+            .map_err(|e| classify("DescribeVolumes", e))?;
+        output
+            .volumes()
+            .first()
+            .and_then(|v| v.state())
+            .map(|s| s.as_str().to_owned())
+            .ok_or_else(|| EbsError::NotFound(format!("DescribeVolumes: no volume {volume}")))
+    }
+
+    async fn snapshot_state(&self, snapshot: &str) -> Result<String, EbsError> {
+        let output = self
+            .ec2
+            .describe_snapshots()
+            .snapshot_ids(snapshot)
+            .send()
+            .await
+            .map_err(|e| classify("DescribeSnapshots", e))?;
+        output
+            .snapshots()
+            .first()
+            .and_then(|s| s.state())
+            .map(|s| s.as_str().to_owned())
+            .ok_or_else(|| EbsError::NotFound(format!("DescribeSnapshots: no snapshot {snapshot}")))
+    }
+
+    async fn register_image(&self, request: RegisterImage) -> Result<String, EbsError> {
+        use aws_sdk_ec2::types::{
+            ArchitectureValues, BlockDeviceMapping, BootModeValues, EbsBlockDevice, ResourceType,
+            VolumeType,
+        };
+        let Some((root, _)) = request.disks.first() else {
+            return Err(EbsError::Rejected(
+                "RegisterImage: an image needs a root disk".into(),
+            ));
+        };
+        let mappings = request
+            .disks
+            .iter()
+            .map(|(device, snapshot)| {
+                BlockDeviceMapping::builder()
+                    .device_name(device)
+                    .ebs(
+                        EbsBlockDevice::builder()
+                            .snapshot_id(snapshot)
+                            .delete_on_termination(true)
+                            .volume_type(VolumeType::from(request.volume_type.as_str()))
+                            .build(),
+                    )
+                    .build()
+            })
+            .collect();
+        let output = self
+            .ec2
+            .register_image()
+            .name(&request.name)
+            .description(&request.description)
+            .architecture(ArchitectureValues::from(request.architecture.as_str()))
+            .set_boot_mode(request.boot_mode.as_deref().map(BootModeValues::from))
+            .virtualization_type("hvm")
+            .ena_support(true)
+            .root_device_name(root)
+            .set_block_device_mappings(Some(mappings))
+            .tag_specifications(ec2_tags(ResourceType::Image, &request.tags))
+            .send()
+            .await
+            .map_err(|e| classify("RegisterImage", e))?;
+        output
+            .image_id
+            .ok_or_else(|| EbsError::Rejected("RegisterImage returned no image id".into()))
+    }
+
+    async fn delete_volume(&self, volume: &str) -> Result<(), EbsError> {
+        match self.ec2.delete_volume().volume_id(volume).send().await {
+            Ok(_) => Ok(()),
+            Err(err) => match classify("DeleteVolume", err) {
                 EbsError::NotFound(_) => Ok(()),
                 err => Err(err),
             },

@@ -24,7 +24,9 @@
 
 pub mod aws;
 pub mod chain;
+pub mod ec2;
 pub mod fake;
+pub mod image;
 pub mod restore;
 pub mod upload;
 
