@@ -88,6 +88,9 @@ pub struct ReceiverConfig {
     /// Receive buffers of all replication connections together, MiB: about 1 MiB per
     /// stream in a session, 320 KiB per connection before it.
     pub frame_buffer_mib: u32,
+    /// An engine already running, used instead of starting `io_engine`: the crash tests
+    /// pass one with a volatile cache ([`Engine::with_volatile_cache`]) to cut its power.
+    pub engine: Option<Engine>,
 }
 
 impl ReceiverConfig {
@@ -114,6 +117,7 @@ impl ReceiverConfig {
             retention_check: Duration::from_secs(60),
             max_disk_size: DEFAULT_MAX_DISK_SIZE,
             frame_buffer_mib: crate::budget::DEFAULT_FRAME_BUFFER_MIB,
+            engine: None,
         }
     }
 }
@@ -213,7 +217,10 @@ impl Receiver {
         let catalog = Arc::new(Catalog::open(&data_dir)?);
         let revocations = Arc::new(Revocations::new(catalog.revoked_agents()?));
         let tls_config = tls::server_config(&ca, Arc::clone(&revocations))?;
-        let engine = Engine::start(config.io_engine, config.writer_threads)?;
+        let engine = match &config.engine {
+            Some(engine) => engine.clone(),
+            None => Engine::start(config.io_engine, config.writer_threads)?,
+        };
         tracing::info!(engine = %engine.kind(), "staging I/O engine ready");
 
         let listener =

@@ -361,6 +361,8 @@ fn fio_verified(mount: &Path) {
                 "--bs=4k",
                 "--size=24m",
                 "--verify=crc32c",
+                // No state file in the working directory.
+                "--verify_state_save=0",
                 "--ioengine=psync",
                 "--fsync_on_close=1",
             ])

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::error::StoreError;
 use crate::uring::UringPool;
+use crate::volatile::{PowerSwitch, VolatileCache};
 use crate::zero::{self, ZeroStep};
 use blockferry_util::device::DeviceKind;
 
@@ -53,6 +54,8 @@ impl fmt::Display for IoEngine {
 pub enum EngineKind {
     Uring,
     Sync,
+    /// The crash tests' model of a volatile write cache ([`Engine::with_volatile_cache`]).
+    VolatileCache,
 }
 
 impl fmt::Display for EngineKind {
@@ -60,6 +63,7 @@ impl fmt::Display for EngineKind {
         f.write_str(match self {
             Self::Uring => "uring",
             Self::Sync => "sync",
+            Self::VolatileCache => "volatile-cache",
         })
     }
 }
@@ -73,6 +77,7 @@ pub struct Engine {
 enum EngineInner {
     Sync,
     Uring(UringPool),
+    VolatileCache(Arc<VolatileCache>),
 }
 
 impl fmt::Debug for Engine {
@@ -111,10 +116,21 @@ impl Engine {
         }
     }
 
+    /// For crash tests: writes are held in memory until a flush, and the switch cuts the
+    /// power (see [`PowerSwitch`]). Never for data anyone needs.
+    pub fn with_volatile_cache() -> (Self, PowerSwitch) {
+        let cache = Arc::new(VolatileCache::default());
+        let engine = Self {
+            inner: Arc::new(EngineInner::VolatileCache(Arc::clone(&cache))),
+        };
+        (engine, PowerSwitch(cache))
+    }
+
     pub fn kind(&self) -> EngineKind {
         match *self.inner {
             EngineInner::Sync => EngineKind::Sync,
             EngineInner::Uring(_) => EngineKind::Uring,
+            EngineInner::VolatileCache(_) => EngineKind::VolatileCache,
         }
     }
 
@@ -127,6 +143,12 @@ impl Engine {
                     .map_err(io::Error::other)?
             }
             EngineInner::Uring(pool) => pool.execute(file, op).await,
+            EngineInner::VolatileCache(cache) => {
+                let (file, cache) = (Arc::clone(file), Arc::clone(cache));
+                tokio::task::spawn_blocking(move || cache.execute(&file, op))
+                    .await
+                    .map_err(io::Error::other)?
+            }
         }
     }
 }
@@ -154,7 +176,7 @@ pub(crate) enum OpOutput {
     Data(Vec<u8>),
 }
 
-fn execute_sync(handle: &FileHandle, op: Op) -> io::Result<OpOutput> {
+pub(crate) fn execute_sync(handle: &FileHandle, op: Op) -> io::Result<OpOutput> {
     let file = &handle.file;
     match op {
         Op::Write { offset, data } => {

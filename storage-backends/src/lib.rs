@@ -25,6 +25,7 @@ mod memory;
 mod point;
 mod store;
 mod uring;
+mod volatile;
 mod zero;
 
 pub use blockferry_util::{DeviceKind, device_size};
@@ -34,6 +35,7 @@ pub use file::{FileIdentity, FileStore};
 pub use memory::MemoryStore;
 pub use point::{CopyKind, CopyPolicy, PointCopy};
 pub use store::{BlockStore, Flushed};
+pub use volatile::PowerSwitch;
 
 // Offsets and lengths move between u64 (the wire, the disk) and usize (buffers) freely:
 // blockferry runs on 64-bit Linux only, and says so here rather than at every cast.
