@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::lock;
 use crate::pki::AgentIdentity;
-use crate::session::Session;
+use crate::session::{Session, SessionHandle};
 
 #[derive(Debug, Default)]
 pub(crate) struct SessionRegistry {
@@ -118,24 +118,26 @@ impl SessionRegistry {
         lock(&self.joinable).remove(&id);
     }
 
-    pub(crate) fn find(&self, id: Uuid) -> Option<Arc<Session>> {
+    /// The session a stream joins: the session itself, for the session's own tasks.
+    pub(crate) fn joinable(&self, id: Uuid) -> Option<Arc<Session>> {
         lock(&self.joinable).get(&id).and_then(Weak::upgrade)
     }
 
     /// The published sessions of agent `agent_id` (one at most, unless a successor is
     /// taking over).
-    pub(crate) fn sessions_of_agent(&self, agent_id: &str) -> Vec<Arc<Session>> {
+    pub(crate) fn sessions_of_agent(&self, agent_id: &str) -> Vec<SessionHandle> {
         lock(&self.joinable)
             .values()
             .filter_map(Weak::upgrade)
+            .map(SessionHandle::new)
             .filter(|s| s.agent_id() == agent_id)
             .collect()
     }
 
     /// The live session of `server_id`, once it has been published.
-    pub(crate) fn session_of(&self, server_id: &str) -> Option<Arc<Session>> {
+    pub(crate) fn session_of(&self, server_id: &str) -> Option<SessionHandle> {
         let id = lock(&self.live).get(server_id)?.id;
-        self.find(id)
+        self.joinable(id).map(SessionHandle::new)
     }
 }
 

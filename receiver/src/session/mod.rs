@@ -10,6 +10,7 @@
 mod core;
 mod durability;
 mod error;
+mod handle;
 mod stores;
 mod sums;
 mod transport;
@@ -46,6 +47,7 @@ use crate::pki::AgentIdentity;
 use crate::slots::Slot;
 
 pub(crate) use self::core::LiveView;
+pub(crate) use self::handle::SessionHandle;
 pub(crate) use self::transport::refuse_busy;
 
 /// An agent must say Hello this soon after its TLS handshake.
@@ -157,87 +159,6 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    pub(crate) fn live_view(&self) -> LiveView {
-        lock(&self.core).live_view(
-            now_ms(),
-            self.pipeline.last_submitted(),
-            self.meter.rate.rate(),
-            self.recovery.as_ref().and_then(|r| r.last_error()),
-        )
-    }
-
-    /// Keeps the server's sync slots and queue places when this session ends (it ends to
-    /// let the agent hear of a granted slot); they are released if no session of the
-    /// server follows within [`SLOT_GRACE`].
-    pub(crate) fn keep_slots(&self) {
-        lock(&self.core).keep_slots();
-    }
-
-    /// Tells the agent its server's settings as an operator just changed them.
-    pub(crate) async fn apply_settings(&self, settings: &crate::catalog::ServerSettings) {
-        tracing::info!(
-            server = %self.identity.server_id,
-            bytes_per_second = settings.bandwidth_limit(),
-            paused = settings.paused,
-            "settings changed"
-        );
-        lock(&self.core).set_paused(settings.paused, now_ms());
-        self.broadcast(Frame::SettingsUpdate(blockferry_proto::SettingsUpdate {
-            bandwidth_limit: settings.bandwidth_limit(),
-            paused: settings.paused,
-            unknown_flags: 0,
-        }))
-        .await;
-    }
-
-    /// Ends the session for good: the agent was revoked. It hears why, and gives up.
-    pub(crate) async fn revoke(&self) {
-        tracing::warn!(agent = %self.identity.agent_id, "agent revoked: closing its session");
-        self.broadcast(Frame::Error(ErrorFrame::new(
-            ErrorCode::NOT_AUTHORIZED,
-            format!(
-                "agent {} has been revoked by an operator; enroll again to replicate",
-                self.identity.agent_id
-            ),
-        )))
-        .await;
-        self.close();
-    }
-
-    /// Ends the session for good: the server was cut over to its launched copy. The agent
-    /// hears why, and stops.
-    pub(crate) async fn finish(&self) {
-        tracing::warn!(server = %self.identity.server_id, "server cut over: ending its replication");
-        self.broadcast(Frame::Error(ErrorFrame::new(
-            ErrorCode::FINISHED,
-            format!(
-                "source server {} was cut over to its launched copy: its replication is over; stop and remove its agent",
-                self.identity.server_id
-            ),
-        )))
-        .await;
-        self.close();
-    }
-
-    /// The agent this session speaks for.
-    pub(crate) fn agent_id(&self) -> &str {
-        &self.identity.agent_id
-    }
-
-    /// Ends the session so that the agent reconnects (and learns what changed, such as a
-    /// requested rescan, from the next Welcome).
-    pub(crate) async fn restart(&self, why: &str) {
-        tracing::info!(
-            reason = why,
-            "ending the session for the agent to reconnect"
-        );
-        self.broadcast(Frame::Goodbye(Goodbye {
-            message: why.to_owned(),
-        }))
-        .await;
-        self.close();
-    }
-
     /// The session is over: the core accepts no more frames, and every stream stops.
     pub(super) fn close(&self) {
         lock(&self.core).drain();
@@ -620,7 +541,7 @@ async fn run_joined(
     join: JoinStream,
 ) -> Result<&'static str, SessionError> {
     let id = Uuid::from_bytes(join.session_id);
-    let session = ctx.registry.find(id).ok_or_else(|| {
+    let session = ctx.registry.joinable(id).ok_or_else(|| {
         SessionError::Protocol(format!(
             "JoinStream names session {id}, which does not exist (any more)"
         ))
