@@ -12,7 +12,14 @@ fn main() -> ExitCode {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
     }
-    let cli = blockferry_receiver::cli::Cli::parse();
+    let argv = match blockferry_receiver::cli::with_config_file(std::env::args_os().collect()) {
+        Ok(argv) => argv,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = blockferry_receiver::cli::Cli::parse_from(argv);
     blockferry_util::logging::init(cli.log_json);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

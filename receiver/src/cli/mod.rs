@@ -25,7 +25,7 @@ pub use aws::*;
 pub use credentials::{AdminCommand, AgentCommand, TokenCommand};
 pub use launch::{LaunchArgs, PointsCommand};
 pub use operations::{DiskCommand, SettingsCommand};
-pub use run::RunArgs;
+pub use run::{RunArgs, with_config_file};
 
 #[derive(Debug, Parser)]
 #[command(
